@@ -1,0 +1,78 @@
+// AVX2 + FMA + F16C path: 8 fp32 lanes, micro-kernel 6 rows x 16 queries (12 accumulators).
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "attention_cpu_isa.h"
+
+namespace attnsel::cpu::detail {
+namespace {
+
+struct Isa {
+  static constexpr int W = 8, NV = 2, R = 6;
+  static constexpr std::int64_t BQ = 64, BK = 96;
+  using V = __m256;
+  using M = __m256;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static M mask_none() { return _mm256_setzero_ps(); }
+  static M mask_or(M a, M b) { return _mm256_or_ps(a, b); }
+  static M is_nan(V a) { return _mm256_cmp_ps(a, a, _CMP_UNORD_Q); }
+  static M eq(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_EQ_OQ); }
+  static V select(M m, V t, V f) { return _mm256_blendv_ps(f, t, m); }
+
+  // 2^x: x = n + f, |f| <= 1/2, degree-7 polynomial for 2^f (~1 ulp), 2^n built in the exponent field.
+  // Clamping keeps NaN (maxps/minps return the second operand on NaN); x <= -127 gives exactly 0.
+  static V exp2(V x) {
+    x = _mm256_max_ps(_mm256_set1_ps(-127.f), x);
+    x = _mm256_min_ps(_mm256_set1_ps(128.f), x);
+    const V n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const V f = _mm256_sub_ps(x, n);
+    V p = _mm256_set1_ps(1.525273380405984e-05f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.5403530393381608e-04f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-03f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618129107628477e-03f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550410866482158e-02f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402265069591007e-01f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931471805599453e-01f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  }
+
+  static void cvt_bf16(const std::uint16_t* s, float* d, std::int64_t n) {
+    std::int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
+      _mm256_storeu_ps(d + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+    }
+    for (; i < n; ++i) {
+      std::uint32_t u = std::uint32_t(s[i]) << 16;
+      std::memcpy(d + i, &u, 4);
+    }
+  }
+  static void cvt_f16(const std::uint16_t* s, float* d, std::int64_t n) {
+    std::int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
+    for (; i < n; ++i) d[i] = _cvtsh_ss(s[i]);
+  }
+};
+
+}  // namespace
+}  // namespace attnsel::cpu::detail
+
+#include "attention_cpu_kernel.h"
+
+namespace attnsel::cpu::detail {
+void forward_avx2(const kernels::AttentionParams& p) { run_forward<Isa>(p); }
+}  // namespace attnsel::cpu::detail

@@ -1,0 +1,421 @@
+// Shared fused attention forward algorithm for every CPU ISA path.
+//
+// Include ONLY from an ISA translation unit (attention_cpu_<isa>.cpp), after that unit has defined
+// `struct Isa` inside `namespace attnsel::cpu::detail { namespace { ... } }`. Everything here lives in
+// an anonymous namespace, so each ISA unit gets its own private copy: no inline function compiled with
+// AVX flags can be merged by the linker into the code of a less capable path (ODR hazard).
+//
+// Algorithm (flash-attention style, online softmax, fp32 accumulation), per work item (batch, head, query block):
+//   * the query block is packed once, transposed into panels Qp[panel][d][PW] (PW = Isa::W * Isa::NV queries),
+//     pre-multiplied by scale*log2(e) so the softmax can use exp2;
+//   * keys are walked in tiles of BK; K and V tiles are used in place when they are fp32 with unit dim stride,
+//     otherwise converted into small per-thread fp32 tiles;
+//   * per panel and key tile: S^T[key][query] = K · Qp (register-blocked micro-kernel, broadcasts from K),
+//     masks, online softmax done "vertically" (each SIMD lane is one query, no horizontal reductions),
+//     then O^T[dv][query] = alpha * O^T + V^T · P^T with the same micro-kernel (broadcasts from V).
+//   Scores never exist beyond a BK x PW tile.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <type_traits>
+
+#include "../attention_params.h"
+
+namespace attnsel::cpu::detail {
+namespace {
+
+using kernels::AttentionParams;
+using kernels::MaskKind;
+using kernels::ScalarType;
+using i64 = std::int64_t;
+
+constexpr float kLog2e = 1.44269504088896340736f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Own min/max: avoids instantiating std templates in a TU with ISA flags.
+inline i64 imin(i64 a, i64 b) { return a < b ? a : b; }
+inline i64 imax(i64 a, i64 b) { return a > b ? a : b; }
+inline i64 ceil_div(i64 a, i64 b) { return (a + b - 1) / b; }
+
+// ---- element types -------------------------------------------------------------------------------
+struct Bf16 { std::uint16_t bits; };
+struct Half { std::uint16_t bits; };
+
+inline float to_f32(float x) { return x; }
+inline float to_f32(Bf16 x) {
+  std::uint32_t u = std::uint32_t(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float to_f32(Half x) {
+  _Float16 h;
+  std::memcpy(&h, &x.bits, 2);
+  return static_cast<float>(h);
+}
+inline void from_f32(float v, float* d) { *d = v; }
+inline void from_f32(float v, Bf16* d) {
+  std::uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) {  // NaN: keep it a (quiet) NaN
+    d->bits = std::uint16_t((u >> 16) | 0x40u);
+    return;
+  }
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  d->bits = std::uint16_t(u >> 16);
+}
+inline void from_f32(float v, Half* d) {
+  _Float16 h = static_cast<_Float16>(v);
+  std::memcpy(&d->bits, &h, 2);
+}
+
+// Converts n elements (source stride `st` elements) to fp32; the ISA converts contiguous runs.
+template <class Is>
+inline void convert_row(const float* s, i64 st, float* d, i64 n) {
+  if (st == 1) {
+    std::memcpy(d, s, sizeof(float) * n);
+  } else {
+    for (i64 i = 0; i < n; ++i) d[i] = s[i * st];
+  }
+}
+template <class Is>
+inline void convert_row(const Bf16* s, i64 st, float* d, i64 n) {
+  if (st == 1) {
+    Is::cvt_bf16(reinterpret_cast<const std::uint16_t*>(s), d, n);
+  } else {
+    for (i64 i = 0; i < n; ++i) d[i] = to_f32(s[i * st]);
+  }
+}
+template <class Is>
+inline void convert_row(const Half* s, i64 st, float* d, i64 n) {
+  if (st == 1) {
+    Is::cvt_f16(reinterpret_cast<const std::uint16_t*>(s), d, n);
+  } else {
+    for (i64 i = 0; i < n; ++i) d[i] = to_f32(s[i * st]);
+  }
+}
+
+inline float load_mask_value(const void* base, ScalarType t, i64 off) {
+  switch (t) {
+    case ScalarType::F32: return static_cast<const float*>(base)[off];
+    case ScalarType::BF16: return to_f32(static_cast<const Bf16*>(base)[off]);
+    case ScalarType::F16: return to_f32(static_cast<const Half*>(base)[off]);
+  }
+  return 0.f;
+}
+
+// ---- per-thread scratch ----------------------------------------------------------------------------
+struct Scratch {
+  float* base = nullptr;
+  float *qp, *o, *s, *kt, *vt, *m, *l, *alpha;
+  explicit Scratch(i64 bq, i64 bk, i64 pw, i64 d, i64 dv) {
+    auto up = [](i64 n) { return (n + 15) & ~i64(15); };  // keep each region 64-byte aligned
+    const i64 nq = up(bq * d), no = up(bq * dv), ns = up(bk * pw), nk = up(bk * d), nv = up(bk * dv), nb = up(bq);
+    base = static_cast<float*>(::operator new(sizeof(float) * (nq + no + ns + nk + nv + 3 * nb), std::align_val_t(64)));
+    qp = base;
+    o = qp + nq;
+    s = o + no;
+    kt = s + ns;
+    vt = kt + nk;
+    m = vt + nv;
+    l = m + nb;
+    alpha = l + nb;
+  }
+  ~Scratch() { ::operator delete(base, std::align_val_t(64)); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
+
+struct Plan {
+  const AttentionParams* p;
+  i64 bq, bk, n_qb, group;
+  float qscale;
+  bool k_direct, v_direct;
+};
+
+template <class Is, class E>
+struct Kernel {
+  static constexpr int W = Is::W, NV = Is::NV, PW = Is::W * Is::NV, R = Is::R;
+  using V = typename Is::V;
+  using M = typename Is::M;
+
+  // C[RR x PW] (=|+=) A[RR x K] * B[K x PW]; B and C have row stride PW.
+  // AROW: A(r, k) = A[r*lda + k] (QK: rows are keys); else A(r, k) = A[r + k*lda] (PV: rows are value dims).
+  // ACC: C = alpha (per column) * C + A*B.
+  template <int RR, bool AROW, bool ACC>
+  static inline void micro(i64 K, const float* __restrict A, i64 lda, const float* __restrict B, float* __restrict C,
+                           const float* __restrict alpha) {
+    V c[RR][NV];
+    if constexpr (ACC) {
+      V al[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) al[v] = Is::load(alpha + v * W);
+#pragma GCC unroll 16
+      for (int r = 0; r < RR; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) c[r][v] = Is::mul(Is::load(C + r * PW + v * W), al[v]);
+    } else {
+#pragma GCC unroll 16
+      for (int r = 0; r < RR; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) c[r][v] = Is::zero();
+    }
+    if constexpr (AROW) {
+      const float* a[RR];
+#pragma GCC unroll 16
+      for (int r = 0; r < RR; ++r) a[r] = A + r * lda;
+      for (i64 k = 0; k < K; ++k) {
+        V b[NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) b[v] = Is::load(B + k * PW + v * W);
+#pragma GCC unroll 16
+        for (int r = 0; r < RR; ++r) {
+          V x = Is::bcast(a[r] + k);
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v) c[r][v] = Is::fma(x, b[v], c[r][v]);
+        }
+      }
+    } else {
+      for (i64 k = 0; k < K; ++k) {
+        V b[NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) b[v] = Is::load(B + k * PW + v * W);
+        const float* a = A + k * lda;
+#pragma GCC unroll 16
+        for (int r = 0; r < RR; ++r) {
+          V x = Is::bcast(a + r);
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v) c[r][v] = Is::fma(x, b[v], c[r][v]);
+        }
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < RR; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) Is::store(C + r * PW + v * W, c[r][v]);
+  }
+
+  template <int RR, bool AROW, bool ACC>
+  static inline void micro_tail(int rem, i64 K, const float* A, i64 lda, const float* B, float* C, const float* alpha) {
+    if (rem == RR) {
+      micro<RR, AROW, ACC>(K, A, lda, B, C, alpha);
+    } else if constexpr (RR > 1) {
+      micro_tail<RR - 1, AROW, ACC>(rem, K, A, lda, B, C, alpha);
+    }
+  }
+
+  template <bool AROW, bool ACC>
+  static void gemm(i64 rows, i64 K, const float* A, i64 lda, const float* B, float* C, const float* alpha) {
+    i64 r0 = 0;
+    for (; r0 + R <= rows; r0 += R) micro<R, AROW, ACC>(K, A + (AROW ? r0 * lda : r0), lda, B, C + r0 * PW, alpha);
+    if (r0 < rows)
+      micro_tail<R - 1, AROW, ACC>(int(rows - r0), K, A + (AROW ? r0 * lda : r0), lda, B, C + r0 * PW, alpha);
+  }
+
+  // Online softmax on one panel's score tile S[nk][PW] (log2 domain), vertically: lane = query.
+  // Turns S into P in place; updates m, l; writes the rescale factor of the old accumulator to alpha.
+  static inline void softmax_tile(float* S, i64 nk, float* m, float* l, float* alpha) {
+    const V ninf = Is::set1(kNegInf);
+    const V zero = Is::zero();
+    const V qnan = Is::set1(std::numeric_limits<float>::quiet_NaN());
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      V mt = ninf;
+      M nan = Is::mask_none();
+      for (i64 j = 0; j < nk; ++j) {
+        V s = Is::load(S + j * PW + v * W);
+        mt = Is::max(mt, s);
+        nan = Is::mask_or(nan, Is::is_nan(s));  // max() drops NaN; keep it so the row becomes NaN
+      }
+      const V mo = Is::load(m + v * W);
+      V mn = Is::select(nan, qnan, Is::max(mo, mt));
+      // A row with nothing visible yet keeps m = -inf; subtract 0 there so exp2(-inf) = 0, not NaN.
+      const V mu = Is::select(Is::eq(mn, ninf), zero, mn);
+      const V al = Is::exp2(Is::sub(mo, mu));
+      V sum0 = zero, sum1 = zero;
+      i64 j = 0;
+      for (; j + 1 < nk; j += 2) {
+        V p0 = Is::exp2(Is::sub(Is::load(S + j * PW + v * W), mu));
+        V p1 = Is::exp2(Is::sub(Is::load(S + (j + 1) * PW + v * W), mu));
+        Is::store(S + j * PW + v * W, p0);
+        Is::store(S + (j + 1) * PW + v * W, p1);
+        sum0 = Is::add(sum0, p0);
+        sum1 = Is::add(sum1, p1);
+      }
+      if (j < nk) {
+        V p0 = Is::exp2(Is::sub(Is::load(S + j * PW + v * W), mu));
+        Is::store(S + j * PW + v * W, p0);
+        sum0 = Is::add(sum0, p0);
+      }
+      Is::store(l + v * W, Is::fma(Is::load(l + v * W), al, Is::add(sum0, sum1)));
+      Is::store(m + v * W, mn);
+      Is::store(alpha + v * W, al);
+    }
+  }
+
+  static void apply_mask(const AttentionParams& p, i64 b, i64 h, i64 qa, i64 nvalid, i64 k0, i64 nk, float* S) {
+    const i64* ms = p.mask_stride;
+    if (p.mask_kind == MaskKind::Bool) {
+      const std::uint8_t* base = static_cast<const std::uint8_t*>(p.mask) + b * ms[0] + h * ms[1];
+      for (i64 c = 0; c < nvalid; ++c) {
+        const std::uint8_t* row = base + (qa + c) * ms[2] + k0 * ms[3];
+        for (i64 j = 0; j < nk; ++j)
+          if (!row[j * ms[3]]) S[j * PW + c] = kNegInf;
+      }
+    } else {
+      const i64 off0 = b * ms[0] + h * ms[1];
+      for (i64 c = 0; c < nvalid; ++c) {
+        const i64 off = off0 + (qa + c) * ms[2] + k0 * ms[3];
+        for (i64 j = 0; j < nk; ++j) S[j * PW + c] += kLog2e * load_mask_value(p.mask, p.mask_dtype, off + j * ms[3]);
+      }
+    }
+  }
+
+  static void work_item(const Plan& pl, Scratch& sc, i64 item) {
+    const AttentionParams& p = *pl.p;
+    const i64 D = p.head_dim, Dv = p.head_dim_v, Sq = p.seq_q, Sk = p.seq_kv;
+    // Items come as (b, h, t); t alternates between both ends of the query range so that contiguous chunks of a
+    // causal problem get balanced work.
+    const i64 t = item % pl.n_qb;
+    const i64 bh = item / pl.n_qb;
+    const i64 qb = (t & 1) ? pl.n_qb - 1 - (t >> 1) : (t >> 1);
+    const i64 h = bh % p.heads_q, b = bh / p.heads_q;
+    const i64 hk = h / pl.group;
+    const i64 q0 = qb * pl.bq;
+    const i64 nq = imin(pl.bq, Sq - q0);
+    const i64 npan = ceil_div(nq, PW);
+
+    // Pack the query block, transposed into panels, pre-scaled.
+    const E* qbase = static_cast<const E*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
+    for (i64 pan = 0; pan < npan; ++pan) {
+      float* dst = sc.qp + pan * D * PW;
+      for (i64 c = 0; c < PW; ++c) {
+        const i64 r = pan * PW + c;
+        if (r < nq) {
+          const E* row = qbase + (q0 + r) * p.q_stride[2];
+          const i64 st = p.q_stride[3];
+          for (i64 d = 0; d < D; ++d) dst[d * PW + c] = to_f32(row[d * st]) * pl.qscale;
+        } else {
+          for (i64 d = 0; d < D; ++d) dst[d * PW + c] = 0.f;
+        }
+      }
+    }
+    std::memset(sc.o, 0, sizeof(float) * npan * Dv * PW);
+    for (i64 i = 0; i < npan * PW; ++i) {
+      sc.m[i] = kNegInf;
+      sc.l[i] = 0.f;
+    }
+
+    const E* kbase = static_cast<const E*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
+    const E* vbase = static_cast<const E*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
+    const i64 kend = p.causal ? imin(Sk, q0 + nq) : Sk;  // keys past the block's last query are never visible
+    for (i64 k0 = 0; k0 < kend; k0 += pl.bk) {
+      const i64 nk = imin(pl.bk, kend - k0);
+      const float* kt;
+      const float* vt;
+      i64 kld, vld;
+      if (pl.k_direct) {
+        kt = reinterpret_cast<const float*>(kbase + k0 * p.k_stride[2]);
+        kld = p.k_stride[2];
+      } else {
+        for (i64 j = 0; j < nk; ++j)
+          convert_row<Is>(kbase + (k0 + j) * p.k_stride[2], p.k_stride[3], sc.kt + j * D, D);
+        kt = sc.kt;
+        kld = D;
+      }
+      if (pl.v_direct) {
+        vt = reinterpret_cast<const float*>(vbase + k0 * p.v_stride[2]);
+        vld = p.v_stride[2];
+      } else {
+        for (i64 j = 0; j < nk; ++j)
+          convert_row<Is>(vbase + (k0 + j) * p.v_stride[2], p.v_stride[3], sc.vt + j * Dv, Dv);
+        vt = sc.vt;
+        vld = Dv;
+      }
+      for (i64 pan = 0; pan < npan; ++pan) {
+        const i64 qa = q0 + pan * PW;
+        const i64 nvalid = imin(PW, nq - pan * PW);
+        i64 nkp = nk;
+        if (p.causal) {
+          nkp = imin(nk, qa + nvalid - k0);  // keys beyond the panel's last query: skip
+          if (nkp <= 0) continue;
+        }
+        float* S = sc.s;
+        gemm<true, false>(nkp, D, kt, kld, sc.qp + pan * D * PW, S, nullptr);
+        if (p.causal && k0 + nkp - 1 > qa) {
+          // Diagonal tile: key k0+j is hidden from queries qa+c with qa+c < k0+j.
+          for (i64 j = 0; j < nkp; ++j) {
+            const i64 lim = k0 + j - qa;
+            for (i64 c = 0; c < lim; ++c) S[j * PW + c] = kNegInf;
+          }
+        }
+        if (p.mask_kind != MaskKind::None) apply_mask(p, b, h, qa, nvalid, k0, nkp, S);
+        softmax_tile(S, nkp, sc.m + pan * PW, sc.l + pan * PW, sc.alpha + pan * PW);
+        gemm<false, true>(Dv, nkp, vt, vld, S, sc.o + pan * Dv * PW, sc.alpha + pan * PW);
+      }
+    }
+
+    // Normalise and write out; rows that saw no key (l == 0) are zeros.
+    E* obase = static_cast<E*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1];
+    for (i64 pan = 0; pan < npan; ++pan) {
+      const float* o = sc.o + pan * Dv * PW;
+      for (i64 c = 0; c < PW && pan * PW + c < nq; ++c) {
+        const float lv = sc.l[pan * PW + c];
+        E* row = obase + (q0 + pan * PW + c) * p.out_stride[2];
+        const i64 st = p.out_stride[3];
+        if (lv == 0.f) {
+          for (i64 d = 0; d < Dv; ++d) from_f32(0.f, row + d * st);
+        } else {
+          const float inv = 1.f / lv;
+          for (i64 d = 0; d < Dv; ++d) from_f32(o[d * PW + c] * inv, row + d * st);
+        }
+      }
+    }
+  }
+
+  static void chunk(void* ctx, i64 begin, i64 end) {
+    const Plan& pl = *static_cast<const Plan*>(ctx);
+    Scratch sc(pl.bq, pl.bk, PW, pl.p->head_dim, pl.p->head_dim_v);
+    for (i64 it = begin; it < end; ++it) work_item(pl, sc, it);
+  }
+
+  static void run(const AttentionParams& p) {
+    const i64 bh = p.batch * p.heads_q;
+    if (bh == 0 || p.seq_q == 0 || p.head_dim_v == 0) return;
+    Plan pl;
+    pl.p = &p;
+    pl.group = p.heads_kv > 0 ? p.heads_q / p.heads_kv : 1;
+    pl.qscale = p.scale * kLog2e;
+    pl.bk = Is::BK;
+    // Query block: big enough to amortise K/V conversion, small enough to give every thread work.
+    i64 bq = Is::BQ;
+    while (bq > PW && bh * ceil_div(p.seq_q, bq) < 16) bq /= 2;
+    if (bq < PW) bq = PW;
+    pl.bq = bq;
+    pl.n_qb = ceil_div(p.seq_q, bq);
+    pl.k_direct = std::is_same_v<E, float> && p.k_stride[3] == 1;
+    pl.v_direct = std::is_same_v<E, float> && p.v_stride[3] == 1;
+    const i64 n = bh * pl.n_qb;
+    if (p.parallel_for && n > 1) {
+      p.parallel_for(n, &pl, &Kernel::chunk);
+    } else {
+      chunk(&pl, 0, n);
+    }
+  }
+};
+
+template <class Is>
+void run_forward(const AttentionParams& p) {
+  switch (p.dtype) {
+    case ScalarType::F32: Kernel<Is, float>::run(p); break;
+    case ScalarType::BF16: Kernel<Is, Bf16>::run(p); break;
+    case ScalarType::F16: Kernel<Is, Half>::run(p); break;
+  }
+}
+
+}  // namespace
+}  // namespace attnsel::cpu::detail

@@ -1,0 +1,54 @@
+// Portable path (baseline flags): the shared algorithm with one float per "vector".
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "attention_cpu_isa.h"
+
+namespace attnsel::cpu::detail {
+namespace {
+
+struct Isa {
+  static constexpr int W = 1, NV = 4, R = 4;
+  static constexpr std::int64_t BQ = 64, BK = 96;
+  using V = float;
+  using M = bool;
+  static V zero() { return 0.f; }
+  static V set1(float x) { return x; }
+  static V load(const float* p) { return *p; }
+  static void store(float* p, V v) { *p = v; }
+  static V bcast(const float* p) { return *p; }
+  static V fma(V a, V b, V c) { return a * b + c; }
+  static V add(V a, V b) { return a + b; }
+  static V sub(V a, V b) { return a - b; }
+  static V mul(V a, V b) { return a * b; }
+  static V max(V a, V b) { return a > b ? a : b; }  // like maxps: NaN in either gives b
+  static M mask_none() { return false; }
+  static M mask_or(M a, M b) { return a || b; }
+  static M is_nan(V a) { return a != a; }
+  static M eq(V a, V b) { return a == b; }
+  static V select(M m, V t, V f) { return m ? t : f; }
+  static V exp2(V x) { return std::exp2(x); }
+  static void cvt_bf16(const std::uint16_t* s, float* d, std::int64_t n) {
+    for (std::int64_t i = 0; i < n; ++i) {
+      std::uint32_t u = std::uint32_t(s[i]) << 16;
+      std::memcpy(d + i, &u, 4);
+    }
+  }
+  static void cvt_f16(const std::uint16_t* s, float* d, std::int64_t n) {
+    for (std::int64_t i = 0; i < n; ++i) {
+      _Float16 h;
+      std::memcpy(&h, s + i, 2);
+      d[i] = static_cast<float>(h);
+    }
+  }
+};
+
+}  // namespace
+}  // namespace attnsel::cpu::detail
+
+#include "attention_cpu_kernel.h"
+
+namespace attnsel::cpu::detail {
+void forward_scalar(const kernels::AttentionParams& p) { run_forward<Isa>(p); }
+}  // namespace attnsel::cpu::detail
