@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <cstdlib>
 #include <limits>
 #include <new>
 #include <type_traits>
@@ -391,8 +392,10 @@ struct Kernel {
     pl.group = p.heads_kv > 0 ? p.heads_q / p.heads_kv : 1;
     pl.qscale = p.scale * kLog2e;
     pl.bk = Is::BK;
-    // Query block: big enough to amortise K/V conversion, small enough to give every thread work.
     i64 bq = Is::BQ;
+    if (const char* e = std::getenv("ATTNSEL_CPU_TUNE_BK")) pl.bk = std::atoi(e);  // TEMP tuning
+    if (const char* e = std::getenv("ATTNSEL_CPU_TUNE_BQ")) bq = std::atoi(e);
+    // Query block: big enough to amortise K/V conversion, small enough to give every thread work.
     while (bq > PW && bh * ceil_div(p.seq_q, bq) < 16) bq /= 2;
     if (bq < PW) bq = PW;
     pl.bq = bq;
