@@ -220,9 +220,10 @@ std::vector<std::string> refusal_reasons(BackendId id, const SelectionRequest& r
     return reasons;
   }
   const bool on_cuda = request.device == DeviceType::CUDA;
-  if ((on_cuda && !c.cuda) || (!on_cuda && !c.cpu)) {
-    reasons.push_back(name + ": does not run on " + std::string(device_name(request.device)));
-    return reasons;
+  const bool device_ok = on_cuda ? c.cuda : c.cpu;
+  if (!device_ok) {
+    reasons.push_back(name + ": runs only on " + std::string(on_cuda ? "cpu" : "cuda") + ", not on " +
+                      std::string(device_name(request.device)));
   }
   AvailabilityEntry avail;
   CapabilityCheck check = nullptr;
@@ -233,7 +234,7 @@ std::vector<std::string> refusal_reasons(BackendId id, const SelectionRequest& r
     check = state().checks[static_cast<int>(id)][static_cast<int>(request.device)];
     sm = state().sm;
   }
-  if (c.needs_library && !avail.available) {
+  if (device_ok && c.needs_library && !avail.available) {
     reasons.push_back(name + ": " +
                       (avail.reported ? avail.reason : std::string("availability not reported on this device")));
   }
@@ -255,7 +256,7 @@ std::vector<std::string> refusal_reasons(BackendId id, const SelectionRequest& r
        << sm / 10 << "." << sm % 10;
     reasons.push_back(os.str());
   }
-  if (reasons.empty() && check) {
+  if (reasons.empty() && check) {  // kernel-specific limits, once the generic ones pass
     std::string why = check(request);
     if (!why.empty()) reasons.push_back(name + ": " + why);
   }

@@ -100,7 +100,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   try {
     sel = backend >= 0 ? select_backend_in(request, nullptr) : select_backend(request);
   } catch (const std::invalid_argument& e) {
-    TORCH_CHECK(false, "attnsel.attention: ", e.what());
+    TORCH_CHECK_VALUE(false, "attnsel.attention: ", e.what());  // ValueError in Python, like the front's
   }
   KernelFn fn = find_kernel(sel.backend, request.device);
   TORCH_CHECK(fn != nullptr, "attnsel.attention: backend '", backend_name(sel.backend), "' has no native kernel on ",
