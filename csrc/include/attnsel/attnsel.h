@@ -104,8 +104,13 @@ void set_backend_availability(BackendId id, DeviceType device, bool available, s
 // Facts about the device that capability checks need (CUDA compute capability; 0 = unknown / none).
 void set_cuda_compute_capability(int major, int minor);
 
-// Why `id` cannot run this request (empty = it can).
+// An extra check a kernel layer installs for (backend, device), e.g. the CUDA kernel's head sizes.
+// Returns an empty string when the request can run, else the reason.
 struct SelectionRequest;
+using CapabilityCheck = std::string (*)(const SelectionRequest& request);
+void set_capability_check(BackendId id, DeviceType device, CapabilityCheck check);
+
+// Why `id` cannot run this request (empty = it can).
 std::vector<std::string> refusal_reasons(BackendId id, const SelectionRequest& request);
 
 // --- selection -----------------------------------------------------------------------------------

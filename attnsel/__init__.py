@@ -1,0 +1,51 @@
+"""attnsel: choose the attention backend per diffusion-pipeline component, run it on the fastest kernel."""
+
+import torch  # noqa: F401  (loads libtorch before our native libraries)
+
+from . import _C  # noqa: F401
+from . import bridges as _bridges
+from .backends import Backend, backend_aliases, backend_names, normalize_backend_name
+from .context import (
+    ContextThreadPoolExecutor,
+    component_attention_backend,
+    force_attention_backend,
+    get_component_attn_backend_name,
+    get_component_forced_attn_backend,
+    get_forced_attn_backend,
+    run_with_context,
+)
+from .ops import attention
+from .selection import Explanation, explain_attn_backend, get_attn_backend
+
+_bridges.detect()
+
+from . import nn  # noqa: E402
+
+try:  # the config module is optional while it is being written
+    from .config import AttentionConfig, get_config, parse_component_backends, set_config  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass
+
+__all__ = [
+    "AttentionConfig",
+    "Backend",
+    "ContextThreadPoolExecutor",
+    "Explanation",
+    "attention",
+    "backend_aliases",
+    "backend_names",
+    "component_attention_backend",
+    "explain_attn_backend",
+    "force_attention_backend",
+    "get_attn_backend",
+    "get_component_attn_backend_name",
+    "get_component_forced_attn_backend",
+    "get_config",
+    "get_forced_attn_backend",
+    "nn",
+    "normalize_backend_name",
+    "parse_component_backends",
+    "run_with_context",
+    "set_config",
+]
+__version__ = "0.1.0"

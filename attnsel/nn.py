@@ -1,0 +1,64 @@
+"""`attnsel.nn.Attention`: an attention layer that picks its backend once, when it is built."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .backends import Backend
+from .ops import attention
+from .selection import Explanation, explain_attn_backend
+
+
+class Attention(nn.Module):
+    """Scaled dot-product attention over (B, H, S, D) tensors on the backend chosen at construction.
+
+    Selection follows explicit `backend` > forced > component context (the loader's scope) > --attention-backend >
+    automatic; `.backend` holds the answer and `.selection` the reasons. The forward path carries the backend
+    explicitly, so it is cheap and torch.compile-friendly.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        *,
+        num_kv_heads: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        supported_backends: Iterable[str | Backend] | None = None,
+        backend: str | Backend | None = None,
+        scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("num_heads", num_heads), ("head_dim", head_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        kv = num_heads if num_kv_heads is None else num_kv_heads
+        if isinstance(kv, bool) or not isinstance(kv, int) or kv <= 0 or num_heads % kv:
+            raise ValueError(f"num_kv_heads must be a positive divisor of num_heads ({num_heads}), got {kv!r}")
+        self.num_heads, self.head_dim, self.num_kv_heads, self.scale = num_heads, head_dim, kv, scale
+        self.selection: Explanation = explain_attn_backend(
+            head_dim, dtype, device, None if supported_backends is None else list(supported_backends), backend
+        )
+        self.backend: Backend = self.selection.backend
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        if q.shape[-1] != self.head_dim:
+            raise ValueError(f"attnsel.nn.Attention: built for head_dim {self.head_dim}, got q of shape {tuple(q.shape)}")
+        return attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_heads={self.num_heads}, head_dim={self.head_dim}, num_kv_heads={self.num_kv_heads}, "
+            f"backend={self.backend.name.lower()} ({self.selection.source})"
+        )

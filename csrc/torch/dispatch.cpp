@@ -1,0 +1,160 @@
+// Input validation, backend resolution and the (backend, device) kernel table.
+#include "dispatch.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <array>
+#include <atomic>
+#include <cmath>
+#include <stdexcept>
+
+namespace attnsel::torch_glue {
+namespace {
+
+// Written only while the library loads (ops.cpp), read on every call: plain array, no lock.
+std::array<std::array<KernelFn, kNumDeviceTypes>, kNumBackends> g_table{};
+
+std::string shape_str(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + "]";
+}
+
+// Broadcasts an SDPA-style mask to [B, Hq, Sq, Sk] as a stride-0 view, checking it can be.
+at::Tensor broadcast_mask(const at::Tensor& mask, const at::Tensor& q, const at::Tensor& k) {
+  const std::array<int64_t, 4> target = {q.size(0), q.size(1), q.size(2), k.size(2)};
+  TORCH_CHECK(mask.dim() >= 1 && mask.dim() <= 4, "attnsel.attention: attn_mask must have 1 to 4 dims, got ",
+              mask.dim());
+  TORCH_CHECK(mask.scalar_type() == at::kBool || mask.scalar_type() == q.scalar_type() ||
+                  mask.scalar_type() == at::kFloat,
+              "attnsel.attention: attn_mask must be bool, float32 or the query's dtype (", q.scalar_type(),
+              "), got ", mask.scalar_type());
+  TORCH_CHECK(mask.device() == q.device(), "attnsel.attention: attn_mask is on ", mask.device(),
+              " but the query is on ", q.device());
+  const int64_t offset = 4 - mask.dim();
+  for (int64_t i = 0; i < mask.dim(); ++i) {
+    const int64_t m = mask.size(i), t = target[offset + i];
+    TORCH_CHECK(m == 1 || m == t, "attnsel.attention: attn_mask of shape ", shape_str(mask),
+                " does not broadcast to [B, Hq, Sq, Sk] = [", target[0], ", ", target[1], ", ", target[2], ", ",
+                target[3], "]");
+  }
+  return mask.expand(at::IntArrayRef(target.data(), 4));
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+              "attnsel.attention: q, k, v must be 4-d (batch, heads, seq, head_dim), got q ", shape_str(q), ", k ",
+              shape_str(k), ", v ", shape_str(v));
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "attnsel.attention: q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+              "attnsel.attention: dtype must be float32, float16 or bfloat16, got ", q.scalar_type());
+  TORCH_CHECK(q.device() == k.device() && q.device() == v.device(),
+              "attnsel.attention: q, k, v must be on one device, got ", q.device(), ", ", k.device(), ", ",
+              v.device());
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(0) == v.size(0), "attnsel.attention: batch sizes differ: q ",
+              shape_str(q), ", k ", shape_str(k), ", v ", shape_str(v));
+  TORCH_CHECK(k.size(1) == v.size(1) && k.size(2) == v.size(2), "attnsel.attention: k ", shape_str(k), " and v ",
+              shape_str(v), " must share heads and sequence length");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "attnsel.attention: q heads (", q.size(1),
+              ") must be a multiple of k/v heads (", k.size(1), ")");
+  TORCH_CHECK(q.size(3) == k.size(3), "attnsel.attention: q and k head_dim differ: ", q.size(3), " vs ",
+              k.size(3));
+  TORCH_CHECK(q.size(3) > 0, "attnsel.attention: head_dim must be positive");
+}
+
+}  // namespace
+
+DType selector_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return DType::F16;
+    case at::kBFloat16: return DType::BF16;
+    default: return DType::F32;
+  }
+}
+
+DeviceType selector_device(const at::Tensor& t) { return t.is_cuda() ? DeviceType::CUDA : DeviceType::CPU; }
+
+void register_kernel(BackendId backend, DeviceType device, KernelFn fn) {
+  g_table[static_cast<int>(backend)][static_cast<int>(device)] = fn;
+}
+
+KernelFn find_kernel(BackendId backend, DeviceType device) {
+  return g_table[static_cast<int>(backend)][static_cast<int>(device)];
+}
+
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const std::optional<at::Tensor>& attn_mask, bool is_causal, std::optional<double> scale,
+                     std::int64_t backend) {
+  check_inputs(q, k, v);
+  TORCH_CHECK(backend >= -1 && backend < kNumBackends, "attnsel.attention: backend id ", backend,
+              " out of range [-1, ", kNumBackends - 1, "]");
+  SelectionRequest request;
+  request.head_size = static_cast<int>(q.size(3));
+  request.dtype = selector_dtype(q);
+  request.device = selector_device(q);
+  if (backend >= 0) request.selected = static_cast<BackendId>(backend);
+  Selection sel;
+  try {
+    sel = backend >= 0 ? select_backend_in(request, nullptr) : select_backend(request);
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, "attnsel.attention: ", e.what());  // ValueError in Python, like the front's
+  }
+  KernelFn fn = find_kernel(sel.backend, request.device);
+  TORCH_CHECK(fn != nullptr, "attnsel.attention: backend '", backend_name(sel.backend), "' has no native kernel on ",
+              device_name(request.device), " (bridged backends run through attnsel.attention in Python)");
+  std::optional<at::Tensor> mask;
+  if (attn_mask) mask = broadcast_mask(*attn_mask, q, k);
+  const double resolved_scale = scale ? *scale : 1.0 / std::sqrt(static_cast<double>(q.size(3)));
+  return fn(AttentionCall{q, k, v, mask, is_causal, resolved_scale});
+}
+
+at::Tensor attention_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const std::optional<at::Tensor>& attn_mask, bool, std::optional<double>, std::int64_t) {
+  check_inputs(q, k, v);
+  if (attn_mask) broadcast_mask(*attn_mask, q, k);
+  return at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
+}
+
+kernels::AttentionParams make_params(const AttentionCall& c, at::Tensor& out) {
+  kernels::AttentionParams p;
+  auto dtype = [](const at::Tensor& t) {
+    switch (t.scalar_type()) {
+      case at::kHalf: return kernels::ScalarType::F16;
+      case at::kBFloat16: return kernels::ScalarType::BF16;
+      default: return kernels::ScalarType::F32;
+    }
+  };
+  p.q = c.q.data_ptr();
+  p.k = c.k.data_ptr();
+  p.v = c.v.data_ptr();
+  p.out = out.data_ptr();
+  p.dtype = dtype(c.q);
+  p.batch = c.q.size(0);
+  p.heads_q = c.q.size(1);
+  p.heads_kv = c.k.size(1);
+  p.seq_q = c.q.size(2);
+  p.seq_kv = c.k.size(2);
+  p.head_dim = c.q.size(3);
+  p.head_dim_v = c.v.size(3);
+  for (int i = 0; i < 4; ++i) {
+    p.q_stride[i] = c.q.stride(i);
+    p.k_stride[i] = c.k.stride(i);
+    p.v_stride[i] = c.v.stride(i);
+    p.out_stride[i] = out.stride(i);
+  }
+  if (c.mask) {
+    const at::Tensor& m = *c.mask;
+    p.mask = m.data_ptr();
+    p.mask_kind = m.scalar_type() == at::kBool ? kernels::MaskKind::Bool : kernels::MaskKind::Additive;
+    p.mask_dtype = dtype(m);
+    for (int i = 0; i < 4; ++i) p.mask_stride[i] = m.stride(i);
+  }
+  p.causal = c.causal;
+  p.scale = static_cast<float>(c.scale);
+  return p;
+}
+
+}  // namespace attnsel::torch_glue

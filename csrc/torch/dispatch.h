@@ -1,0 +1,52 @@
+// The native dispatch table keyed by (backend, device) and the attention entry point shared by the
+// op registration and the C++ API.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+#include "attnsel/attnsel.h"
+#include "kernels/attention_params.h"
+
+namespace attnsel::torch_glue {
+
+// Inputs after validation: the mask is already broadcast to [B, Hq, Sq, Sk] (stride-0 views).
+struct AttentionCall {
+  const at::Tensor& q;
+  const at::Tensor& k;
+  const at::Tensor& v;
+  const std::optional<at::Tensor>& mask;  // bool or floating additive, 4-d
+  bool causal;
+  double scale;  // resolved (1/sqrt(D) by default)
+};
+
+using KernelFn = at::Tensor (*)(const AttentionCall& call);
+
+void register_kernel(BackendId backend, DeviceType device, KernelFn fn);
+KernelFn find_kernel(BackendId backend, DeviceType device);
+
+// backend < 0: select with this thread's context. Validates everything with TORCH_CHECK.
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const std::optional<at::Tensor>& attn_mask, bool is_causal, std::optional<double> scale,
+                     std::int64_t backend);
+
+// Output shape for the fake (meta) implementation.
+at::Tensor attention_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const std::optional<at::Tensor>& attn_mask, bool is_causal, std::optional<double> scale,
+                          std::int64_t backend);
+
+// Fills kernel parameters from tensors (no copies): shared by the CPU and CUDA glue.
+kernels::AttentionParams make_params(const AttentionCall& call, at::Tensor& out);
+
+DType selector_dtype(const at::Tensor& t);
+DeviceType selector_device(const at::Tensor& t);
+
+// Registration hooks implemented by each glue file; ops.cpp calls them once at load.
+void register_native_cpu();
+void register_sdpa();
+#ifdef ATTNSEL_WITH_CUDA
+void register_native_cuda();
+#endif
+
+}  // namespace attnsel::torch_glue

@@ -1,0 +1,38 @@
+// The one op-registration file: schema, CPU/CUDA/Meta implementations and the kernel table setup.
+#include <ATen/Context.h>
+#include <torch/library.h>
+
+#include "dispatch.h"
+
+namespace attnsel::torch_glue {
+namespace {
+
+void register_all_kernels() {
+  register_native_cpu();
+  register_sdpa();
+  const bool cuda = at::hasCUDA();
+  set_backend_availability(BackendId::TORCH_SDPA, DeviceType::CUDA, cuda,
+                           cuda ? "" : "this PyTorch build has no CUDA (or no GPU is visible)");
+#ifdef ATTNSEL_WITH_CUDA
+  register_native_cuda();
+#else
+  set_backend_availability(BackendId::NATIVE, DeviceType::CUDA, false,
+                           "attnsel was built without CUDA (rebuild with a CUDA PyTorch, or ATTNSEL_FORCE_CUDA=1)");
+#endif
+}
+
+// Runs when the library loads, before any op call can reach the table.
+const bool g_registered = (register_all_kernels(), true);
+
+}  // namespace
+}  // namespace attnsel::torch_glue
+
+TORCH_LIBRARY(attnsel, m) {
+  m.def(
+      "attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, bool is_causal=False, float? scale=None, "
+      "int backend=-1) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(attnsel, CPU, m) { m.impl("attention", &attnsel::torch_glue::attention); }
+TORCH_LIBRARY_IMPL(attnsel, CUDA, m) { m.impl("attention", &attnsel::torch_glue::attention); }
+TORCH_LIBRARY_IMPL(attnsel, Meta, m) { m.impl("attention", &attnsel::torch_glue::attention_meta); }

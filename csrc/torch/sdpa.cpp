@@ -1,0 +1,27 @@
+// Bridge to PyTorch's scaled_dot_product_attention (backend `torch_sdpa`, any device).
+#include <ATen/ATen.h>
+
+#include "dispatch.h"
+
+namespace attnsel::torch_glue {
+namespace {
+
+at::Tensor torch_sdpa(const AttentionCall& call) {
+  std::optional<at::Tensor> mask = call.mask;
+  // SDPA takes bool masks or masks of the query's dtype.
+  if (mask && mask->scalar_type() != at::kBool && mask->scalar_type() != call.q.scalar_type())
+    mask = mask->to(call.q.scalar_type());
+  const bool gqa = call.q.size(1) != call.k.size(1);
+  return at::scaled_dot_product_attention(call.q, call.k, call.v, mask, 0.0, call.causal, call.scale, gqa);
+}
+
+}  // namespace
+
+void register_sdpa() {
+  register_kernel(BackendId::TORCH_SDPA, DeviceType::CPU, &torch_sdpa);
+  register_kernel(BackendId::TORCH_SDPA, DeviceType::CUDA, &torch_sdpa);
+  set_backend_availability(BackendId::TORCH_SDPA, DeviceType::CPU, true, "");
+  // CUDA availability is reported by ops.cpp, which knows whether this Torch build has CUDA.
+}
+
+}  // namespace attnsel::torch_glue
