@@ -453,18 +453,40 @@ static int run_bench(int argc, char** argv) {
     t.join();
   };
   attnsel::cpu::attention_forward(p);
-  std::vector<double> ts;
-  for (int r = 0; r < reps; ++r) {
-    auto t0 = std::chrono::steady_clock::now();
-    attnsel::cpu::attention_forward(p);
-    ts.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  // A/B mode (tuning): ABVAR=name ABVALS="x y" alternates the env var between runs, one timing list per value.
+  std::vector<std::string> vals;
+  const char* abvar = std::getenv("ABVAR");
+  if (abvar) {
+    std::string all = std::getenv("ABVALS"), cur;
+    for (char ch : all + " ") {
+      if (ch == ' ') { if (!cur.empty()) vals.push_back(cur); cur.clear(); } else cur += ch;
+    }
   }
+  if (vals.empty()) vals.push_back("");
+  std::vector<std::vector<double>> tss(vals.size());
+  for (int r = 0; r < reps; ++r) {
+    for (size_t vi = 0; vi < vals.size(); ++vi) {
+      if (abvar) setenv(abvar, vals[vi].c_str(), 1);
+      auto t0 = std::chrono::steady_clock::now();
+      attnsel::cpu::attention_forward(p);
+      tss[vi].push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+  }
+  for (size_t vi = 0; vi + 1 < vals.size(); ++vi) {
+    auto ts = tss[vi];
+    std::sort(ts.begin(), ts.end());
+    const double fl = 4.0 * c.B * c.Hq * c.Sq * c.Sk * c.D * (c.causal ? 0.5 : 1.0);
+    std::printf("  %s=%s: median %.1f GFLOP/s best %.1f\n", abvar, vals[vi].c_str(), fl / ts[ts.size() / 2] * 1e-9,
+                fl / ts[0] * 1e-9);
+  }
+  std::vector<double> ts = tss.back();
+  if (abvar) std::printf("  %s=%s:", abvar, vals.back().c_str());
   std::sort(ts.begin(), ts.end());
-  const double t = ts[ts.size() / 2];
+  const double t = ts[ts.size() / 2], tmin = ts[0];
   const double fl = 4.0 * c.B * c.Hq * c.Sq * c.Sk * c.D * (c.causal ? 0.5 : 1.0);
-  std::printf("[%s] %s B=%ld H=%ld Sq=%ld Sk=%ld D=%ld causal=%d: %.3f ms  %.1f GFLOP/s\n",
+  std::printf("[%s] %s B=%ld H=%ld Sq=%ld Sk=%ld D=%ld causal=%d: median %.3f ms  %.1f GFLOP/s (best %.1f)\n",
               std::string(attnsel::cpu::active_isa()).c_str(), dn.c_str(), (long)c.B, (long)c.Hq, (long)c.Sq,
-              (long)c.Sk, (long)c.D, c.causal, t * 1e3, fl / t * 1e-9);
+              (long)c.Sk, (long)c.D, c.causal, t * 1e3, fl / t * 1e-9, fl / tmin * 1e-9);
   return 0;
 }
 

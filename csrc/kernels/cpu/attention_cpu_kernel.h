@@ -7,7 +7,7 @@
 //
 // Algorithm (flash-attention style, online softmax, fp32 accumulation), per work item (batch, head, query block):
 //   * the query block is packed once, transposed into panels Qp[panel][d][PW] (PW = Isa::W * Isa::NV queries),
-//     pre-multiplied by scale*log2(e) so the softmax can use exp2;
+//     scores are scaled by scale*log2(e) as the Q·K^T tile is stored, so the softmax can use exp2;
 //   * keys are walked in tiles of BK; K and V tiles are used in place when they are fp32 with unit dim stride,
 //     otherwise converted into small per-thread fp32 tiles;
 //   * per panel and key tile: S^T[key][query] = K · Qp (register-blocked micro-kernel, broadcasts from K),
@@ -134,7 +134,7 @@ struct Scratch {
 struct Plan {
   const AttentionParams* p;
   i64 bq, bk, n_qb, group;
-  float qscale;
+  float score_scale;
   bool k_direct, v_direct;
 };
 
@@ -144,55 +144,65 @@ struct Kernel {
   using V = typename Is::V;
   using M = typename Is::M;
 
-  // C[RR x PW] (=|+=) A[RR x K] * B[K x PW]; B and C have row stride PW.
-  // AROW: A(r, k) = A[r*lda + k] (QK: rows are keys); else A(r, k) = A[r + k*lda] (PV: rows are value dims).
-  // ACC: C = alpha (per column) * C + A*B.
-  template <int RR, bool AROW, bool ACC>
-  static inline void micro(i64 K, const float* __restrict A, i64 lda, const float* __restrict B, float* __restrict C,
-                           const float* __restrict alpha) {
-    V c[RR][NV];
-    if constexpr (ACC) {
-      V al[NV];
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) al[v] = Is::load(alpha + v * W);
+  // Both GEMMs are C[RR x PW] = A[RR x K] * B[K x PW] with B and C of row stride PW, register-blocked as
+  // RR x NV vectors (12 accumulators on AVX2), A broadcast one element at a time.
+
+  // QK: A(r, k) = A[r*lda + k] (rows = keys), K = head_dim. C = scale (per column; null = 1) * A*B.
+  // The dot product is summed in chunks of kDimChunk, each from zero in registers and then added to C, so the fp32
+  // rounding of long dot products (head_dim 128..512) stays at the level of a blocked GEMM, not of one long chain.
+  // 32: chunks of 16 were ~5% slower, one long chain failed the "<= 2x SDPA's error" rule at head_dim 96..512.
+  static constexpr i64 kDimChunk = 32;
+  template <int RR>
+  static inline void micro_qk(i64 K, const float* __restrict A, i64 lda, const float* __restrict B,
+                              float* __restrict C, const float* __restrict scale) {
+    const float* a[RR];
 #pragma GCC unroll 16
-      for (int r = 0; r < RR; ++r)
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) c[r][v] = Is::mul(Is::load(C + r * PW + v * W), al[v]);
-    } else {
+    for (int r = 0; r < RR; ++r) a[r] = A + r * lda;
+    V c[RR][NV];
+    for (i64 k0 = 0; k0 < K; k0 += kDimChunk) {
 #pragma GCC unroll 16
       for (int r = 0; r < RR; ++r)
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) c[r][v] = Is::zero();
+      const i64 k1 = imin(K, k0 + kDimChunk);
+      for (i64 k = k0; k < k1; ++k) {
+        V b[NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) b[v] = Is::load(B + k * PW + v * W);
+#pragma GCC unroll 16
+        for (int r = 0; r < RR; ++r) {
+          const V x = Is::bcast(a[r] + k);
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v) c[r][v] = Is::fma(x, b[v], c[r][v]);
+        }
+      }
+      if (k1 < K) {  // not the last chunk: fold into C
+        if (k0 == 0) {
+#pragma GCC unroll 16
+          for (int r = 0; r < RR; ++r)
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) Is::store(C + r * PW + v * W, c[r][v]);
+        } else {
+#pragma GCC unroll 16
+          for (int r = 0; r < RR; ++r)
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) Is::store(C + r * PW + v * W, Is::add(Is::load(C + r * PW + v * W), c[r][v]));
+        }
+      } else if (k0 > 0) {
+#pragma GCC unroll 16
+        for (int r = 0; r < RR; ++r)
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v) c[r][v] = Is::add(Is::load(C + r * PW + v * W), c[r][v]);
+      }
     }
-    if constexpr (AROW) {
-      const float* a[RR];
+    if (scale != nullptr) {
+      V sv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) sv[v] = Is::load(scale + v * W);
 #pragma GCC unroll 16
-      for (int r = 0; r < RR; ++r) a[r] = A + r * lda;
-      for (i64 k = 0; k < K; ++k) {
-        V b[NV];
+      for (int r = 0; r < RR; ++r)
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) b[v] = Is::load(B + k * PW + v * W);
-#pragma GCC unroll 16
-        for (int r = 0; r < RR; ++r) {
-          V x = Is::bcast(a[r] + k);
-#pragma GCC unroll 4
-          for (int v = 0; v < NV; ++v) c[r][v] = Is::fma(x, b[v], c[r][v]);
-        }
-      }
-    } else {
-      for (i64 k = 0; k < K; ++k) {
-        V b[NV];
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) b[v] = Is::load(B + k * PW + v * W);
-        const float* a = A + k * lda;
-#pragma GCC unroll 16
-        for (int r = 0; r < RR; ++r) {
-          V x = Is::bcast(a + r);
-#pragma GCC unroll 4
-          for (int v = 0; v < NV; ++v) c[r][v] = Is::fma(x, b[v], c[r][v]);
-        }
-      }
+        for (int v = 0; v < NV; ++v) c[r][v] = Is::mul(c[r][v], sv[v]);
     }
 #pragma GCC unroll 16
     for (int r = 0; r < RR; ++r)
@@ -200,29 +210,72 @@ struct Kernel {
       for (int v = 0; v < NV; ++v) Is::store(C + r * PW + v * W, c[r][v]);
   }
 
-  template <int RR, bool AROW, bool ACC>
-  static inline void micro_tail(int rem, i64 K, const float* A, i64 lda, const float* B, float* C, const float* alpha) {
+  // PV: A(r, k) = A[r + k*lda] (rows = value dims, K = keys of the tile). C = alpha (per column) * C + A*B,
+  // the tile's products summed from zero first (short chains), then folded in with one fma.
+  template <int RR>
+  static inline void micro_pv(i64 K, const float* __restrict A, i64 lda, const float* __restrict B,
+                              float* __restrict C, const float* __restrict alpha) {
+    V c[RR][NV];
+#pragma GCC unroll 16
+    for (int r = 0; r < RR; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) c[r][v] = Is::zero();
+    for (i64 k = 0; k < K; ++k) {
+      V b[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) b[v] = Is::load(B + k * PW + v * W);
+      const float* a = A + k * lda;
+#pragma GCC unroll 16
+      for (int r = 0; r < RR; ++r) {
+        const V x = Is::bcast(a + r);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) c[r][v] = Is::fma(x, b[v], c[r][v]);
+      }
+    }
+    V al[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) al[v] = Is::load(alpha + v * W);
+#pragma GCC unroll 16
+    for (int r = 0; r < RR; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) Is::store(C + r * PW + v * W, Is::fma(Is::load(C + r * PW + v * W), al[v], c[r][v]));
+  }
+
+  template <int RR>
+  static inline void rows_tail(bool qk, int rem, i64 K, const float* A, i64 lda, const float* B, float* C,
+                               const float* alpha) {
     if (rem == RR) {
-      micro<RR, AROW, ACC>(K, A, lda, B, C, alpha);
+      if (qk) micro_qk<RR>(K, A, lda, B, C, alpha);
+      else micro_pv<RR>(K, A, lda, B, C, alpha);
     } else if constexpr (RR > 1) {
-      micro_tail<RR - 1, AROW, ACC>(rem, K, A, lda, B, C, alpha);
+      rows_tail<RR - 1>(qk, rem, K, A, lda, B, C, alpha);
     }
   }
 
-  template <bool AROW, bool ACC>
-  static void gemm(i64 rows, i64 K, const float* A, i64 lda, const float* B, float* C, const float* alpha) {
+  // S^T[key][query] = K (rows = keys, row stride lda) · Qp panel (D x PW).
+  static void gemm_qk(i64 rows, i64 D, const float* A, i64 lda, const float* B, float* C, const float* scale) {
     i64 r0 = 0;
-    for (; r0 + R <= rows; r0 += R) micro<R, AROW, ACC>(K, A + (AROW ? r0 * lda : r0), lda, B, C + r0 * PW, alpha);
-    if (r0 < rows)
-      micro_tail<R - 1, AROW, ACC>(int(rows - r0), K, A + (AROW ? r0 * lda : r0), lda, B, C + r0 * PW, alpha);
+    for (; r0 + R <= rows; r0 += R) micro_qk<R>(D, A + r0 * lda, lda, B, C + r0 * PW, scale);
+    if (r0 < rows) rows_tail<R - 1>(true, int(rows - r0), D, A + r0 * lda, lda, B, C + r0 * PW, scale);
+  }
+  // O^T[dv][query] = alpha * O^T + V^T (V rows = keys, row stride lda) · P^T (keys x PW).
+  static void gemm_pv(i64 rows, i64 K, const float* A, i64 lda, const float* B, float* C, const float* alpha) {
+    i64 r0 = 0;
+    for (; r0 + R <= rows; r0 += R) micro_pv<R>(K, A + r0, lda, B, C + r0 * PW, alpha);
+    if (r0 < rows) rows_tail<R - 1>(false, int(rows - r0), K, A + r0, lda, B, C + r0 * PW, alpha);
   }
 
-  // Online softmax on one panel's score tile S[nk][PW] (log2 domain), vertically: lane = query.
-  // Turns S into P in place; updates m, l; writes the rescale factor of the old accumulator to alpha.
-  static inline void softmax_tile(float* S, i64 nk, float* m, float* l, float* alpha) {
+  // Online softmax on one panel's score tile S[nk][PW], vertically: lane = query. Turns S into P in place;
+  // updates m (running max, log2 units), l; writes the rescale factor of the old accumulator to alpha.
+  // RAW: S holds raw q·k and cs = scale*log2(e) > 0; the exponent is then fma(s, cs, -max) with a single rounding
+  // (the rounding of the max itself is a common shift that cancels in the normalisation). Otherwise S is already
+  // in log2 units.
+  template <bool RAW>
+  static inline void softmax_tile(float* S, i64 nk, float* m, float* l, float* alpha, float cs_scalar) {
     const V ninf = Is::set1(kNegInf);
     const V zero = Is::zero();
     const V qnan = Is::set1(std::numeric_limits<float>::quiet_NaN());
+    const V cs = Is::set1(cs_scalar);
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       V mt = ninf;
@@ -232,23 +285,26 @@ struct Kernel {
         mt = Is::max(mt, s);
         nan = Is::mask_or(nan, Is::is_nan(s));  // max() drops NaN; keep it so the row becomes NaN
       }
+      if constexpr (RAW) mt = Is::mul(mt, cs);  // cs > 0: max commutes with the scaling
       const V mo = Is::load(m + v * W);
-      V mn = Is::select(nan, qnan, Is::max(mo, mt));
+      const V mn = Is::select(nan, qnan, Is::max(mo, mt));
       // A row with nothing visible yet keeps m = -inf; subtract 0 there so exp2(-inf) = 0, not NaN.
       const V mu = Is::select(Is::eq(mn, ninf), zero, mn);
+      const V nmu = Is::sub(zero, mu);
       const V al = Is::exp2(Is::sub(mo, mu));
+      auto arg = [&](V x) { return RAW ? Is::fma(x, cs, nmu) : Is::add(x, nmu); };
       V sum0 = zero, sum1 = zero;
       i64 j = 0;
       for (; j + 1 < nk; j += 2) {
-        V p0 = Is::exp2(Is::sub(Is::load(S + j * PW + v * W), mu));
-        V p1 = Is::exp2(Is::sub(Is::load(S + (j + 1) * PW + v * W), mu));
+        V p0 = Is::exp2(arg(Is::load(S + j * PW + v * W)));
+        V p1 = Is::exp2(arg(Is::load(S + (j + 1) * PW + v * W)));
         Is::store(S + j * PW + v * W, p0);
         Is::store(S + (j + 1) * PW + v * W, p1);
         sum0 = Is::add(sum0, p0);
         sum1 = Is::add(sum1, p1);
       }
       if (j < nk) {
-        V p0 = Is::exp2(Is::sub(Is::load(S + j * PW + v * W), mu));
+        V p0 = Is::exp2(arg(Is::load(S + j * PW + v * W)));
         Is::store(S + j * PW + v * W, p0);
         sum0 = Is::add(sum0, p0);
       }
@@ -258,7 +314,9 @@ struct Kernel {
     }
   }
 
-  static void apply_mask(const AttentionParams& p, i64 b, i64 h, i64 qa, i64 nvalid, i64 k0, i64 nk, float* S) {
+  // Bool mask: hide keys (-inf). Additive mask: S holds raw q·k here; S = S * cs + log2(e) * mask.
+  static void apply_mask(const AttentionParams& p, i64 b, i64 h, i64 qa, i64 nvalid, i64 k0, i64 nk, float* S,
+                         float cs) {
     const i64* ms = p.mask_stride;
     if (p.mask_kind == MaskKind::Bool) {
       const std::uint8_t* base = static_cast<const std::uint8_t*>(p.mask) + b * ms[0] + h * ms[1];
@@ -271,7 +329,8 @@ struct Kernel {
       const i64 off0 = b * ms[0] + h * ms[1];
       for (i64 c = 0; c < nvalid; ++c) {
         const i64 off = off0 + (qa + c) * ms[2] + k0 * ms[3];
-        for (i64 j = 0; j < nk; ++j) S[j * PW + c] += kLog2e * load_mask_value(p.mask, p.mask_dtype, off + j * ms[3]);
+        for (i64 j = 0; j < nk; ++j)
+          S[j * PW + c] = S[j * PW + c] * cs + kLog2e * load_mask_value(p.mask, p.mask_dtype, off + j * ms[3]);
       }
     }
   }
@@ -290,7 +349,11 @@ struct Kernel {
     const i64 nq = imin(pl.bq, Sq - q0);
     const i64 npan = ceil_div(nq, PW);
 
-    // Pack the query block, transposed into panels, pre-scaled.
+    // Raw scores need a positive scale: -inf (hidden keys) must stay -inf through the scaling.
+    const bool raw = p.mask_kind != MaskKind::Additive && pl.score_scale > 0.f;
+    alignas(64) float csv[PW];
+    for (int i = 0; i < PW; ++i) csv[i] = pl.score_scale;
+    // Pack the query block, transposed into panels.
     const E* qbase = static_cast<const E*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
     for (i64 pan = 0; pan < npan; ++pan) {
       float* dst = sc.qp + pan * D * PW;
@@ -299,7 +362,7 @@ struct Kernel {
         if (r < nq) {
           const E* row = qbase + (q0 + r) * p.q_stride[2];
           const i64 st = p.q_stride[3];
-          for (i64 d = 0; d < D; ++d) dst[d * PW + c] = to_f32(row[d * st]) * pl.qscale;
+          for (i64 d = 0; d < D; ++d) dst[d * PW + c] = to_f32(row[d * st]);
         } else {
           for (i64 d = 0; d < D; ++d) dst[d * PW + c] = 0.f;
         }
@@ -346,7 +409,11 @@ struct Kernel {
           if (nkp <= 0) continue;
         }
         float* S = sc.s;
-        gemm<true, false>(nkp, D, kt, kld, sc.qp + pan * D * PW, S, nullptr);
+        // Raw scores when possible (see softmax_tile); otherwise log2 units: the GEMM scales by scale*log2(e),
+        // or the additive mask does it together with the add.
+        const bool additive = p.mask_kind == MaskKind::Additive;
+        gemm_qk(nkp, D, kt, kld, sc.qp + pan * D * PW, S, (raw || additive) ? nullptr : csv);
+        if (additive) apply_mask(p, b, h, qa, nvalid, k0, nkp, S, pl.score_scale);
         if (p.causal && k0 + nkp - 1 > qa) {
           // Diagonal tile: key k0+j is hidden from queries qa+c with qa+c < k0+j.
           for (i64 j = 0; j < nkp; ++j) {
@@ -354,9 +421,10 @@ struct Kernel {
             for (i64 c = 0; c < lim; ++c) S[j * PW + c] = kNegInf;
           }
         }
-        if (p.mask_kind != MaskKind::None) apply_mask(p, b, h, qa, nvalid, k0, nkp, S);
-        softmax_tile(S, nkp, sc.m + pan * PW, sc.l + pan * PW, sc.alpha + pan * PW);
-        gemm<false, true>(Dv, nkp, vt, vld, S, sc.o + pan * Dv * PW, sc.alpha + pan * PW);
+        if (p.mask_kind == MaskKind::Bool) apply_mask(p, b, h, qa, nvalid, k0, nkp, S, pl.score_scale);
+        if (raw) softmax_tile<true>(S, nkp, sc.m + pan * PW, sc.l + pan * PW, sc.alpha + pan * PW, pl.score_scale);
+        else softmax_tile<false>(S, nkp, sc.m + pan * PW, sc.l + pan * PW, sc.alpha + pan * PW, 1.f);
+        gemm_pv(Dv, nkp, vt, vld, S, sc.o + pan * Dv * PW, sc.alpha + pan * PW);
       }
     }
 
@@ -390,7 +458,7 @@ struct Kernel {
     Plan pl;
     pl.p = &p;
     pl.group = p.heads_kv > 0 ? p.heads_q / p.heads_kv : 1;
-    pl.qscale = p.scale * kLog2e;
+    pl.score_scale = p.scale * kLog2e;
     pl.bk = Is::BK;
     i64 bq = Is::BQ;
     if (const char* e = std::getenv("ATTNSEL_CPU_TUNE_BK")) pl.bk = std::atoi(e);  // TEMP tuning
