@@ -452,6 +452,8 @@ static int run_bench(int argc, char** argv) {
     fn(ctx, n / 2, n);
     t.join();
   };
+  const bool serial = std::getenv("SERIAL") != nullptr;  // one core: less exposed to other load on the machine
+  if (serial) p.parallel_for = nullptr;
   attnsel::cpu::attention_forward(p);
   // A/B mode (tuning): ABVAR=name ABVALS="x y" alternates the env var between runs, one timing list per value.
   std::vector<std::string> vals;

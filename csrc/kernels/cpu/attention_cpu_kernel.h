@@ -133,6 +133,8 @@ struct Scratch {
 
 struct Plan {
   const AttentionParams* p;
+  i64 n_items;
+  i64 next = 0;  // next work item to hand out (atomic builtins; no std::atomic instantiation in ISA units)
   i64 bq, bk, n_qb, group;
   float score_scale;
   bool k_direct, v_direct;
@@ -338,11 +340,11 @@ struct Kernel {
   static void work_item(const Plan& pl, Scratch& sc, i64 item) {
     const AttentionParams& p = *pl.p;
     const i64 D = p.head_dim, Dv = p.head_dim_v, Sq = p.seq_q, Sk = p.seq_kv;
-    // Items come as (b, h, t); t alternates between both ends of the query range so that contiguous chunks of a
-    // causal problem get balanced work.
+    // Items come as (b, h, t), handed out in order; causal blocks go heaviest (last queries) first so the light
+    // ones fill in at the end.
     const i64 t = item % pl.n_qb;
     const i64 bh = item / pl.n_qb;
-    const i64 qb = (t & 1) ? pl.n_qb - 1 - (t >> 1) : (t >> 1);
+    const i64 qb = p.causal ? pl.n_qb - 1 - t : t;
     const i64 h = bh % p.heads_q, b = bh / p.heads_q;
     const i64 hk = h / pl.group;
     const i64 q0 = qb * pl.bq;
@@ -446,10 +448,16 @@ struct Kernel {
     }
   }
 
+  // Each chunk the caller's parallel_for hands us is treated as "a worker is free": it pulls items from a shared
+  // counter until none are left. This balances causal work and survives a core being busy with something else
+  // (a static split would wait for the slowest half). Results do not depend on which worker runs an item.
   static void chunk(void* ctx, i64 begin, i64 end) {
-    const Plan& pl = *static_cast<const Plan*>(ctx);
+    if (begin >= end) return;
+    Plan& pl = *static_cast<Plan*>(ctx);
+    i64 it = __atomic_fetch_add(&pl.next, 1, __ATOMIC_RELAXED);
+    if (it >= pl.n_items) return;
     Scratch sc(pl.bq, pl.bk, PW, pl.p->head_dim, pl.p->head_dim_v);
-    for (i64 it = begin; it < end; ++it) work_item(pl, sc, it);
+    for (; it < pl.n_items; it = __atomic_fetch_add(&pl.next, 1, __ATOMIC_RELAXED)) work_item(pl, sc, it);
   }
 
   static void run(const AttentionParams& p) {
@@ -471,6 +479,7 @@ struct Kernel {
     pl.k_direct = std::is_same_v<E, float> && p.k_stride[3] == 1;
     pl.v_direct = std::is_same_v<E, float> && p.v_stride[3] == 1;
     const i64 n = bh * pl.n_qb;
+    pl.n_items = n;
     if (p.parallel_for && n > 1) {
       p.parallel_for(n, &pl, &Kernel::chunk);
     } else {
