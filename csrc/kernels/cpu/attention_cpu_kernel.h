@@ -155,8 +155,9 @@ struct Kernel {
   // 32: chunks of 16 were ~5% slower, one long chain failed the "<= 2x SDPA's error" rule at head_dim 96..512.
   static constexpr i64 kDimChunk = 32;
   template <int RR>
+  // acc: C already holds a partial sum (an earlier block of head_dim) to add to.
   static inline void micro_qk(i64 K, const float* __restrict A, i64 lda, const float* __restrict B,
-                              float* __restrict C, const float* __restrict scale) {
+                              float* __restrict C, const float* __restrict scale, bool acc) {
     const float* a[RR];
 #pragma GCC unroll 16
     for (int r = 0; r < RR; ++r) a[r] = A + r * lda;
@@ -179,7 +180,7 @@ struct Kernel {
         }
       }
       if (k1 < K) {  // not the last chunk: fold into C
-        if (k0 == 0) {
+        if (k0 == 0 && !acc) {
 #pragma GCC unroll 16
           for (int r = 0; r < RR; ++r)
 #pragma GCC unroll 4
@@ -190,7 +191,7 @@ struct Kernel {
 #pragma GCC unroll 4
             for (int v = 0; v < NV; ++v) Is::store(C + r * PW + v * W, Is::add(Is::load(C + r * PW + v * W), c[r][v]));
         }
-      } else if (k0 > 0) {
+      } else if (k0 > 0 || acc) {
 #pragma GCC unroll 16
         for (int r = 0; r < RR; ++r)
 #pragma GCC unroll 4
@@ -245,26 +246,35 @@ struct Kernel {
 
   template <int RR>
   static inline void rows_tail(bool qk, int rem, i64 K, const float* A, i64 lda, const float* B, float* C,
-                               const float* alpha) {
+                               const float* alpha, bool acc) {
     if (rem == RR) {
-      if (qk) micro_qk<RR>(K, A, lda, B, C, alpha);
+      if (qk) micro_qk<RR>(K, A, lda, B, C, alpha, acc);
       else micro_pv<RR>(K, A, lda, B, C, alpha);
     } else if constexpr (RR > 1) {
-      rows_tail<RR - 1>(qk, rem, K, A, lda, B, C, alpha);
+      rows_tail<RR - 1>(qk, rem, K, A, lda, B, C, alpha, acc);
     }
   }
 
   // S^T[key][query] = K (rows = keys, row stride lda) · Qp panel (D x PW).
+  // head_dim is walked in blocks of kDimBlock so the block of the Q panel (kDimBlock x PW floats) stays in L1
+  // while every key group of the tile uses it (a 512 x 16 fp32 panel alone would fill a 32 KiB L1).
+  static constexpr i64 kDimBlock = 128;
   static void gemm_qk(i64 rows, i64 D, const float* A, i64 lda, const float* B, float* C, const float* scale) {
-    i64 r0 = 0;
-    for (; r0 + R <= rows; r0 += R) micro_qk<R>(D, A + r0 * lda, lda, B, C + r0 * PW, scale);
-    if (r0 < rows) rows_tail<R - 1>(true, int(rows - r0), D, A + r0 * lda, lda, B, C + r0 * PW, scale);
+    for (i64 d0 = 0; d0 < D; d0 += kDimBlock) {
+      const i64 dl = imin(kDimBlock, D - d0);
+      const float* sc = d0 + dl >= D ? scale : nullptr;
+      const bool acc = d0 > 0;
+      i64 r0 = 0;
+      for (; r0 + R <= rows; r0 += R) micro_qk<R>(dl, A + r0 * lda + d0, lda, B + d0 * PW, C + r0 * PW, sc, acc);
+      if (r0 < rows)
+        rows_tail<R - 1>(true, int(rows - r0), dl, A + r0 * lda + d0, lda, B + d0 * PW, C + r0 * PW, sc, acc);
+    }
   }
   // O^T[dv][query] = alpha * O^T + V^T (V rows = keys, row stride lda) · P^T (keys x PW).
   static void gemm_pv(i64 rows, i64 K, const float* A, i64 lda, const float* B, float* C, const float* alpha) {
     i64 r0 = 0;
     for (; r0 + R <= rows; r0 += R) micro_pv<R>(K, A + r0, lda, B, C + r0 * PW, alpha);
-    if (r0 < rows) rows_tail<R - 1>(false, int(rows - r0), K, A + r0, lda, B, C + r0 * PW, alpha);
+    if (r0 < rows) rows_tail<R - 1>(false, int(rows - r0), K, A + r0, lda, B, C + r0 * PW, alpha, false);
   }
 
   // Online softmax on one panel's score tile S[nk][PW], vertically: lane = query. Turns S into P in place;
