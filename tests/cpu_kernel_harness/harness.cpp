@@ -14,6 +14,7 @@
 #include <random>
 #include <string>
 #include <thread>
+#include <time.h>
 #include <vector>
 
 #include "../../csrc/kernels/cpu/attention_cpu.h"
@@ -469,9 +470,14 @@ static int run_bench(int argc, char** argv) {
   for (int r = 0; r < reps; ++r) {
     for (size_t vi = 0; vi < vals.size(); ++vi) {
       if (abvar) setenv(abvar, vals[vi].c_str(), 1);
+      // SERIAL: thread CPU time, which does not count time the thread was descheduled (a busy shared machine).
+      timespec c0, c1;
+      clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
       auto t0 = std::chrono::steady_clock::now();
       attnsel::cpu::attention_forward(p);
-      tss[vi].push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+      clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c1);
+      const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      tss[vi].push_back(serial ? (c1.tv_sec - c0.tv_sec) + 1e-9 * (c1.tv_nsec - c0.tv_nsec) : wall);
     }
   }
   for (size_t vi = 0; vi + 1 < vals.size(); ++vi) {

@@ -34,22 +34,30 @@ struct Isa {
   static M eq(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
   static V select(M m, V t, V f) { return _mm512_mask_blend_ps(m, f, t); }
 
-  // Same scheme as the AVX2 path (see there): NaN survives the clamps, x <= -127 gives exactly 0.
+  // Same scheme and polynomials as the AVX2 path (see there).
+  template <int DEG>
   static V exp2(V x) {
+    const V magic = _mm512_set1_ps(12582912.f + 127.f);
     x = _mm512_max_ps(_mm512_set1_ps(-127.f), x);
-    x = _mm512_min_ps(_mm512_set1_ps(128.f), x);
-    const V n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const V f = _mm512_sub_ps(x, n);
-    V p = _mm512_set1_ps(1.525273380405984e-05f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381608e-04f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-03f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-02f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+    const V t = _mm512_add_ps(x, magic);
+    const V f = _mm512_sub_ps(x, _mm512_sub_ps(t, magic));
+    V p;
+    if constexpr (DEG >= 6) {
+      p = _mm512_set1_ps(1.5332507609855384e-04f);
+      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3394701527431607e-03f));
+      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618490934371948e-03f));
+      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5503424257040024e-02f));
+      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022647738456726e-01f));
+      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471824645996e-01f));
+      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    } else {
+      p = _mm512_set1_ps(9.55411046743393e-03f);
+      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.587037652730942e-02f));
+      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402469664812088e-01f));
+      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931280493736267e-01f));
+      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.99999463558197e-01f));
+    }
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(t), 23)));
   }
 
   static void cvt_bf16(const std::uint16_t* s, float* d, std::int64_t n) {

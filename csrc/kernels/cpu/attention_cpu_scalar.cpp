@@ -28,7 +28,8 @@ struct Isa {
   static M is_nan(V a) { return a != a; }
   static M eq(V a, V b) { return a == b; }
   static V select(M m, V t, V f) { return m ? t : f; }
-  static V exp2(V x) { return std::exp2(x); }
+  template <int DEG>
+  static V exp2(V x) { return std::exp2(x); }  // libm: exact enough for every dtype
   static void cvt_bf16(const std::uint16_t* s, float* d, std::int64_t n) {
     for (std::int64_t i = 0; i < n; ++i) {
       std::uint32_t u = std::uint32_t(s[i]) << 16;
