@@ -158,8 +158,10 @@ struct Kernel {
   static constexpr i64 kDimChunk = 32;
   template <int RR>
   // acc: C already holds a partial sum (an earlier block of head_dim) to add to.
+  // mx (final block only, may be null): per-column running max of the stored values, NaN-sticky (saves the
+  // softmax a pass over the tile).
   static inline void micro_qk(i64 K, const float* __restrict A, i64 lda, const float* __restrict B,
-                              float* __restrict C, const float* __restrict scale, bool acc) {
+                              float* __restrict C, const float* __restrict scale, bool acc, float* __restrict mx) {
     const float* a[RR];
 #pragma GCC unroll 16
     for (int r = 0; r < RR; ++r) a[r] = A + r * lda;
@@ -209,6 +211,15 @@ struct Kernel {
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) c[r][v] = Is::mul(c[r][v], sv[v]);
     }
+    if (mx != nullptr) {
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        V m = Is::load(mx + v * W);
+#pragma GCC unroll 16
+        for (int r = 0; r < RR; ++r) m = Is::max_nan(m, c[r][v]);
+        Is::store(mx + v * W, m);
+      }
+    }
 #pragma GCC unroll 16
     for (int r = 0; r < RR; ++r)
 #pragma GCC unroll 4
@@ -248,12 +259,12 @@ struct Kernel {
 
   template <int RR>
   static inline void rows_tail(bool qk, int rem, i64 K, const float* A, i64 lda, const float* B, float* C,
-                               const float* alpha, bool acc) {
+                               const float* alpha, bool acc, float* mx) {
     if (rem == RR) {
-      if (qk) micro_qk<RR>(K, A, lda, B, C, alpha, acc);
+      if (qk) micro_qk<RR>(K, A, lda, B, C, alpha, acc, mx);
       else micro_pv<RR>(K, A, lda, B, C, alpha);
     } else if constexpr (RR > 1) {
-      rows_tail<RR - 1>(qk, rem, K, A, lda, B, C, alpha, acc);
+      rows_tail<RR - 1>(qk, rem, K, A, lda, B, C, alpha, acc, mx);
     }
   }
 
@@ -261,22 +272,26 @@ struct Kernel {
   // head_dim is walked in blocks of kDimBlock so the block of the Q panel (kDimBlock x PW floats) stays in L1
   // while every key group of the tile uses it (a 512 x 16 fp32 panel alone would fill a 32 KiB L1).
   static constexpr i64 kDimBlock = 128;
-  static void gemm_qk(i64 rows, i64 D, const float* A, i64 lda, const float* B, float* C, const float* scale) {
+  static void gemm_qk(i64 rows, i64 D, const float* A, i64 lda, const float* B, float* C, const float* scale,
+                      float* mx) {
     for (i64 d0 = 0; d0 < D; d0 += kDimBlock) {
       const i64 dl = imin(kDimBlock, D - d0);
-      const float* sc = d0 + dl >= D ? scale : nullptr;
+      const bool last = d0 + dl >= D;
+      const float* sc = last ? scale : nullptr;
+      float* m = last ? mx : nullptr;
       const bool acc = d0 > 0;
       i64 r0 = 0;
-      for (; r0 + R <= rows; r0 += R) micro_qk<R>(dl, A + r0 * lda + d0, lda, B + d0 * PW, C + r0 * PW, sc, acc);
+      for (; r0 + R <= rows; r0 += R)
+        micro_qk<R>(dl, A + r0 * lda + d0, lda, B + d0 * PW, C + r0 * PW, sc, acc, m);
       if (r0 < rows)
-        rows_tail<R - 1>(true, int(rows - r0), dl, A + r0 * lda + d0, lda, B + d0 * PW, C + r0 * PW, sc, acc);
+        rows_tail<R - 1>(true, int(rows - r0), dl, A + r0 * lda + d0, lda, B + d0 * PW, C + r0 * PW, sc, acc, m);
     }
   }
   // O^T[dv][query] = alpha * O^T + V^T (V rows = keys, row stride lda) · P^T (keys x PW).
   static void gemm_pv(i64 rows, i64 K, const float* A, i64 lda, const float* B, float* C, const float* alpha) {
     i64 r0 = 0;
     for (; r0 + R <= rows; r0 += R) micro_pv<R>(K, A + r0, lda, B, C + r0 * PW, alpha);
-    if (r0 < rows) rows_tail<R - 1>(false, int(rows - r0), K, A + r0, lda, B, C + r0 * PW, alpha, false);
+    if (r0 < rows) rows_tail<R - 1>(false, int(rows - r0), K, A + r0, lda, B, C + r0 * PW, alpha, false, nullptr);
   }
 
   // Online softmax on one panel's score tile S[nk][PW], vertically: lane = query. Turns S into P in place;
@@ -284,8 +299,10 @@ struct Kernel {
   // RAW: S holds raw q·k and cs = scale*log2(e) > 0; the exponent is then fma(s, cs, -max) with a single rounding
   // (the rounding of the max itself is a common shift that cancels in the normalisation). Otherwise S is already
   // in log2 units.
-  template <bool RAW>
-  static inline void softmax_tile(float* S, i64 nk, float* m, float* l, float* alpha, float cs_scalar) {
+  // FUSED: the column maxima of S were already gathered by the Q·K^T kernel into `fmax` (NaN-sticky).
+  template <bool RAW, bool FUSED>
+  static inline void softmax_tile(float* S, i64 nk, float* m, float* l, float* alpha, float cs_scalar,
+                                  const float* fmax) {
     const V ninf = Is::set1(kNegInf);
     const V zero = Is::zero();
     const V qnan = Is::set1(std::numeric_limits<float>::quiet_NaN());
@@ -294,13 +311,18 @@ struct Kernel {
     for (int v = 0; v < NV; ++v) {
       V mt = ninf;
       M nan = Is::mask_none();
-      for (i64 j = 0; j < nk; ++j) {
-        V s = Is::load(S + j * PW + v * W);
-        mt = Is::max(mt, s);
-        nan = Is::mask_or(nan, Is::is_nan(s));  // max() drops NaN; keep it so the row becomes NaN
+      if constexpr (FUSED) {
+        mt = Is::load(fmax + v * W);
+      } else {
+        for (i64 j = 0; j < nk; ++j) {
+          V s = Is::load(S + j * PW + v * W);
+          mt = Is::max(mt, s);
+          nan = Is::mask_or(nan, Is::is_nan(s));  // max() drops NaN; keep it so the row becomes NaN
+        }
       }
       if constexpr (RAW) mt = Is::mul(mt, cs);  // cs > 0: max commutes with the scaling
       const V mo = Is::load(m + v * W);
+      // (maxps returns its second operand when one is NaN: a NaN in mt survives.)
       const V mn = Is::select(nan, qnan, Is::max(mo, mt));
       // A row with nothing visible yet keeps m = -inf; subtract 0 there so exp2(-inf) = 0, not NaN.
       const V mu = Is::select(Is::eq(mn, ninf), zero, mn);
@@ -426,9 +448,15 @@ struct Kernel {
         // Raw scores when possible (see softmax_tile); otherwise log2 units: the GEMM scales by scale*log2(e),
         // or the additive mask does it together with the add.
         const bool additive = p.mask_kind == MaskKind::Additive;
-        gemm_qk(nkp, D, kt, kld, sc.qp + pan * D * PW, S, (raw || additive) ? nullptr : csv);
+        // Unmasked tile: the GEMM gathers the column maxima. A masked tile needs them after masking.
+        const bool diag = p.causal && k0 + nkp - 1 > qa;
+        const bool fused = p.mask_kind == MaskKind::None && !diag;
+        alignas(64) float fmax[PW];
+        if (fused)
+          for (int i = 0; i < PW; ++i) fmax[i] = kNegInf;
+        gemm_qk(nkp, D, kt, kld, sc.qp + pan * D * PW, S, (raw || additive) ? nullptr : csv, fused ? fmax : nullptr);
         if (additive) apply_mask(p, b, h, qa, nvalid, k0, nkp, S, pl.score_scale);
-        if (p.causal && k0 + nkp - 1 > qa) {
+        if (diag) {
           // Diagonal tile: key k0+j is hidden from queries qa+c with qa+c < k0+j.
           for (i64 j = 0; j < nkp; ++j) {
             const i64 lim = k0 + j - qa;
@@ -436,8 +464,16 @@ struct Kernel {
           }
         }
         if (p.mask_kind == MaskKind::Bool) apply_mask(p, b, h, qa, nvalid, k0, nkp, S, pl.score_scale);
-        if (raw) softmax_tile<true>(S, nkp, sc.m + pan * PW, sc.l + pan * PW, sc.alpha + pan * PW, pl.score_scale);
-        else softmax_tile<false>(S, nkp, sc.m + pan * PW, sc.l + pan * PW, sc.alpha + pan * PW, 1.f);
+        float* mp = sc.m + pan * PW;
+        float* lp = sc.l + pan * PW;
+        float* ap = sc.alpha + pan * PW;
+        if (raw) {
+          if (fused) softmax_tile<true, true>(S, nkp, mp, lp, ap, pl.score_scale, fmax);
+          else softmax_tile<true, false>(S, nkp, mp, lp, ap, pl.score_scale, nullptr);
+        } else {
+          if (fused) softmax_tile<false, true>(S, nkp, mp, lp, ap, 1.f, fmax);
+          else softmax_tile<false, false>(S, nkp, mp, lp, ap, 1.f, nullptr);
+        }
         gemm_pv(Dv, nkp, vt, vld, S, sc.o + pan * Dv * PW, sc.alpha + pan * PW);
       }
     }
