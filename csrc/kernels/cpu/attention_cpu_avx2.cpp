@@ -11,7 +11,7 @@ namespace {
 
 struct Isa {
   static constexpr int W = 8, NV = 2, R = 6;
-  static constexpr std::int64_t BQ = 64, BK = 96;
+  static constexpr std::int64_t BQ = 128, BK = 96;
   using V = __m256;
   using M = __m256;
   static V zero() { return _mm256_setzero_ps(); }

@@ -15,7 +15,7 @@ namespace {
 
 struct Isa {
   static constexpr int W = 16, NV = 2, R = 12;
-  static constexpr std::int64_t BQ = 64, BK = 96;
+  static constexpr std::int64_t BQ = 128, BK = 96;
   using V = __m512;
   using M = __mmask16;
   static V zero() { return _mm512_setzero_ps(); }
