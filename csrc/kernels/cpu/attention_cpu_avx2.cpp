@@ -24,11 +24,6 @@ struct Isa {
   static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static V max(V a, V b) { return _mm256_max_ps(a, b); }
-  // max that turns a lane NaN if either input is NaN (all-ones bits are a NaN).
-  static V max_nan(V a, V b) { return _mm256_or_ps(_mm256_max_ps(a, b), _mm256_cmp_ps(a, b, _CMP_UNORD_Q)); }
-  static M mask_none() { return _mm256_setzero_ps(); }
-  static M mask_or(M a, M b) { return _mm256_or_ps(a, b); }
-  static M is_nan(V a) { return _mm256_cmp_ps(a, a, _CMP_UNORD_Q); }
   static M eq(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_EQ_OQ); }
   static V select(M m, V t, V f) { return _mm256_blendv_ps(f, t, m); }
 

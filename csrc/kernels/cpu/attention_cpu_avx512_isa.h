@@ -28,14 +28,6 @@ struct Isa {
   static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
   static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static V max(V a, V b) { return _mm512_max_ps(a, b); }
-  // max that turns a lane NaN if either input is NaN.
-  static V max_nan(V a, V b) {
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q), _mm512_max_ps(a, b),
-                                _mm512_set1_ps(__builtin_nanf("")));
-  }
-  static M mask_none() { return 0; }
-  static M mask_or(M a, M b) { return M(a | b); }
-  static M is_nan(V a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q); }
   static M eq(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
   static V select(M m, V t, V f) { return _mm512_mask_blend_ps(m, f, t); }
 

@@ -158,14 +158,18 @@ struct Kernel {
   static constexpr i64 kDimChunk = 32;
   template <int RR>
   // acc: C already holds a partial sum (an earlier block of head_dim) to add to.
-  // mx (final block only, may be null): per-column running max of the stored values, NaN-sticky (saves the
-  // softmax a pass over the tile).
+  // mx (final block only, may be null): per-column running max of the stored values (saves the softmax a pass
+  // over the tile). It may drop NaN; see softmax_tile for why that is harmless.
   static inline void micro_qk(i64 K, const float* __restrict A, i64 lda, const float* __restrict B,
                               float* __restrict C, const float* __restrict scale, bool acc, float* __restrict mx) {
     const float* a[RR];
 #pragma GCC unroll 16
     for (int r = 0; r < RR; ++r) a[r] = A + r * lda;
     V c[RR][NV];
+#pragma GCC unroll 16
+    for (int r = 0; r < RR; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) c[r][v] = Is::zero();  // (K >= 1 always; keeps the compiler sure of it)
     for (i64 k0 = 0; k0 < K; k0 += kDimChunk) {
 #pragma GCC unroll 16
       for (int r = 0; r < RR; ++r)
@@ -216,7 +220,7 @@ struct Kernel {
       for (int v = 0; v < NV; ++v) {
         V m = Is::load(mx + v * W);
 #pragma GCC unroll 16
-        for (int r = 0; r < RR; ++r) m = Is::max_nan(m, c[r][v]);
+        for (int r = 0; r < RR; ++r) m = Is::max(m, c[r][v]);
         Is::store(mx + v * W, m);
       }
     }
@@ -299,31 +303,34 @@ struct Kernel {
   // RAW: S holds raw q·k and cs = scale*log2(e) > 0; the exponent is then fma(s, cs, -max) with a single rounding
   // (the rounding of the max itself is a common shift that cancels in the normalisation). Otherwise S is already
   // in log2 units.
-  // FUSED: the column maxima of S were already gathered by the Q·K^T kernel into `fmax` (NaN-sticky).
+  // FUSED: the column maxima of S were already gathered by the Q·K^T kernel into `fmax`.
+  // NaN: the max may or may not keep a NaN score, but exp2 of a NaN score is NaN either way, so the row's l and
+  // output become NaN, as in PyTorch. (A row whose only visible scores are NaN keeps m = -inf: its p are still
+  // NaN, l = NaN != 0, so it is not mistaken for a fully masked row.)
   template <bool RAW, bool FUSED>
   static inline void softmax_tile(float* S, i64 nk, float* m, float* l, float* alpha, float cs_scalar,
                                   const float* fmax) {
     const V ninf = Is::set1(kNegInf);
     const V zero = Is::zero();
-    const V qnan = Is::set1(std::numeric_limits<float>::quiet_NaN());
     const V cs = Is::set1(cs_scalar);
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       V mt = ninf;
-      M nan = Is::mask_none();
       if constexpr (FUSED) {
         mt = Is::load(fmax + v * W);
       } else {
-        for (i64 j = 0; j < nk; ++j) {
-          V s = Is::load(S + j * PW + v * W);
-          mt = Is::max(mt, s);
-          nan = Is::mask_or(nan, Is::is_nan(s));  // max() drops NaN; keep it so the row becomes NaN
+        V mt1 = ninf;
+        i64 j = 0;
+        for (; j + 1 < nk; j += 2) {
+          mt = Is::max(mt, Is::load(S + j * PW + v * W));
+          mt1 = Is::max(mt1, Is::load(S + (j + 1) * PW + v * W));
         }
+        if (j < nk) mt = Is::max(mt, Is::load(S + j * PW + v * W));
+        mt = Is::max(mt, mt1);
       }
       if constexpr (RAW) mt = Is::mul(mt, cs);  // cs > 0: max commutes with the scaling
       const V mo = Is::load(m + v * W);
-      // (maxps returns its second operand when one is NaN: a NaN in mt survives.)
-      const V mn = Is::select(nan, qnan, Is::max(mo, mt));
+      const V mn = Is::max(mo, mt);
       // A row with nothing visible yet keeps m = -inf; subtract 0 there so exp2(-inf) = 0, not NaN.
       const V mu = Is::select(Is::eq(mn, ninf), zero, mn);
       const V nmu = Is::sub(zero, mu);

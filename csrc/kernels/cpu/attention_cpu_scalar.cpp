@@ -23,10 +23,6 @@ struct Isa {
   static V sub(V a, V b) { return a - b; }
   static V mul(V a, V b) { return a * b; }
   static V max(V a, V b) { return a > b ? a : b; }  // like maxps: NaN in either gives b
-  static V max_nan(V a, V b) { return (a != a || b != b) ? a + b : (a > b ? a : b); }
-  static M mask_none() { return false; }
-  static M mask_or(M a, M b) { return a || b; }
-  static M is_nan(V a) { return a != a; }
   static M eq(V a, V b) { return a == b; }
   static V select(M m, V t, V f) { return m ? t : f; }
   template <int DEG>
