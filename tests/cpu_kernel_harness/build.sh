@@ -8,7 +8,7 @@ out="$here/build"
 mkdir -p "$out"
 CXX=${CXX:-g++}
 objs=""
-for f in "$src"/*.cpp; do
+for f in "$src"/*.cpp "$here/emu_isa.cpp"; do
   case "$f" in
     *_avx2.cpp) fl="-mavx2 -mfma -mf16c" ;;
     *_avx512.cpp) fl="-mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c" ;;

@@ -294,7 +294,20 @@ static double tol_of(ScalarType dt, i64 Sk) {
   return 2e-3;
 }
 
-static const char* kIsas[] = {"scalar", "avx2", "avx512", "avx512_bf16"};
+namespace attnsel::cpu::detail {
+void forward_emu16(const AttentionParams& p);  // emu_isa.cpp: the template with the AVX-512 geometry, portable
+}
+
+// "emu16" is not a real path: it runs the shared template with 16 portable lanes and AVX-512's block sizes.
+static const char* kIsas[] = {"scalar", "avx2", "avx512", "avx512_bf16", "emu16"};
+static bool isa_runs(const char* isa) { return std::string(isa) == "emu16" || attnsel::cpu::isa_supported(isa); }
+static void select_isa(const char* isa) {
+  if (std::string(isa) != "emu16") attnsel::cpu::set_isa(isa);
+}
+static void forward(const char* isa, const AttentionParams& p) {
+  if (std::string(isa) == "emu16") attnsel::cpu::detail::forward_emu16(p);
+  else attnsel::cpu::attention_forward(p);
+}
 
 static int run_sweep(int ncases, std::uint64_t seed) {
   std::mt19937_64 rng(seed);
@@ -328,12 +341,12 @@ static int run_sweep(int ncases, std::uint64_t seed) {
     c.layout_q = int(rng() % 4), c.layout_k = int(rng() % 4), c.layout_v = int(rng() % 4), c.layout_o = int(rng() % 4);
     c.scale = (rng() % 2) ? 1.f / std::sqrt(float(c.D)) : 0.05f + float(rng() % 100) / 100.f;
     for (const char* isa : kIsas) {
-      if (!attnsel::cpu::isa_supported(isa)) continue;
-      attnsel::cpu::set_isa(isa);
+      if (!isa_runs(isa)) continue;
+      select_isa(isa);
       std::mt19937_64 r2(seed * 1000003 + ci);
       Problem pr = build(c, r2);
       AttentionParams p = params_of(pr, ci % 2 == 0);
-      attnsel::cpu::attention_forward(p);
+      forward(isa, p);
       Result r = check(pr);
       // Score rounding grows with |scale * q.k| ~ scale*sqrt(D) for unit normal inputs.
       const double cond = std::max(1.0, double(c.scale) * std::sqrt(double(c.D)));
@@ -354,8 +367,8 @@ static int run_sweep(int ncases, std::uint64_t seed) {
 static int run_edges() {
   int fails = 0;
   for (const char* isa : kIsas) {
-    if (!attnsel::cpu::isa_supported(isa)) continue;
-    attnsel::cpu::set_isa(isa);
+    if (!isa_runs(isa)) continue;
+    select_isa(isa);
     for (int dt = 0; dt < 3; ++dt) {
       const ScalarType st = dt == 0 ? ScalarType::F32 : dt == 1 ? ScalarType::BF16 : ScalarType::F16;
       for (int causal = 0; causal < 2; ++causal) {
@@ -367,7 +380,7 @@ static int run_edges() {
           Problem pr = build(c, rng);
           pr.q.set(0, 1, 5, 3, NAN);  // query head 1 only
           AttentionParams p = params_of(pr, true);
-          attnsel::cpu::attention_forward(p);
+          forward(isa, p);
           for (i64 i = 0; i < c.Sq; ++i) {
             const bool isn = std::isnan(pr.out.get(0, 1, i, 0));
             const bool ok = isn == (i == 5) && !std::isnan(pr.out.get(0, 0, i, 0));
@@ -383,7 +396,7 @@ static int run_edges() {
           Problem pr = build(c, rng);
           pr.k.set(0, 0, 10, 7, NAN);
           AttentionParams p = params_of(pr, true);
-          attnsel::cpu::attention_forward(p);
+          forward(isa, p);
           for (i64 i = 0; i < c.Sq; ++i) {
             const bool want = !causal || i >= 10;
             if (std::isnan(pr.out.get(0, 0, i, 5)) != want || std::isnan(pr.out.get(0, 1, i, 5)) != want) {
@@ -399,7 +412,7 @@ static int run_edges() {
           Problem pr = build(c, rng);
           pr.v.set(0, 0, 3, 9, NAN);
           AttentionParams p = params_of(pr, true);
-          attnsel::cpu::attention_forward(p);
+          forward(isa, p);
           for (i64 i = 0; i < c.Sq; ++i) {
             const bool want = !causal || i >= 3;
             if ((want && !std::isnan(pr.out.get(0, 1, i, 9))) || std::isnan(pr.out.get(0, 1, i, 8))) {
@@ -416,7 +429,7 @@ static int run_edges() {
           Problem pr = build(c2, rng);
           std::fill(pr.bmask.begin(), pr.bmask.end(), 0);
           AttentionParams p = params_of(pr, false);
-          attnsel::cpu::attention_forward(p);
+          forward(isa, p);
           bool ok = true;
           for (i64 h = 0; h < 2; ++h)
             for (i64 i = 0; i < c.Sq; ++i)

@@ -19,7 +19,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <cstdlib>
 #include <limits>
 #include <new>
 #include <type_traits>
@@ -524,8 +523,6 @@ struct Kernel {
     pl.score_scale = p.scale * kLog2e;
     pl.bk = Is::BK;
     i64 bq = Is::BQ;
-    if (const char* e = std::getenv("ATTNSEL_CPU_TUNE_BK")) pl.bk = std::atoi(e);  // TEMP tuning
-    if (const char* e = std::getenv("ATTNSEL_CPU_TUNE_BQ")) bq = std::atoi(e);
     // Query block: big enough to amortise K/V conversion, small enough to give every thread work.
     while (bq > PW && bh * ceil_div(p.seq_q, bq) < 16) bq /= 2;
     if (bq < PW) bq = PW;
