@@ -154,11 +154,13 @@ struct Kernel {
   // The dot product is summed in chunks of kDimChunk, each from zero in registers and then added to C, so the fp32
   // rounding of long dot products (head_dim 128..512) stays at the level of a blocked GEMM, not of one long chain.
   // 32: chunks of 16 were ~5% slower, one long chain failed the "<= 2x SDPA's error" rule at head_dim 96..512.
-  static constexpr i64 kDimChunk = 32;
-  template <int RR>
+  // head_dim >= 256 uses 64 (3% faster there; scores are summed from more, smaller terms per chunk at the usual
+  // 1/sqrt(D) scale, and the error stayed at SDPA's level).
+  static constexpr i64 kDimChunk = 32, kDimChunkWide = 64;
   // acc: C already holds a partial sum (an earlier block of head_dim) to add to.
   // mx (final block only, may be null): per-column running max of the stored values (saves the softmax a pass
   // over the tile). It may drop NaN; see softmax_tile for why that is harmless.
+  template <int RR, i64 CHUNK>
   static inline void micro_qk(i64 K, const float* __restrict A, i64 lda, const float* __restrict B,
                               float* __restrict C, const float* __restrict scale, bool acc, float* __restrict mx) {
     const float* a[RR];
@@ -169,12 +171,12 @@ struct Kernel {
     for (int r = 0; r < RR; ++r)
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) c[r][v] = Is::zero();  // (K >= 1 always; keeps the compiler sure of it)
-    for (i64 k0 = 0; k0 < K; k0 += kDimChunk) {
+    for (i64 k0 = 0; k0 < K; k0 += CHUNK) {
 #pragma GCC unroll 16
       for (int r = 0; r < RR; ++r)
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) c[r][v] = Is::zero();
-      const i64 k1 = imin(K, k0 + kDimChunk);
+      const i64 k1 = imin(K, k0 + CHUNK);
       for (i64 k = k0; k < k1; ++k) {
         V b[NV];
 #pragma GCC unroll 4
@@ -260,14 +262,21 @@ struct Kernel {
       for (int v = 0; v < NV; ++v) Is::store(C + r * PW + v * W, Is::fma(Is::load(C + r * PW + v * W), al[v], c[r][v]));
   }
 
-  template <int RR>
-  static inline void rows_tail(bool qk, int rem, i64 K, const float* A, i64 lda, const float* B, float* C,
-                               const float* alpha, bool acc, float* mx) {
+  template <int RR, i64 CHUNK>
+  static inline void qk_tail(int rem, i64 K, const float* A, i64 lda, const float* B, float* C, const float* scale,
+                             bool acc, float* mx) {
     if (rem == RR) {
-      if (qk) micro_qk<RR>(K, A, lda, B, C, alpha, acc, mx);
-      else micro_pv<RR>(K, A, lda, B, C, alpha);
+      micro_qk<RR, CHUNK>(K, A, lda, B, C, scale, acc, mx);
     } else if constexpr (RR > 1) {
-      rows_tail<RR - 1>(qk, rem, K, A, lda, B, C, alpha, acc, mx);
+      qk_tail<RR - 1, CHUNK>(rem, K, A, lda, B, C, scale, acc, mx);
+    }
+  }
+  template <int RR>
+  static inline void pv_tail(int rem, i64 K, const float* A, i64 lda, const float* B, float* C, const float* alpha) {
+    if (rem == RR) {
+      micro_pv<RR>(K, A, lda, B, C, alpha);
+    } else if constexpr (RR > 1) {
+      pv_tail<RR - 1>(rem, K, A, lda, B, C, alpha);
     }
   }
 
@@ -277,6 +286,12 @@ struct Kernel {
   static constexpr i64 kDimBlock = 128;
   static void gemm_qk(i64 rows, i64 D, const float* A, i64 lda, const float* B, float* C, const float* scale,
                       float* mx) {
+    if (D >= 256) gemm_qk_impl<kDimChunkWide>(rows, D, A, lda, B, C, scale, mx);
+    else gemm_qk_impl<kDimChunk>(rows, D, A, lda, B, C, scale, mx);
+  }
+  template <i64 CHUNK>
+  static void gemm_qk_impl(i64 rows, i64 D, const float* A, i64 lda, const float* B, float* C, const float* scale,
+                           float* mx) {
     for (i64 d0 = 0; d0 < D; d0 += kDimBlock) {
       const i64 dl = imin(kDimBlock, D - d0);
       const bool last = d0 + dl >= D;
@@ -285,16 +300,16 @@ struct Kernel {
       const bool acc = d0 > 0;
       i64 r0 = 0;
       for (; r0 + R <= rows; r0 += R)
-        micro_qk<R>(dl, A + r0 * lda + d0, lda, B + d0 * PW, C + r0 * PW, sc, acc, m);
+        micro_qk<R, CHUNK>(dl, A + r0 * lda + d0, lda, B + d0 * PW, C + r0 * PW, sc, acc, m);
       if (r0 < rows)
-        rows_tail<R - 1>(true, int(rows - r0), dl, A + r0 * lda + d0, lda, B + d0 * PW, C + r0 * PW, sc, acc, m);
+        qk_tail<R - 1, CHUNK>(int(rows - r0), dl, A + r0 * lda + d0, lda, B + d0 * PW, C + r0 * PW, sc, acc, m);
     }
   }
   // O^T[dv][query] = alpha * O^T + V^T (V rows = keys, row stride lda) · P^T (keys x PW).
   static void gemm_pv(i64 rows, i64 K, const float* A, i64 lda, const float* B, float* C, const float* alpha) {
     i64 r0 = 0;
     for (; r0 + R <= rows; r0 += R) micro_pv<R>(K, A + r0, lda, B, C + r0 * PW, alpha);
-    if (r0 < rows) rows_tail<R - 1>(false, int(rows - r0), K, A + r0, lda, B, C + r0 * PW, alpha, false, nullptr);
+    if (r0 < rows) pv_tail<R - 1>(int(rows - r0), K, A + r0, lda, B, C + r0 * PW, alpha);
   }
 
   // Online softmax on one panel's score tile S[nk][PW], vertically: lane = query. Turns S into P in place;
