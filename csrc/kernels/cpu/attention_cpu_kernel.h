@@ -21,6 +21,7 @@
 #include <cstring>
 #include <limits>
 #include <new>
+#include <thread>
 #include <type_traits>
 
 #include "../attention_params.h"
@@ -537,14 +538,17 @@ struct Kernel {
     pl.group = p.heads_kv > 0 ? p.heads_q / p.heads_kv : 1;
     pl.score_scale = p.scale * kLog2e;
     pl.bk = Is::BK;
+    pl.k_direct = std::is_same_v<E, float> && p.k_stride[3] == 1;
+    pl.v_direct = std::is_same_v<E, float> && p.v_stride[3] == 1;
+    // Query block: big enough to amortise K/V conversion (every block converts the head's K/V tiles), small
+    // enough to give every core several items (dynamic scheduling balances the rest).
+    const i64 cores = imax(1, i64(std::thread::hardware_concurrency()));
+    const i64 min_items = (pl.k_direct && pl.v_direct ? 8 : 4) * cores;
     i64 bq = Is::BQ;
-    // Query block: big enough to amortise K/V conversion, small enough to give every thread work.
-    while (bq > PW && bh * ceil_div(p.seq_q, bq) < 16) bq /= 2;
+    while (bq > PW && bh * ceil_div(p.seq_q, bq) < min_items) bq /= 2;
     if (bq < PW) bq = PW;
     pl.bq = bq;
     pl.n_qb = ceil_div(p.seq_q, bq);
-    pl.k_direct = std::is_same_v<E, float> && p.k_stride[3] == 1;
-    pl.v_direct = std::is_same_v<E, float> && p.v_stride[3] == 1;
     const i64 n = bh * pl.n_qb;
     pl.n_items = n;
     if (p.parallel_for && n > 1) {
