@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--isa", default=None, help="force a CPU ISA path (scalar, avx2, avx512, avx512_bf16)")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--json", default=None, help="output JSON path")
+    ap.add_argument("--note", default="", help="free text stored in the JSON (e.g. how the extension was built)")
     args = ap.parse_args()
 
     repeats = args.repeats or (3 if args.quick else 10)
@@ -109,6 +110,7 @@ def main() -> None:
         "warmup": args.warmup,
         "statistic": "median",
         "load_avg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "note": args.note,
     }
     print(f"attnsel native CPU vs SDPA | ISA {env['isa']} | {env['threads']} threads | {env['cpu_model']} | "
           f"torch {env['torch']} | median of {repeats}")

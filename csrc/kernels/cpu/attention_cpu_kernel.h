@@ -161,8 +161,9 @@ struct Kernel {
   // acc: C already holds a partial sum (an earlier block of head_dim) to add to.
   // mx (final block only, may be null): per-column running max of the stored values (saves the softmax a pass
   // over the tile). It may drop NaN; see softmax_tile for why that is harmless.
+  // Micro-kernels stay out of line, so every dtype instantiation runs the same machine code for them.
   template <int RR, i64 CHUNK>
-  static inline void micro_qk(i64 K, const float* __restrict A, i64 lda, const float* __restrict B,
+  __attribute__((noinline)) static void micro_qk(i64 K, const float* __restrict A, i64 lda, const float* __restrict B,
                               float* __restrict C, const float* __restrict scale, bool acc, float* __restrict mx) {
     const float* a[RR];
 #pragma GCC unroll 16
@@ -235,7 +236,7 @@ struct Kernel {
   // PV: A(r, k) = A[r + k*lda] (rows = value dims, K = keys of the tile). C = alpha (per column) * C + A*B,
   // the tile's products summed from zero first (short chains), then folded in with one fma.
   template <int RR>
-  static inline void micro_pv(i64 K, const float* __restrict A, i64 lda, const float* __restrict B,
+  __attribute__((noinline)) static void micro_pv(i64 K, const float* __restrict A, i64 lda, const float* __restrict B,
                               float* __restrict C, const float* __restrict alpha) {
     V c[RR][NV];
 #pragma GCC unroll 16
