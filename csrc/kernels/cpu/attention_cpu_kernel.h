@@ -543,7 +543,7 @@ struct Kernel {
     pl.v_direct = std::is_same_v<E, float> && p.v_stride[3] == 1;
     // Query block: big enough to amortise K/V conversion (every block converts the head's K/V tiles), small
     // enough to give every core several items (dynamic scheduling balances the rest).
-    const i64 cores = imax(1, i64(std::thread::hardware_concurrency()));
+    static const i64 cores = imax(1, i64(std::thread::hardware_concurrency()));  // (a syscall: ask once)
     const i64 min_items = (pl.k_direct && pl.v_direct ? 8 : 4) * cores;
     i64 bq = Is::BQ;
     while (bq > PW && bh * ceil_div(p.seq_q, bq) < min_items) bq /= 2;
