@@ -6,14 +6,16 @@
 // AVX flags can be merged by the linker into the code of a less capable path (ODR hazard).
 //
 // Algorithm (flash-attention style, online softmax, fp32 accumulation), per work item (batch, head, query block):
-//   * the query block is packed once, transposed into panels Qp[panel][d][PW] (PW = Isa::W * Isa::NV queries),
-//     scores are scaled by scale*log2(e) as the Q·K^T tile is stored, so the softmax can use exp2;
+//   * the query block is packed once, transposed into panels Qp[panel][d][PW] (PW = Isa::W * Isa::NV queries);
 //   * keys are walked in tiles of BK; K and V tiles are used in place when they are fp32 with unit dim stride,
-//     otherwise converted into small per-thread fp32 tiles;
-//   * per panel and key tile: S^T[key][query] = K · Qp (register-blocked micro-kernel, broadcasts from K),
-//     masks, online softmax done "vertically" (each SIMD lane is one query, no horizontal reductions),
-//     then O^T[dv][query] = alpha * O^T + V^T · P^T with the same micro-kernel (broadcasts from V).
-//   Scores never exist beyond a BK x PW tile.
+//     otherwise converted into small per-thread fp32 tiles (shared by all panels of the block);
+//   * per panel and key tile: S^T[key][query] = K · Qp (register-blocked R x PW micro-kernel, broadcasts from K,
+//     head_dim in L1-sized blocks and short summation chunks for accuracy), masks, then an online softmax done
+//     "vertically" (each SIMD lane is one query: no horizontal reductions; the column max comes from the GEMM
+//     epilogue on unmasked tiles; exponent fma(s, scale*log2 e, -max) and a polynomial exp2), then
+//     O^T[dv][query] = alpha * O^T + V^T · P^T with the same register blocking (broadcasts from V).
+//   Scores never exist beyond a BK x PW tile; causal tiles past a panel's last query are skipped.
+// Work items are handed out dynamically over the caller's parallel_for (see Kernel::chunk).
 #pragma once
 
 #include <cmath>
