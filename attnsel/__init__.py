@@ -21,10 +21,7 @@ _bridges.detect()
 
 from . import nn  # noqa: E402
 
-try:  # the config module is optional while it is being written
-    from .config import AttentionConfig, get_config, parse_component_backends, set_config  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
+from .config import AttentionConfig, get_config, parse_component_backends, set_config  # noqa: E402
 
 __all__ = [
     "AttentionConfig",
