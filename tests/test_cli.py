@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+import attnsel
 from attnsel import _C, backend_aliases, backend_names
 from attnsel.cli import main
 from attnsel.config import AttentionConfig, get_config, set_config
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -155,7 +155,8 @@ def test_help_exits_0(capsys):
 
 # -- python -m attnsel -----------------------------------------------------------------------------------------
 def module_cmd(*argv, cwd):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # Import the same attnsel these tests use (installed, or built in place), never a source tree without _C.
+    env = {**os.environ, "PYTHONPATH": str(Path(attnsel.__file__).resolve().parents[1])}
     env.pop("ATTNSEL_ATTENTION_BACKEND", None)
     env.pop("ATTNSEL_COMPONENT_ATTENTION_BACKENDS", None)
     return subprocess.run([sys.executable, "-m", "attnsel", *argv], cwd=cwd, env=env, capture_output=True,
