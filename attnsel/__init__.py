@@ -22,10 +22,15 @@ _bridges.detect()
 from . import nn  # noqa: E402
 
 from .config import AttentionConfig, get_config, parse_component_backends, set_config  # noqa: E402
+from .loader import ComponentLoader  # noqa: E402
+from .pipeline import ComposedPipeline, DenoisingStage  # noqa: E402
 
 __all__ = [
     "AttentionConfig",
     "Backend",
+    "ComponentLoader",
+    "ComposedPipeline",
+    "DenoisingStage",
     "ContextThreadPoolExecutor",
     "Explanation",
     "attention",

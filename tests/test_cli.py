@@ -19,13 +19,6 @@ from attnsel.config import AttentionConfig, get_config, set_config
 
 
 
-@pytest.fixture(autouse=True)
-def clean_state(monkeypatch):
-    monkeypatch.delenv("ATTNSEL_ATTENTION_BACKEND", raising=False)
-    monkeypatch.delenv("ATTNSEL_COMPONENT_ATTENTION_BACKENDS", raising=False)
-    set_config(None)
-    yield
-    set_config(None)
 
 
 def read_png(path: Path) -> tuple[int, int, bytes]:

@@ -14,14 +14,6 @@ from attnsel.models import TinyDiT, TinyTextEncoder, TinyVAEDecoder
 from attnsel.pipeline import ComposedPipeline, ComponentSpec, DenoisingStage
 
 
-@pytest.fixture(autouse=True)
-def clean_state(monkeypatch):
-    monkeypatch.delenv("ATTNSEL_ATTENTION_BACKEND", raising=False)
-    monkeypatch.delenv("ATTNSEL_COMPONENT_ATTENTION_BACKENDS", raising=False)
-    set_config(None)
-    yield
-    set_config(None)
-    assert attnsel.get_forced_attn_backend() is None
 
 
 def cfg(backend=None, components=None) -> AttentionConfig:
