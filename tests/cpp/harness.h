@@ -106,8 +106,9 @@ inline int run_all(int argc, char** argv) {
 
 #define CHECK_EQ(a, b)                                                                          \
   do {                                                                                          \
-    const auto& attnsel_test_a = (a);                                                           \
-    const auto& attnsel_test_b = (b);                                                           \
+    /* copies: `a` may name a member of a temporary (f()->x), which a reference would outlive */ \
+    const auto attnsel_test_a = (a);                                                            \
+    const auto attnsel_test_b = (b);                                                            \
     if (!(attnsel_test_a == attnsel_test_b))                                                    \
       ::attnsel_test::fail(__FILE__, __LINE__,                                                  \
                            "CHECK_EQ(" #a ", " #b "): " + ::attnsel_test::show(attnsel_test_a) + \

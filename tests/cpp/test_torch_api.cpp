@@ -7,6 +7,7 @@
 #include <attnsel/torch.h>
 
 #include <cmath>
+#include <limits>
 
 #include "test_util.h"
 
@@ -17,8 +18,8 @@ namespace {
 at::Tensor naive(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale) {
   at::Tensor scores = at::matmul(q, k.transpose(-2, -1)) * scale;
   if (causal) {
-    const auto sq = q.size(2), sk = k.size(2);
-    at::Tensor keep = at::ones({sq, sk}, q.options().dtype(at::kBool)).tril(sk - sq);
+    // Top-left aligned, like SDPA's is_causal: query i sees keys 0..i.
+    at::Tensor keep = at::ones({q.size(2), k.size(2)}, q.options().dtype(at::kBool)).tril();
     scores = scores.masked_fill(keep.logical_not(), -std::numeric_limits<float>::infinity());
   }
   return at::matmul(at::softmax(scores, -1), v);
