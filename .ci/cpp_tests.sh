@@ -8,9 +8,14 @@
 # Every build lives in its own directory under a temporary directory; any failure fails the script.
 # Environment: MAX_JOBS (default 2) build jobs; KEEP_BUILD=1 keeps the temporary directory.
 set -euo pipefail
+PYTHON="${1:-}"  # relative to the caller's directory
+if [ -n "$PYTHON" ]; then
+  # Absolute, but not symlink-resolved (a venv's python must keep its venv path).
+  [ -x "$PYTHON" ] || { echo "cpp: $PYTHON is not an executable python" >&2; exit 1; }
+  PYTHON="$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")"
+fi
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
-PYTHON="${1:-}"
 JOBS="${MAX_JOBS:-2}"
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/attnsel-cpp.XXXXXX")"
@@ -28,7 +33,7 @@ now() { date +%s; }
 build() {  # build NAME SOURCE_DIR [cmake args...]
   local name="$1" src="$2"; shift 2
   local dir="$WORK/$name"
-  cmake -S "$src" -B "$dir" "${GEN[@]}" "$@" >"$WORK/$name.configure.log" 2>&1 \
+  cmake -S "$src" -B "$dir" ${GEN[@]+"${GEN[@]}"} "$@" >"$WORK/$name.configure.log" 2>&1 \
     || { cat "$WORK/$name.configure.log" >&2; die "$name: configure"; }
   cmake --build "$dir" -j "$JOBS" >"$WORK/$name.build.log" 2>&1 \
     || { tail -n 80 "$WORK/$name.build.log" >&2; die "$name: build"; }
@@ -98,9 +103,11 @@ SUMMARY+=("core (TSan): passed in $(( $(now) - t0 ))s")
 # ---- 4. the installed package: example + <attnsel/torch.h> test ---------------------------------------------
 if [ -n "$PYTHON" ]; then
   t0=$(now)
-  cmake_dir="$("$PYTHON" -c 'import attnsel.sdk; print(attnsel.sdk.get_cmake_dir())')" \
+  # Run python outside the checkout: from here `import attnsel` would pick up the source tree, not the install.
+  cmake_dir="$(cd "$WORK" && "$PYTHON" -c 'import attnsel.sdk; print(attnsel.sdk.get_cmake_dir())')" \
     || die "attnsel.sdk.get_cmake_dir() with $PYTHON (is attnsel installed there?)"
-  torch_prefix="$("$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)')" || die "torch with $PYTHON"
+  torch_prefix="$(cd "$WORK" && "$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+    || die "torch with $PYTHON"
   say "package: $cmake_dir"
   pkg_args=(-Dattnsel_DIR="$cmake_dir" -DCMAKE_PREFIX_PATH="$torch_prefix" -DCMAKE_BUILD_TYPE=Release)
   build example "$ROOT/examples/cpp" "${pkg_args[@]}"
