@@ -91,6 +91,12 @@ inline int run_all(int argc, char** argv) {
 
 }  // namespace attnsel_test
 
+// c10's logging header defines glog-style CHECK macros; in tests, ours win (include this header last).
+#undef TEST
+#undef CHECK
+#undef CHECK_EQ
+#undef CHECK_THROWS_WITH
+
 #define ATTNSEL_TEST_CAT2(a, b) a##b
 #define ATTNSEL_TEST_CAT(a, b) ATTNSEL_TEST_CAT2(a, b)
 
