@@ -1,9 +1,10 @@
 """Locations of the C++ SDK installed inside this package: headers and the CMake package.
 
-    cmake -Dattnsel_DIR="$(python -c 'import attnsel.sdk as s; print(s.get_cmake_dir())')" \
-          -DCMAKE_PREFIX_PATH="$(python -c 'import torch; print(torch.utils.cmake_prefix_path)')" ...
+    cmake -Dattnsel_DIR="$(python -I -c 'import attnsel.sdk; print(attnsel.sdk.get_cmake_dir())')" \
+          -DCMAKE_PREFIX_PATH="$(python -I -c 'import torch; print(torch.utils.cmake_prefix_path)')" ...
 
-This module imports nothing heavy itself (but importing it runs `attnsel/__init__`, which loads torch).
+(-I keeps a source checkout in the current directory from shadowing the installed package.) The CMake package's
+targets: attnsel::core (torch-free) and attnsel::torch; the libraries are the files `import attnsel` loads.
 """
 
 from __future__ import annotations
