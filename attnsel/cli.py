@@ -43,6 +43,10 @@ def build_parser() -> _Parser:
     parser = _Parser(prog=PROG, allow_abbrev=False,
                      description="Choose the attention backend per diffusion-pipeline component.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--cmake-dir", action=_PrintPath, nargs=0, what="get_cmake_dir",
+                        help="print the directory of attnsel's CMake package (for attnsel_DIR) and exit")
+    parser.add_argument("--include-dir", action=_PrintPath, nargs=0, what="get_include",
+                        help="print the directory of attnsel's C++ headers and exit")
     sub = parser.add_subparsers(dest="command", metavar="{run,backends,explain}", parser_class=_Parser)
     sub.required = True
 
@@ -67,6 +71,20 @@ def build_parser() -> _Parser:
     explain.add_argument("--reasons", action="store_true", help="also print every selection reason")
     AttentionConfig.add_cli_args(explain)
     return parser
+
+
+class _PrintPath(argparse.Action):
+    """Prints an SDK location and exits 0, like --version (used as `python -m attnsel --cmake-dir`)."""
+
+    def __init__(self, *args, what: str, **kwargs):
+        self.what = what
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from . import sdk
+
+        print(getattr(sdk, self.what)())
+        parser.exit(0)
 
 
 def _version() -> str:
