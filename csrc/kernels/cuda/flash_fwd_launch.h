@@ -1,0 +1,21 @@
+// Internal: per-head-dim launchers (one .cu each, so they compile in parallel) and the tuning hook.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "../attention_params.h"
+
+namespace attnsel::cuda::detail {
+
+struct FwdArgs;
+
+// variant < 0 = the default tile config for this head dim; others are alternatives for tuning.
+cudaError_t run_hdim64(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int variant, cudaStream_t s);
+cudaError_t run_hdim128(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int variant, cudaStream_t s);
+cudaError_t run_hdim256(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int variant, cudaStream_t s);
+cudaError_t run_hdim512(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int variant, cudaStream_t s);
+
+// attention_forward with an explicit tile variant (the dev harness sweeps these); throws on launch errors.
+void attention_forward_variant(const kernels::AttentionParams& p, void* stream, int variant);
+
+}  // namespace attnsel::cuda::detail
