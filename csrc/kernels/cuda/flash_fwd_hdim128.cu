@@ -8,9 +8,11 @@ template <typename T, bool C>
 static cudaError_t run_t(const FwdArgs& a, int batch, int heads, int variant, cudaStream_t s) {
   switch (variant) {
     default:
-    case 0: return launch_a<T, 128, 128, 64, 4, C>(a, batch, heads, s);
-    case 1: return launch_a<T, 128, 128, 64, 8, C>(a, batch, heads, s);
-    case 2: return launch_a<T, 128, 128, 128, 8, C>(a, batch, heads, s);
+    case 0: return launch_a<T, 128, 128, 128, 8, C>(a, batch, heads, s);
+    case 1: return launch_a<T, 128, 128, 64, 4, C>(a, batch, heads, s);
+    case 2: return launch_a<T, 128, 128, 64, 8, C>(a, batch, heads, s);
+    case 3: return launch_a<T, 128, 64, 64, 4, C>(a, batch, heads, s);
+    case 4: return launch_a<T, 128, 64, 128, 4, C>(a, batch, heads, s);
   }
 }
 

@@ -14,6 +14,10 @@ cudaError_t run_hdim64(const FwdArgs& a, int batch, int heads, bool bf16, bool c
 cudaError_t run_hdim128(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int variant, cudaStream_t s);
 cudaError_t run_hdim256(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int variant, cudaStream_t s);
 cudaError_t run_hdim512(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int variant, cudaStream_t s);
+#ifdef ATTNSEL_HAVE_SM90A
+// Hopper wgmma path for head_dim 512 (flash_fwd_d512_sm90a.cu, compiled for sm_90a only).
+cudaError_t run_hdim512_sm90(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int variant, cudaStream_t s);
+#endif
 
 // attention_forward with an explicit tile variant (the dev harness sweeps these); throws on launch errors.
 void attention_forward_variant(const kernels::AttentionParams& p, void* stream, int variant);

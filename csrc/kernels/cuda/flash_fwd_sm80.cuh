@@ -94,21 +94,36 @@ __device__ __forceinline__ int swz(int row, int col) {
   return row * COLS + ((((col >> 3) ^ (row & 7))) << 3);
 }
 
-// Async-load rows [row0, row0 + ROWS) of a [n_rows, COLS] global matrix (row stride `stride`).
-template <int ROWS, int COLS, int NT, typename T>
-__device__ __forceinline__ void load_tile(T* s, const T* g, std::int64_t stride, int row0, int n_rows,
+// Async-load rows [row0, row0 + ROWS) of a [n_rows, COLS] global matrix (row stride `stride`) into a shared
+// tile whose byte offset of (row, col) is Off(row, col). Each thread keeps one 16-byte column chunk and walks
+// rows, so the per-chunk address math is one add (keeps registers free in the hot loop).
+template <int ROWS, int COLS, int NT, typename Off, typename T>
+__device__ __forceinline__ void load_rows(std::uint32_t s, const T* g, std::int64_t stride, int row0, int n_rows,
                                           int tid) {
   constexpr int CPR = COLS / 8;
-  static_assert((ROWS * CPR) % NT == 0, "tile does not split evenly over the threads");
+  static_assert(NT % CPR == 0 && ROWS % (NT / CPR) == 0, "tile does not split evenly over the threads");
+  constexpr int RS = NT / CPR;
+  const int c = tid % CPR, r0 = tid / CPR;
+  const T* src = g + c * 8;
 #pragma unroll
-  for (int it = 0; it < ROWS * CPR / NT; ++it) {
-    const int i = it * NT + tid;
-    const int r = i / CPR, c = i % CPR;
+  for (int it = 0; it < ROWS / RS; ++it) {
+    const int r = r0 + it * RS;
     const int gr = row0 + r;
     const bool p = gr < n_rows;
-    const T* src = g + static_cast<std::int64_t>(p ? gr : 0) * stride + c * 8;
-    cp_async16(smem_u32(s + swz<COLS>(r, c * 8)), src, p);
+    cp_async16(s + Off::template at<ROWS, COLS>(r, c * 8), src + static_cast<std::int64_t>(p ? gr : 0) * stride, p);
   }
+}
+
+struct OffSwz {  // matches swz<COLS>
+  template <int ROWS, int COLS>
+  static __device__ __forceinline__ std::uint32_t at(int r, int col) {
+    return static_cast<std::uint32_t>(swz<COLS>(r, col)) * 2u;
+  }
+};
+
+template <int ROWS, int COLS, int NT, typename T>
+__device__ __forceinline__ void load_tile(T* s, const T* g, std::int64_t stride, int row0, int n_rows, int tid) {
+  load_rows<ROWS, COLS, NT, OffSwz>(smem_u32(s), g, stride, row0, n_rows, tid);
 }
 
 __device__ __forceinline__ float quad_max(float x) {

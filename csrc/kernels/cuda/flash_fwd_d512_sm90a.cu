@@ -1,0 +1,246 @@
+// head_dim 512 forward on Hopper (sm_90a): wgmma with both operands in shared memory.
+// Same schedule as the sm_80 column-split kernel (flash_fwd_sm80.cuh, kernel B), 2 warpgroups per block:
+//   S[64 x 64] = Q·K^T : warpgroup g computes key columns 32g..32g+31 (m64n32k16 x 32, K-major A and B)
+//   softmax            : row max of both halves combined through shared memory; P (bf16/fp16) to smem
+//   O[64 x 512] += P·V : warpgroup g owns O columns 256g..256g+255 (m64n256k16 x 4, V read MN-major)
+// Every thread owns the same two rows in all phases, so the running max / sum stay in registers.
+// Shared tiles use the canonical 128-byte swizzle: [cols/64 blocks][rows][64], chunk ^= row % 8.
+#include <utility>
+
+#include "flash_fwd_launch.h"
+#include "flash_fwd_sm80.cuh"
+#include "wgmma_ops_sm90a.cuh"
+
+namespace attnsel::cuda::detail {
+namespace {
+
+using namespace attnsel::cuda::sm90;
+
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Generic-proxy smem writes (cp.async, st.shared) must be fenced before the async proxy (wgmma) reads them.
+__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Keeps the compiler from moving accumulator reads/writes across the async wgmma window.
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+__device__ __forceinline__ std::uint64_t make_desc(std::uint32_t saddr, std::uint32_t lbo, std::uint32_t sbo) {
+  return static_cast<std::uint64_t>((saddr & 0x3FFFF) >> 4) | (static_cast<std::uint64_t>(lbo >> 4) << 16) |
+         (static_cast<std::uint64_t>(sbo >> 4) << 32) | (1ull << 62);  // 128-byte swizzle
+}
+
+// Byte offset of (row, col) in a [cols/64][ROWS][64] swizzled tile; col a multiple of 8.
+template <int ROWS>
+__device__ __forceinline__ std::uint32_t sw128(int row, int col) {
+  return (col >> 6) * (ROWS * 128) + row * 128 + ((((col >> 3) & 7) ^ (row & 7)) << 4) + (col & 7) * 2;
+}
+
+struct OffSw128 {
+  template <int ROWS, int COLS>
+  static __device__ __forceinline__ std::uint32_t at(int r, int col) { return sw128<ROWS>(r, col); }
+};
+
+template <int ROWS, int COLS, int NT, typename T>
+__device__ __forceinline__ void load_tile_sw128(std::uint32_t s, const T* g, std::int64_t stride, int row0,
+                                                int n_rows, int tid) {
+  load_rows<ROWS, COLS, NT, OffSw128>(s, g, stride, row0, n_rows, tid);
+}
+
+template <typename T>
+struct Wg;
+template <>
+struct Wg<__nv_bfloat16> {
+  static __device__ __forceinline__ void qk(float (&d)[16], std::uint64_t a, std::uint64_t b, int acc) {
+    wgmma_m64n32k16_bf16_t0(d, a, b, acc);
+  }
+  static __device__ __forceinline__ void pv(float (&d)[128], std::uint64_t a, std::uint64_t b, int acc) {
+    wgmma_m64n256k16_bf16_t1(d, a, b, acc);
+  }
+};
+template <>
+struct Wg<__half> {
+  static __device__ __forceinline__ void qk(float (&d)[16], std::uint64_t a, std::uint64_t b, int acc) {
+    wgmma_m64n32k16_f16_t0(d, a, b, acc);
+  }
+  static __device__ __forceinline__ void pv(float (&d)[128], std::uint64_t a, std::uint64_t b, int acc) {
+    wgmma_m64n256k16_f16_t1(d, a, b, acc);
+  }
+};
+
+constexpr int kD = 512, kBR = 64, kBC = 64, kNT = 256;
+constexpr int kSmem = (kBR * kD + 2 * kBC * kD + kBR * kBC) * 2 + 2 * kBR * 4 + 1024;  // +1024: manual alignment
+
+template <typename T, bool CAUSAL>
+__global__ void __launch_bounds__(256, 1) flash_fwd_d512_sm90(const FwdArgs a, std::uint32_t v_lbo, std::uint32_t v_sbo) {
+  using Op = MmaOp<T>;
+  extern __shared__ unsigned char smem_raw[];
+  const std::uint32_t raw = smem_u32(smem_raw);
+  const std::uint32_t sQ = (raw + 1023) & ~1023u;  // swizzle atoms must be 1024-byte aligned
+  const std::uint32_t sK = sQ + kBR * kD * 2, sV = sK + kBC * kD * 2, sP = sV + kBC * kD * 2;
+  float* sRed = reinterpret_cast<float*>(smem_raw + (sP - raw) + kBR * kBC * 2);  // [2][64] per-warpgroup row stats
+
+  const int m_block = CAUSAL ? (gridDim.x - 1 - blockIdx.x) : blockIdx.x;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / a.group;
+  const T* q = static_cast<const T*>(a.q) + b * a.q_sb + h * a.q_sh;
+  const T* k = static_cast<const T*>(a.k) + b * a.k_sb + hk * a.k_sh;
+  const T* v = static_cast<const T*>(a.v) + b * a.v_sb + hk * a.v_sh;
+  T* o = static_cast<T*>(a.o) + b * a.o_sb + h * a.o_sh;
+
+  const int m0 = m_block * kBR;
+  const int n_tiles = key_tiles<kBR, kBC, CAUSAL>(m0, a.seq_kv);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int wg = warp >> 2;                    // warpgroup
+  const int row0 = (warp & 3) * 16 + g;        // this thread's rows: row0, row0 + 8
+  unsigned char* pP = smem_raw + (sP - raw);
+
+  load_tile_sw128<kBR, kD, kNT>(sQ, q, a.q_ss, m0, a.seq_q, tid);
+  load_tile_sw128<kBC, kD, kNT>(sK, k, a.k_ss, 0, a.seq_kv, tid);
+  cp_async_commit();
+
+  float acc[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) acc[i] = 0.f;
+  float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
+  const float sl2 = a.scale_log2;
+
+  for (int jt = 0; jt < n_tiles; ++jt) {
+    const int n0 = jt * kBC;
+    cp_async_wait<0>();
+    fence_async_smem();
+    __syncthreads();  // K(jt) landed; P·V(jt-1) done (sV, sP free)
+    load_tile_sw128<kBC, kD, kNT>(sV, v, a.v_ss, n0, a.seq_kv, tid);
+    cp_async_commit();
+
+    float s[16];
+    wg_fence();
+    {
+      // Descriptors advance by adding (byte offset >> 4) to the start-address field: no per-step rebuild.
+      const std::uint64_t da0 = make_desc(sQ, 16, 1024), db0 = make_desc(sK + wg * 32 * 128, 16, 1024);
+#pragma unroll 4
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        const std::uint32_t koff = ((kk & 3) << 5) >> 4;  // 16 elements = 32 bytes along K in a 64-wide block
+        Wg<T>::qk(s, da0 + (kk >> 2) * ((kBR * 128) >> 4) + koff, db0 + (kk >> 2) * ((kBC * 128) >> 4) + koff,
+                  kk > 0 ? 1 : 0);
+      }
+    }
+    wg_commit();
+    wg_wait0();
+    fence_regs(s);
+
+    if (n0 + kBC > a.seq_kv || (CAUSAL && n0 + kBC - 1 > m0)) {
+#pragma unroll
+      for (int e = 0; e < 16; ++e) {
+        const int row = m0 + row0 + ((e >> 1) & 1) * 8;
+        const int col = n0 + wg * 32 + (e >> 2) * 8 + t * 2 + (e & 1);
+        if (col >= a.seq_kv || (CAUSAL && col > row)) s[e] = -INFINITY;
+      }
+    }
+    float mx[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float x = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) x = fmaxf(x, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
+      mx[r] = quad_max(x);
+      if (t == 0) sRed[wg * kBR + row0 + r * 8] = mx[r];
+    }
+
+    cp_async_wait<0>();
+    fence_async_smem();
+    __syncthreads();  // V(jt) landed; both halves' row maxima visible; K(jt) free
+    if (jt + 1 < n_tiles) load_tile_sw128<kBC, kD, kNT>(sK, k, a.k_ss, n0 + kBC, a.seq_kv, tid);
+    cp_async_commit();
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int lrow = row0 + r * 8;
+      const float mn = fmaxf(m_r[r], fmaxf(mx[r], sRed[(wg ^ 1) * kBR + lrow]));
+      const float ms = (mn == -INFINITY) ? 0.f : mn * sl2;
+      const float alpha = exp2f(m_r[r] * sl2 - ms);
+      m_r[r] = mn;
+      float rs = 0.f;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float p0 = exp2f(fmaf(s[4 * j + 2 * r], sl2, -ms));
+        const float p1 = exp2f(fmaf(s[4 * j + 2 * r + 1], sl2, -ms));
+        rs += p0 + p1;
+        *reinterpret_cast<std::uint32_t*>(pP + sw128<kBR>(lrow, wg * 32 + j * 8) + t * 4) = Op::pack(p0, p1);
+      }
+      l_r[r] = l_r[r] * alpha + rs;
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        acc[4 * j + 2 * r] *= alpha;
+        acc[4 * j + 2 * r + 1] *= alpha;
+      }
+    }
+    fence_async_smem();
+    __syncthreads();  // P visible to both warpgroups' wgmma
+
+    wg_fence();
+    fence_regs(acc);
+#pragma unroll
+    for (int kk = 0; kk < kBC / 16; ++kk) {
+      const std::uint64_t da = make_desc(sP + (kk << 5), 16, 1024);
+      const std::uint64_t db = make_desc(sV + (4 * wg) * (kBC * 128) + kk * 16 * 128, v_lbo, v_sbo);
+      Wg<T>::pv(acc, da, db, 1);
+    }
+    wg_commit();
+    wg_wait0();
+    fence_regs(acc);
+  }
+
+  // Row sums: quad, then the other warpgroup's half through shared memory.
+  __syncthreads();
+  float lq[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    lq[r] = quad_sum(l_r[r]);
+    if (t == 0) sRed[wg * kBR + row0 + r * 8] = lq[r];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int lrow = row0 + r * 8;
+    const float l = lq[r] + sRed[(wg ^ 1) * kBR + lrow];
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int row = m0 + lrow;
+    if (row < a.seq_q) {
+      T* orow = o + static_cast<std::int64_t>(row) * a.o_ss + wg * 256;
+#pragma unroll
+      for (int j = 0; j < 32; ++j)
+        *reinterpret_cast<std::uint32_t*>(orow + j * 8 + t * 2) =
+            Op::pack(acc[4 * j + 2 * r] * inv, acc[4 * j + 2 * r + 1] * inv);
+    }
+  }
+}
+
+template <typename T, bool CAUSAL>
+cudaError_t launch(const FwdArgs& a, int batch, int heads, bool swap_v_offsets, cudaStream_t stream) {
+  auto kern = flash_fwd_d512_sm90<T, CAUSAL>;
+  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  if (e != cudaSuccess) return e;
+  // V is read MN-major: LBO = stride between 64-column blocks, SBO = stride between 8-row groups.
+  std::uint32_t lbo = kBC * 128, sbo = 1024;
+  if (swap_v_offsets) std::swap(lbo, sbo);
+  dim3 grid((a.seq_q + kBR - 1) / kBR, heads, batch);
+  kern<<<grid, kNT, kSmem, stream>>>(a, lbo, sbo);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t run_hdim512_sm90(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int variant,
+                             cudaStream_t s) {
+  const bool swap = variant == 1;  // dev only: the other reading of the MN-major descriptor offsets
+  if (bf16) return causal ? launch<__nv_bfloat16, true>(a, batch, heads, swap, s)
+                          : launch<__nv_bfloat16, false>(a, batch, heads, swap, s);
+  return causal ? launch<__half, true>(a, batch, heads, swap, s) : launch<__half, false>(a, batch, heads, swap, s);
+}
+
+}  // namespace attnsel::cuda::detail
