@@ -104,6 +104,21 @@ std::string refusal(const AttentionParams& p, int sm_major, int sm_minor) {
 
 namespace detail {
 
+bool device_is_sm90() {
+  // Cached per device: attribute queries are cheap but not free on every call.
+  static int cached[64];  // 0 unknown, 1 yes, 2 no
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) return false;
+  if (dev >= 64) dev = 63;
+  if (cached[dev] == 0) {
+    int major = 0, minor = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+    cached[dev] = (major == 9 && minor == 0) ? 1 : 2;
+  }
+  return cached[dev] == 1;
+}
+
 void attention_forward_variant(const kernels::AttentionParams& p, void* stream, int variant) {
   if (p.batch == 0 || p.seq_q == 0) return;
   const FwdArgs a = make_args(p);
@@ -111,6 +126,15 @@ void attention_forward_variant(const kernels::AttentionParams& p, void* stream, 
   const int B = static_cast<int>(p.batch), H = static_cast<int>(p.heads_q);
   auto s = static_cast<cudaStream_t>(stream);
   cudaError_t e = cudaErrorInvalidValue;
+#ifdef ATTNSEL_HAVE_SM90A
+  // Hopper: wgmma kernels by default (variant -1 or >= 10); variants 0.. keep the mma.sync kernels.
+  if (p.head_dim != 512 && (variant < 0 || variant >= 10) && device_is_sm90()) {
+    e = run_wg_sm90(a, static_cast<int>(p.head_dim), B, H, bf16, p.causal, variant, s);
+    if (e != cudaSuccess)
+      throw std::runtime_error(std::string("attnsel native CUDA attention launch failed: ") + cudaGetErrorString(e));
+    return;
+  }
+#endif
   switch (p.head_dim) {
     case 64: e = run_hdim64(a, B, H, bf16, p.causal, variant, s); break;
     case 128: e = run_hdim128(a, B, H, bf16, p.causal, variant, s); break;

@@ -9,46 +9,13 @@
 
 #include "flash_fwd_launch.h"
 #include "flash_fwd_sm80.cuh"
-#include "wgmma_ops_sm90a.cuh"
+#include "sm90_common.cuh"
 
 namespace attnsel::cuda::detail {
 namespace {
 
 using namespace attnsel::cuda::sm90;
-
-__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-// Generic-proxy smem writes (cp.async, st.shared) must be fenced before the async proxy (wgmma) reads them.
-__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-// Keeps the compiler from moving accumulator reads/writes across the async wgmma window.
-template <int N>
-__device__ __forceinline__ void fence_regs(float (&r)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-
-__device__ __forceinline__ std::uint64_t make_desc(std::uint32_t saddr, std::uint32_t lbo, std::uint32_t sbo) {
-  return static_cast<std::uint64_t>((saddr & 0x3FFFF) >> 4) | (static_cast<std::uint64_t>(lbo >> 4) << 16) |
-         (static_cast<std::uint64_t>(sbo >> 4) << 32) | (1ull << 62);  // 128-byte swizzle
-}
-
-// Byte offset of (row, col) in a [cols/64][ROWS][64] swizzled tile; col a multiple of 8.
-template <int ROWS>
-__device__ __forceinline__ std::uint32_t sw128(int row, int col) {
-  return (col >> 6) * (ROWS * 128) + row * 128 + ((((col >> 3) & 7) ^ (row & 7)) << 4) + (col & 7) * 2;
-}
-
-struct OffSw128 {
-  template <int ROWS, int COLS>
-  static __device__ __forceinline__ std::uint32_t at(int r, int col) { return sw128<ROWS>(r, col); }
-};
-
-template <int ROWS, int COLS, int NT, typename T>
-__device__ __forceinline__ void load_tile_sw128(std::uint32_t s, const T* g, std::int64_t stride, int row0,
-                                                int n_rows, int tid) {
-  load_rows<ROWS, COLS, NT, OffSw128>(s, g, stride, row0, n_rows, tid);
-}
+using namespace attnsel::cuda::detail::sm90c;
 
 template <typename T>
 struct Wg;
@@ -221,13 +188,13 @@ __global__ void __launch_bounds__(256, 1) flash_fwd_d512_sm90(const FwdArgs a, s
 }
 
 template <typename T, bool CAUSAL>
-cudaError_t launch(const FwdArgs& a, int batch, int heads, bool swap_v_offsets, cudaStream_t stream) {
+cudaError_t launch(const FwdArgs& a, int batch, int heads, cudaStream_t stream) {
   auto kern = flash_fwd_d512_sm90<T, CAUSAL>;
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (e != cudaSuccess) return e;
-  // V is read MN-major: LBO = stride between 64-column blocks, SBO = stride between 8-row groups.
-  std::uint32_t lbo = kBC * 128, sbo = 1024;
-  if (swap_v_offsets) std::swap(lbo, sbo);
+  // V is read MN-major: LBO = stride between 64-column blocks, SBO = stride between 8-row groups
+  // (checked on the device: the swapped reading gives wrong results).
+  const std::uint32_t lbo = kBC * 128, sbo = 1024;
   dim3 grid((a.seq_q + kBR - 1) / kBR, heads, batch);
   kern<<<grid, kNT, kSmem, stream>>>(a, lbo, sbo);
   return cudaGetLastError();
@@ -235,12 +202,11 @@ cudaError_t launch(const FwdArgs& a, int batch, int heads, bool swap_v_offsets, 
 
 }  // namespace
 
-cudaError_t run_hdim512_sm90(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int variant,
+cudaError_t run_hdim512_sm90(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int /*variant*/,
                              cudaStream_t s) {
-  const bool swap = variant == 1;  // dev only: the other reading of the MN-major descriptor offsets
-  if (bf16) return causal ? launch<__nv_bfloat16, true>(a, batch, heads, swap, s)
-                          : launch<__nv_bfloat16, false>(a, batch, heads, swap, s);
-  return causal ? launch<__half, true>(a, batch, heads, swap, s) : launch<__half, false>(a, batch, heads, swap, s);
+  if (bf16) return causal ? launch<__nv_bfloat16, true>(a, batch, heads, s)
+                          : launch<__nv_bfloat16, false>(a, batch, heads, s);
+  return causal ? launch<__half, true>(a, batch, heads, s) : launch<__half, false>(a, batch, heads, s);
 }
 
 }  // namespace attnsel::cuda::detail

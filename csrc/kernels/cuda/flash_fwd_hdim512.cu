@@ -4,16 +4,11 @@
 
 namespace attnsel::cuda::detail {
 
-// variant: -1/0 = best for the device (wgmma on sm_90 when built with sm_90a), 1 = wgmma with the other
-// descriptor-offset reading (dev check), 2 = the mma.sync kernel everywhere.
+// variant: -1/0 = best for the device (wgmma on sm_90 when built with sm_90a), 1 = the mma.sync kernel.
 cudaError_t run_hdim512(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int variant,
                         cudaStream_t s) {
 #ifdef ATTNSEL_HAVE_SM90A
-  int dev = 0, major = 0, minor = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
-  if (major == 9 && minor == 0 && variant != 2) return run_hdim512_sm90(a, batch, heads, bf16, causal, variant, s);
+  if (variant != 1 && device_is_sm90()) return run_hdim512_sm90(a, batch, heads, bf16, causal, variant, s);
 #endif
   if (bf16) return causal ? launch_d512<__nv_bfloat16, true>(a, batch, heads, s)
                           : launch_d512<__nv_bfloat16, false>(a, batch, heads, s);

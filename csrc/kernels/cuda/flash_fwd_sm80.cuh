@@ -101,13 +101,14 @@ template <int ROWS, int COLS, int NT, typename Off, typename T>
 __device__ __forceinline__ void load_rows(std::uint32_t s, const T* g, std::int64_t stride, int row0, int n_rows,
                                           int tid) {
   constexpr int CPR = COLS / 8;
-  static_assert(NT % CPR == 0 && ROWS % (NT / CPR) == 0, "tile does not split evenly over the threads");
+  static_assert(NT % CPR == 0, "a thread must keep one column chunk");
   constexpr int RS = NT / CPR;
   const int c = tid % CPR, r0 = tid / CPR;
   const T* src = g + c * 8;
 #pragma unroll
-  for (int it = 0; it < ROWS / RS; ++it) {
+  for (int it = 0; it < (ROWS + RS - 1) / RS; ++it) {
     const int r = r0 + it * RS;
+    if (ROWS % RS != 0 && r >= ROWS) break;  // last pass of a tile that does not split evenly
     const int gr = row0 + r;
     const bool p = gr < n_rows;
     cp_async16(s + Off::template at<ROWS, COLS>(r, c * 8), src + static_cast<std::int64_t>(p ? gr : 0) * stride, p);
