@@ -5,6 +5,7 @@
 //   O[64 x 512] += P·V : warpgroup g owns O columns 256g..256g+255 (m64n256k16 x 4, V read MN-major)
 // Every thread owns the same two rows in all phases, so the running max / sum stay in registers.
 // Shared tiles use the canonical 128-byte swizzle: [cols/64 blocks][rows][64], chunk ^= row % 8.
+#include <algorithm>
 #include <utility>
 
 #include "flash_fwd_launch.h"
@@ -42,7 +43,10 @@ constexpr int kD = 512, kBR = 64, kBC = 64, kNT = 256;
 constexpr int kSmem = (kBR * kD + 2 * kBC * kD + kBR * kBC) * 2 + 2 * kBR * 4 + 1024;  // +1024: manual alignment
 
 template <typename T, bool CAUSAL>
-__global__ void __launch_bounds__(256, 1) flash_fwd_d512_sm90(const FwdArgs a, std::uint32_t v_lbo, std::uint32_t v_sbo) {
+// Split-KV (splits > 1, for grids that leave SMs idle): block (m_block, split) walks one share of the key
+// tiles and writes unnormalised fp32 O plus its row max / sum to part_o / part_ml; combine_d512 merges them.
+__global__ void __launch_bounds__(256, 1) flash_fwd_d512_sm90(const FwdArgs a, std::uint32_t v_lbo, std::uint32_t v_sbo,
+                                                              int splits, float* part_o, float* part_ml) {
   using Op = MmaOp<T>;
   extern __shared__ unsigned char smem_raw[];
   const std::uint32_t raw = smem_u32(smem_raw);
@@ -50,7 +54,8 @@ __global__ void __launch_bounds__(256, 1) flash_fwd_d512_sm90(const FwdArgs a, s
   const std::uint32_t sK = sQ + kBR * kD * 2, sV = sK + kBC * kD * 2, sP = sV + kBC * kD * 2;
   float* sRed = reinterpret_cast<float*>(smem_raw + (sP - raw) + kBR * kBC * 2);  // [2][64] per-warpgroup row stats
 
-  const int m_block = CAUSAL ? (gridDim.x - 1 - blockIdx.x) : blockIdx.x;
+  const int blk = CAUSAL ? (gridDim.x - 1 - blockIdx.x) : blockIdx.x;
+  const int m_block = blk / splits, split = blk % splits;
   const int h = blockIdx.y, b = blockIdx.z;
   const int hk = h / a.group;
   const T* q = static_cast<const T*>(a.q) + b * a.q_sb + h * a.q_sh;
@@ -59,7 +64,9 @@ __global__ void __launch_bounds__(256, 1) flash_fwd_d512_sm90(const FwdArgs a, s
   T* o = static_cast<T*>(a.o) + b * a.o_sb + h * a.o_sh;
 
   const int m0 = m_block * kBR;
-  const int n_tiles = key_tiles<kBR, kBC, CAUSAL>(m0, a.seq_kv);
+  const int n_all = key_tiles<kBR, kBC, CAUSAL>(m0, a.seq_kv);
+  const int per = (n_all + splits - 1) / splits;
+  const int t_begin = min(n_all, split * per), t_end = min(n_all, t_begin + per);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
   const int wg = warp >> 2;                    // warpgroup
@@ -67,7 +74,7 @@ __global__ void __launch_bounds__(256, 1) flash_fwd_d512_sm90(const FwdArgs a, s
   unsigned char* pP = smem_raw + (sP - raw);
 
   load_tile_sw128<kBR, kD, kNT>(sQ, q, a.q_ss, m0, a.seq_q, tid);
-  load_tile_sw128<kBC, kD, kNT>(sK, k, a.k_ss, 0, a.seq_kv, tid);
+  load_tile_sw128<kBC, kD, kNT>(sK, k, a.k_ss, t_begin * kBC, a.seq_kv, tid);
   cp_async_commit();
 
   float acc[128];
@@ -76,7 +83,7 @@ __global__ void __launch_bounds__(256, 1) flash_fwd_d512_sm90(const FwdArgs a, s
   float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
   const float sl2 = a.scale_log2;
 
-  for (int jt = 0; jt < n_tiles; ++jt) {
+  for (int jt = t_begin; jt < t_end; ++jt) {
     const int n0 = jt * kBC;
     cp_async_wait<0>();
     fence_async_smem();
@@ -121,7 +128,7 @@ __global__ void __launch_bounds__(256, 1) flash_fwd_d512_sm90(const FwdArgs a, s
     cp_async_wait<0>();
     fence_async_smem();
     __syncthreads();  // V(jt) landed; both halves' row maxima visible; K(jt) free
-    if (jt + 1 < n_tiles) load_tile_sw128<kBC, kD, kNT>(sK, k, a.k_ss, n0 + kBC, a.seq_kv, tid);
+    if (jt + 1 < t_end) load_tile_sw128<kBC, kD, kNT>(sK, k, a.k_ss, n0 + kBC, a.seq_kv, tid);
     cp_async_commit();
 
 #pragma unroll
@@ -163,6 +170,7 @@ __global__ void __launch_bounds__(256, 1) flash_fwd_d512_sm90(const FwdArgs a, s
   }
 
   // Row sums: quad, then the other warpgroup's half through shared memory.
+  cp_async_wait<0>();  // an empty split never waited on its prologue copies
   __syncthreads();
   float lq[2];
 #pragma unroll
@@ -175,8 +183,19 @@ __global__ void __launch_bounds__(256, 1) flash_fwd_d512_sm90(const FwdArgs a, s
   for (int r = 0; r < 2; ++r) {
     const int lrow = row0 + r * 8;
     const float l = lq[r] + sRed[(wg ^ 1) * kBR + lrow];
-    const float inv = l > 0.f ? 1.f / l : 0.f;
     const int row = m0 + lrow;
+    if (splits > 1) {
+      if (row < a.seq_q) {
+        const std::int64_t rid = ((static_cast<std::int64_t>(split) * gridDim.z + b) * gridDim.y + h) * a.seq_q + row;
+        float* po = part_o + rid * kD + wg * 256;
+#pragma unroll
+        for (int j = 0; j < 32; ++j)
+          *reinterpret_cast<float2*>(po + j * 8 + t * 2) = make_float2(acc[4 * j + 2 * r], acc[4 * j + 2 * r + 1]);
+        if (wg == 0 && t == 0) *reinterpret_cast<float2*>(part_ml + rid * 2) = make_float2(m_r[r], l);
+      }
+      continue;
+    }
+    const float inv = l > 0.f ? 1.f / l : 0.f;
     if (row < a.seq_q) {
       T* orow = o + static_cast<std::int64_t>(row) * a.o_ss + wg * 256;
 #pragma unroll
@@ -187,26 +206,90 @@ __global__ void __launch_bounds__(256, 1) flash_fwd_d512_sm90(const FwdArgs a, s
   }
 }
 
+// One block per (row, head, batch): O = sum_s w_s O_s / sum_s w_s l_s with w_s = exp2((m_s - max m) * scale).
+template <typename T>
+__global__ void __launch_bounds__(128) combine_d512(const FwdArgs a, int splits, const float* part_o,
+                                                    const float* part_ml) {
+  const int row = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const std::int64_t stride_split = static_cast<std::int64_t>(gridDim.z) * gridDim.y * a.seq_q;
+  const std::int64_t rid0 = (static_cast<std::int64_t>(b) * gridDim.y + h) * a.seq_q + row;
+  float mmax = -INFINITY;
+  for (int s = 0; s < splits; ++s) mmax = fmaxf(mmax, part_ml[(rid0 + s * stride_split) * 2]);
+  const float ms = mmax == -INFINITY ? 0.f : mmax * a.scale_log2;
+  float4 accv = make_float4(0.f, 0.f, 0.f, 0.f);
+  float lsum = 0.f;
+  for (int s = 0; s < splits; ++s) {
+    const std::int64_t rid = rid0 + s * stride_split;
+    const float w = exp2f(part_ml[rid * 2] * a.scale_log2 - ms);
+    lsum += w * part_ml[rid * 2 + 1];
+    const float4 x = reinterpret_cast<const float4*>(part_o + rid * kD)[threadIdx.x];
+    accv.x += w * x.x, accv.y += w * x.y, accv.z += w * x.z, accv.w += w * x.w;
+  }
+  const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+  T* orow = static_cast<T*>(a.o) + b * a.o_sb + h * a.o_sh + static_cast<std::int64_t>(row) * a.o_ss + threadIdx.x * 4;
+  reinterpret_cast<std::uint32_t*>(orow)[0] = MmaOp<T>::pack(accv.x * inv, accv.y * inv);
+  reinterpret_cast<std::uint32_t*>(orow)[1] = MmaOp<T>::pack(accv.z * inv, accv.w * inv);
+}
+
+int sm_count() {
+  static int n = 0;
+  if (n == 0) {
+    int dev = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+    if (n <= 0) n = 132;
+  }
+  return n;
+}
+
 template <typename T, bool CAUSAL>
-cudaError_t launch(const FwdArgs& a, int batch, int heads, cudaStream_t stream) {
+cudaError_t launch(const FwdArgs& a, int batch, int heads, int force_splits, cudaStream_t stream) {
   auto kern = flash_fwd_d512_sm90<T, CAUSAL>;
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (e != cudaSuccess) return e;
+  const int m_blocks = (a.seq_q + kBR - 1) / kBR;
+  const long long blocks = static_cast<long long>(m_blocks) * heads * batch;
+  const int n_tiles = (a.seq_kv + kBC - 1) / kBC;
+  // Split the keys only when one block per SM would leave most SMs idle, and keep >= 8 tiles per split.
+  int splits = 1;
+  if (force_splits > 0) splits = force_splits;
+  else if (!CAUSAL && blocks * 2 <= sm_count()) splits = static_cast<int>(sm_count() / blocks);
+  splits = std::max(1, std::min({splits, n_tiles / 8, 16}));
+  if (force_splits > 0) splits = std::max(1, std::min(force_splits, n_tiles));
+  if (splits > 1) {
+    const std::size_t rows = static_cast<std::size_t>(splits) * batch * heads * a.seq_q;
+    void* ws = nullptr;
+    e = cudaMallocAsync(&ws, rows * (kD + 2) * sizeof(float), stream);  // stream-ordered: no device sync
+    if (e != cudaSuccess) return e;
+    float* part_o = static_cast<float*>(ws);
+    float* part_ml = part_o + rows * kD;
+    dim3 grid(m_blocks * splits, heads, batch);
+    kern<<<grid, kNT, kSmem, stream>>>(a, kBC * 128, 1024, splits, part_o, part_ml);
+    e = cudaGetLastError();
+    if (e == cudaSuccess) {
+      combine_d512<T><<<dim3(a.seq_q, heads, batch), 128, 0, stream>>>(a, splits, part_o, part_ml);
+      e = cudaGetLastError();
+    }
+    cudaError_t ef = cudaFreeAsync(ws, stream);
+    return e != cudaSuccess ? e : ef;
+  }
   // V is read MN-major: LBO = stride between 64-column blocks, SBO = stride between 8-row groups
   // (checked on the device: the swapped reading gives wrong results).
   const std::uint32_t lbo = kBC * 128, sbo = 1024;
-  dim3 grid((a.seq_q + kBR - 1) / kBR, heads, batch);
-  kern<<<grid, kNT, kSmem, stream>>>(a, lbo, sbo);
+  dim3 grid(m_blocks, heads, batch);
+  kern<<<grid, kNT, kSmem, stream>>>(a, lbo, sbo, 1, nullptr, nullptr);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-cudaError_t run_hdim512_sm90(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int /*variant*/,
+// variant 2..9 (dev): force that many key splits; otherwise chosen from the grid size.
+cudaError_t run_hdim512_sm90(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int variant,
                              cudaStream_t s) {
-  if (bf16) return causal ? launch<__nv_bfloat16, true>(a, batch, heads, s)
-                          : launch<__nv_bfloat16, false>(a, batch, heads, s);
-  return causal ? launch<__half, true>(a, batch, heads, s) : launch<__half, false>(a, batch, heads, s);
+  const int force = (variant >= 2 && variant <= 9) ? variant : 0;
+  if (bf16) return causal ? launch<__nv_bfloat16, true>(a, batch, heads, force, s)
+                          : launch<__nv_bfloat16, false>(a, batch, heads, force, s);
+  return causal ? launch<__half, true>(a, batch, heads, force, s) : launch<__half, false>(a, batch, heads, force, s);
 }
 
 }  // namespace attnsel::cuda::detail
