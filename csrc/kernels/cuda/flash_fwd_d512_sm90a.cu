@@ -242,6 +242,28 @@ int sm_count() {
   return n;
 }
 
+// Stream-ordered workspace from a private pool that keeps its memory (the default pool would hand it back
+// to the driver at every sync, and re-mapping costs more than the split saves). Other pools are untouched.
+cudaError_t workspace_alloc(void** ptr, std::size_t bytes, cudaStream_t stream) {
+  static cudaMemPool_t pools[64] = {};
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  if (dev < 0 || dev >= 64) return cudaMallocAsync(ptr, bytes, stream);
+  if (pools[dev] == nullptr) {
+    cudaMemPoolProps props = {};
+    props.allocType = cudaMemAllocationTypePinned;
+    props.location.type = cudaMemLocationTypeDevice;
+    props.location.id = dev;
+    cudaMemPool_t pool = nullptr;
+    if ((e = cudaMemPoolCreate(&pool, &props)) != cudaSuccess) return e;
+    std::uint64_t keep = ~0ull;
+    cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
+    pools[dev] = pool;
+  }
+  return cudaMallocFromPoolAsync(ptr, bytes, pools[dev], stream);
+}
+
 template <typename T, bool CAUSAL>
 cudaError_t launch(const FwdArgs& a, int batch, int heads, int force_splits, cudaStream_t stream) {
   auto kern = flash_fwd_d512_sm90<T, CAUSAL>;
@@ -259,7 +281,7 @@ cudaError_t launch(const FwdArgs& a, int batch, int heads, int force_splits, cud
   if (splits > 1) {
     const std::size_t rows = static_cast<std::size_t>(splits) * batch * heads * a.seq_q;
     void* ws = nullptr;
-    e = cudaMallocAsync(&ws, rows * (kD + 2) * sizeof(float), stream);  // stream-ordered: no device sync
+    e = workspace_alloc(&ws, rows * (kD + 2) * sizeof(float), stream);
     if (e != cudaSuccess) return e;
     float* part_o = static_cast<float*>(ws);
     float* part_ml = part_o + rows * kD;
@@ -283,10 +305,10 @@ cudaError_t launch(const FwdArgs& a, int batch, int heads, int force_splits, cud
 
 }  // namespace
 
-// variant 2..9 (dev): force that many key splits; otherwise chosen from the grid size.
+// variant 2..9 (dev): force that many key splits; 10: never split; otherwise chosen from the grid size.
 cudaError_t run_hdim512_sm90(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int variant,
                              cudaStream_t s) {
-  const int force = (variant >= 2 && variant <= 9) ? variant : 0;
+  const int force = (variant >= 2 && variant <= 9) ? variant : variant == 10 ? 1 : 0;
   if (bf16) return causal ? launch<__nv_bfloat16, true>(a, batch, heads, force, s)
                           : launch<__nv_bfloat16, false>(a, batch, heads, force, s);
   return causal ? launch<__half, true>(a, batch, heads, force, s) : launch<__half, false>(a, batch, heads, force, s);
