@@ -1,6 +1,7 @@
 #!/bin/bash
 # Builds the torch-free dev library from the repository root of this checkout, the way the lead's CMake
-# does: *_sm90a.cu only for sm_90a, the rest for sm_90a + sm_80 with ATTNSEL_HAVE_SM90A defined.
+# does (cmake/cuda.cmake: -O3 --use_fast_math -lineinfo): *_sm90a.cu only for sm_90a, the rest for sm_90a + sm_80,
+# ATTNSEL_HAVE_SM90A defined.
 set -e
 cd "$(dirname "$0")/../.."
 OUTDIR=${1:-tools/cuda_dev/build}
@@ -12,7 +13,7 @@ for f in csrc/kernels/cuda/*.cu tools/cuda_dev/capi.cu; do
     *_sm90a.cu) arch="-gencode=arch=compute_90a,code=sm_90a" ;;
     *) arch="-gencode=arch=compute_90a,code=sm_90a -gencode=arch=compute_80,code=sm_80 -DATTNSEL_HAVE_SM90A" ;;
   esac
-  nvcc -std=c++17 -O3 -Xcompiler -fPIC $arch --resource-usage -c "$f" -o "$o" > "$o.log" 2>&1 &
+  nvcc -std=c++17 -O3 --use_fast_math -lineinfo -Xcompiler -fPIC $arch --resource-usage -c "$f" -o "$o" > "$o.log" 2>&1 &
   pids+=($!)
 done
 fail=0
