@@ -31,6 +31,11 @@ class CMakeBuild(build_ext):
         self._attnsel_in_source = bool(self.inplace or getattr(self, "editable_mode", False))
         super().run()
 
+    def copy_extensions_to_source(self) -> None:
+        # In-place builds already wrote everything into the source tree (see build_extension).
+        if not getattr(self, "_attnsel_in_source", False):
+            super().copy_extensions_to_source()
+
     def build_extension(self, ext: Extension) -> None:
         try:
             import pybind11

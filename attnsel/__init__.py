@@ -21,14 +21,17 @@ _bridges.detect()
 
 from . import nn  # noqa: E402
 
-try:  # the config module is optional while it is being written
-    from .config import AttentionConfig, get_config, parse_component_backends, set_config  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
+from .config import AttentionConfig, get_config, parse_component_backends, set_config  # noqa: E402
+from .loader import ComponentLoader  # noqa: E402
+from .pipeline import ComposedPipeline, DenoisingStage  # noqa: E402
+from .sdk import get_cmake_dir, get_include  # noqa: E402
 
 __all__ = [
     "AttentionConfig",
     "Backend",
+    "ComponentLoader",
+    "ComposedPipeline",
+    "DenoisingStage",
     "ContextThreadPoolExecutor",
     "Explanation",
     "attention",
@@ -40,7 +43,9 @@ __all__ = [
     "get_attn_backend",
     "get_component_attn_backend_name",
     "get_component_forced_attn_backend",
+    "get_cmake_dir",
     "get_config",
+    "get_include",
     "get_forced_attn_backend",
     "nn",
     "normalize_backend_name",

@@ -5,8 +5,11 @@ from attnsel import _C
 
 
 @pytest.fixture(autouse=True)
-def clean_attnsel_state():
-    """Every test starts and ends with no global flag, no forced backend and no component scope."""
+def clean_attnsel_state(monkeypatch):
+    """Every test starts and ends with no global flag, no forced backend, no component scope and no ATTNSEL_ env."""
+    monkeypatch.delenv("ATTNSEL_ATTENTION_BACKEND", raising=False)
+    monkeypatch.delenv("ATTNSEL_COMPONENT_ATTENTION_BACKENDS", raising=False)
+
     def reset():
         if hasattr(attnsel, "set_config"):
             attnsel.set_config(None)
@@ -16,4 +19,6 @@ def clean_attnsel_state():
 
     reset()
     yield
+    leaked_forced = _C.forced_backend()
     reset()
+    assert leaked_forced is None, "a test left a forced backend behind"

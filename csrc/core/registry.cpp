@@ -64,12 +64,6 @@ Capability capability_of(BackendId id) {
       c.cpu = id == BackendId::TORCH_SDPA;
       c.cuda = c.f32 = c.half = true;
       return c;
-    case BackendId::SDPA_FLASH:
-      c.cuda = c.half = true;
-      c.max_head = 256;
-      c.multiple = 8;
-      c.min_sm = 80;
-      return c;
     case BackendId::SDPA_CUDNN:
       c.cuda = c.half = true;
       c.max_head = 128;
@@ -82,12 +76,8 @@ Capability capability_of(BackendId id) {
       c.min_sm = 50;
       return c;
     case BackendId::FA:
-      c.cuda = c.half = true;
-      c.max_head = 256;
-      c.multiple = 8;
-      c.min_sm = 80;
-      return c;
     case BackendId::FA2:
+    case BackendId::SDPA_FLASH:
       c.cuda = c.half = true;
       c.max_head = 256;
       c.multiple = 8;

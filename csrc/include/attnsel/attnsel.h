@@ -2,6 +2,7 @@
 // Torch-free: a native caller needs only the standard library to use this header.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <string>

@@ -1,0 +1,259 @@
+"""The composed pipeline: resolve and load every component in its backend scope, then encode -> denoise -> decode.
+
+`ComposedPipeline.load_modules()` checks the per-component overrides against the pipeline before and after
+loading: an override naming a component the pipeline does not have is an error (with a did-you-mean), and so is
+one that ended up choosing the backend of no attention layer (the component has none, or every layer was decided
+at a higher priority level: an explicit layer argument or a forced backend).
+"""
+
+from __future__ import annotations
+
+import difflib
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+
+from .backends import Backend
+from .loader import ComponentLoader, LoadedComponent, attention_layers, using_config
+
+DEFAULT_COMPONENTS = ("text_encoder", "transformer", "vae")
+
+# progress(stage, step, total, seconds): called after each text encoder, denoising step and decode.
+ProgressFn = Callable[[str, int, int, float], None]
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """How to build one component: `factory=None` = the embedded model (load_native), else load_customized."""
+
+    factory: Any = None
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    family: tuple[str, ...] = ()  # more config keys to try after the component's own name
+
+
+def _as_spec(value: Any) -> ComponentSpec:
+    if isinstance(value, ComponentSpec):
+        return value
+    return ComponentSpec(factory=value)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+class TextEncodingStage:
+    """Runs every text encoder (text_encoder, text_encoder_2, ...) and concatenates their tokens."""
+
+    def __init__(self, encoders: list[tuple[str, Any]]):
+        self.encoders = encoders
+
+    def __call__(self, prompt: str, records: Mapping[str, LoadedComponent], progress: ProgressFn | None = None):
+        outputs = []
+        for i, (name, encoder) in enumerate(self.encoders):
+            start = time.perf_counter()
+            outputs.append(encoder(prompt))
+            elapsed = time.perf_counter() - start
+            if name in records:
+                records[name].run_seconds += elapsed
+            if progress:
+                progress(name, i + 1, len(self.encoders), elapsed)
+        return torch.cat(outputs, dim=1)
+
+
+class DenoisingStage:
+    """Euler sampler over a linear flow-matching schedule: x <- x + (sigma_next - sigma) * v(x, t, text)."""
+
+    def __init__(self, transformer: Any, steps: int):
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        self.transformer = transformer
+        self.steps = steps
+        self.attention_backend = self._infer_transformer_attention_backend(transformer)
+
+    @staticmethod
+    def _infer_transformer_attention_backend(transformer: Any) -> Backend | str | None:
+        """The backend of the transformer's attention layers.
+
+        One backend for every layer -> that `Backend`. A mix -> a string that says so explicitly, most-used first,
+        e.g. ``"mixed: native (6 layers), torch_sdpa (2 layers)"`` (never a silent pick of one of them).
+        No `attnsel.nn.Attention` layer -> None.
+        """
+        counts = Counter(layer.backend for _, layer in attention_layers(transformer))
+        if not counts:
+            return None
+        if len(counts) == 1:
+            return next(iter(counts))
+        parts = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0].name.lower()))
+        return "mixed: " + ", ".join(f"{b.name.lower()} ({_plural(n, 'layer')})" for b, n in parts)
+
+    def __call__(self, latent: torch.Tensor, context: torch.Tensor, progress: ProgressFn | None = None,
+                 record: LoadedComponent | None = None) -> torch.Tensor:
+        sigmas = torch.linspace(1.0, 0.0, self.steps + 1)
+        for i in range(self.steps):
+            start = time.perf_counter()
+            t = (sigmas[i] * 1000).expand(latent.shape[0])
+            velocity = self.transformer(latent, t, context)
+            latent = latent + (sigmas[i + 1] - sigmas[i]) * velocity
+            elapsed = time.perf_counter() - start
+            if record is not None:
+                record.run_seconds += elapsed
+            if progress:
+                progress("denoise", i + 1, self.steps, elapsed)
+        return latent
+
+
+class DecodingStage:
+    def __init__(self, vae: Any):
+        self.vae = vae
+
+    def __call__(self, latent: torch.Tensor, progress: ProgressFn | None = None,
+                 record: LoadedComponent | None = None) -> torch.Tensor:
+        start = time.perf_counter()
+        image = self.vae(latent)
+        elapsed = time.perf_counter() - start
+        if record is not None:
+            record.run_seconds += elapsed
+        if progress:
+            progress("vae", 1, 1, elapsed)
+        return image
+
+
+class ComposedPipeline:
+    """The tiny text-to-image pipeline, each component built in its own attention-backend scope.
+
+    components: component name -> `ComponentSpec`, a factory (class, function or "package.module:Class" for
+    `load_customized`), or None for the embedded model (`load_native`). Defaults to text_encoder, transformer, vae.
+    Extra text encoders (`text_encoder_2`, ...) are run too and their tokens concatenated.
+    config: an `AttentionConfig`; None = `attnsel.get_config()` when loading.
+    """
+
+    def __init__(self, components: Mapping[str, Any] | Iterable[str] | None = None, *, config=None,
+                 weights_seed: int = 0):
+        if components is None:
+            components = {name: None for name in DEFAULT_COMPONENTS}
+        elif not isinstance(components, Mapping):
+            components = {name: None for name in components}
+        self.specs: dict[str, ComponentSpec] = {name.replace("-", "_"): _as_spec(v) for name, v in components.items()}
+        self.config = config
+        self.weights_seed = weights_seed
+        self.loader = ComponentLoader(config)
+        self.modules: dict[str, Any] = {}
+
+    @property
+    def component_names(self) -> list[str]:
+        return list(self.specs)
+
+    @property
+    def records(self) -> dict[str, LoadedComponent]:
+        """Per loaded component: backend(s), the level that chose them, the matched override, load/run time."""
+        return self.loader.records
+
+    # -- loading -----------------------------------------------------------------------------------------------
+    def _overrides(self) -> dict[str, Any]:
+        return dict(getattr(self.loader.config, "component_attention_backends", None) or {})
+
+    def _check_unknown_overrides(self) -> dict[str, list[str]]:
+        """key -> components it applies to; raise for keys that apply to none."""
+        used: dict[str, list[str]] = {}
+        for name, spec in self.specs.items():
+            _, key = self.loader.resolve(name, spec.family)
+            if key is not None:
+                used.setdefault(key, []).append(name)
+        unknown = [key for key in self._overrides() if key not in used]
+        if unknown:
+            key = unknown[0]
+            names = self.component_names
+            lowered = {n.lower(): n for n in names}
+            close = difflib.get_close_matches(key.lower(), list(lowered), n=1, cutoff=0.5)
+            hint = f"; did you mean {lowered[close[0]]!r}?" if close else ""
+            raise ValueError(
+                f"component attention backend override {key!r} names no component of this pipeline "
+                f"(components: {', '.join(names)}){hint}"
+            )
+        return used
+
+    def _check_overrides_applied(self, used: Mapping[str, list[str]]) -> None:
+        overrides = self._overrides()
+        for key, names in used.items():
+            records = [self.records[n] for n in names]
+            if any(r.override_applied for r in records):
+                continue
+            requested = records[0].requested_backend
+            layers = sum(len(r.layers) for r in records)
+            if layers == 0 and requested == Backend.NO_ATTENTION:
+                continue  # `no_attention` on a component without attention states the fact: nothing to apply
+            comps = ", ".join(repr(n) for n in names)
+            value = overrides.get(key, requested.name.lower() if requested is not None else "?")
+            if layers == 0:
+                why = f"component {comps} has no attnsel attention layers"
+            else:
+                levels = Counter()
+                for r in records:
+                    levels.update(r.source_counts)
+                why = (f"all {_plural(layers, 'attention layer')} of {comps} chose their backend at a higher "
+                       f"priority level ({', '.join(f'{s}: {n}' for s, n in sorted(levels.items()))})")
+            raise ValueError(f"component attention backend override {key}={value} was applied to no attention layer: "
+                             f"{why}")
+
+    def load_modules(self) -> dict[str, Any]:
+        """Resolve every component's backend, load it through the loader and check that each override applied."""
+        with using_config(self.config):
+            used = self._check_unknown_overrides()
+            self.modules = {}
+            for name, spec in self.specs.items():
+                kwargs = dict(spec.kwargs)
+                if spec.factory is None:
+                    kwargs.setdefault("seed", self.weights_seed)
+                    module = self.loader.load_native(name, None, family=spec.family, **kwargs)
+                else:
+                    module = self.loader.load_customized(name, spec.factory, family=spec.family, **kwargs)
+                if hasattr(module, "eval"):
+                    module.eval()
+                self.modules[name] = module
+            self._check_overrides_applied(used)
+        return self.modules
+
+    # -- running -----------------------------------------------------------------------------------------------
+    def _require(self, name: str) -> Any:
+        if name not in self.modules:
+            raise ValueError(f"the pipeline has no {name!r} component (components: {', '.join(self.component_names)})")
+        return self.modules[name]
+
+    @torch.no_grad()
+    def __call__(self, prompt: str, steps: int = 4, seed: int = 0, progress: ProgressFn | None = None) -> torch.Tensor:
+        """Generate one image, (1, 3, H, W) in [-1, 1]; the same prompt, steps and seed give the same image."""
+        if not self.modules:
+            self.load_modules()
+        for record in self.records.values():
+            record.run_seconds = 0.0
+        encoders = [(n, m) for n, m in self.modules.items() if n == "text_encoder" or n.startswith("text_encoder_")]
+        if not encoders:
+            raise ValueError(f"the pipeline has no text encoder (components: {', '.join(self.component_names)})")
+        transformer, vae = self._require("transformer"), self._require("vae")
+        context = TextEncodingStage(encoders)(prompt, self.records, progress)
+        shape = (1, transformer.latent_channels, transformer.latent_size, transformer.latent_size)
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+        denoise = DenoisingStage(transformer, steps)
+        latent = denoise(noise, context, progress, self.records.get("transformer"))
+        return DecodingStage(vae)(latent, progress, self.records.get("vae"))
+
+    def report(self) -> list[dict[str, Any]]:
+        """One dict per loaded component: backends, level(s), override key, reasons and seconds."""
+        rows = []
+        for name, r in self.records.items():
+            rows.append({
+                "component": name,
+                "kind": r.kind,
+                "backends": {b.name.lower(): n for b, n in r.backend_counts.items()},
+                "backend": r.describe_backends(),
+                "sources": dict(r.source_counts),
+                "why": r.describe_sources(),
+                "override": r.matched_key,
+                "reasons": r.reasons(),
+                "load_seconds": r.load_seconds,
+                "run_seconds": r.run_seconds,
+            })
+        return rows

@@ -1,0 +1,30 @@
+// attnsel C++ API for tensors: run attention through the same backend selection and kernel table as the Python op
+// torch.ops.attnsel.attention. Needs Torch (link attnsel::torch); the torch-free API is <attnsel/attnsel.h>.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+#include "attnsel/attnsel.h"
+
+namespace attnsel {
+
+struct AttentionOptions {
+  // SDPA-style mask broadcastable to [B, Hq, Sq, Sk]: bool (true = attend) or additive float.
+  std::optional<at::Tensor> attn_mask;
+  bool is_causal = false;
+  // Softmax scale; nothing = 1/sqrt(head_dim).
+  std::optional<double> scale;
+  // Explicit backend (highest priority, and this thread's component scope is ignored); nothing = select with
+  // this thread's context: forced > component scope > global > automatic.
+  std::optional<BackendId> backend;
+};
+
+// q: [B, Hq, Sq, D], k: [B, Hkv, Sk, D], v: [B, Hkv, Sk, Dv] (Hq a multiple of Hkv) -> [B, Hq, Sq, Dv].
+// Throws c10::ValueError when the chosen backend cannot run the input (with every reason), c10::Error for
+// malformed inputs.
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const AttentionOptions& opts = {});
+
+}  // namespace attnsel

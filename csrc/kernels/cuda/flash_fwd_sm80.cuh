@@ -1,0 +1,557 @@
+// Flash-attention forward for sm_80+: mma.sync m16n8k16 (bf16/fp16 in, fp32 accumulate), ldmatrix,
+// cp.async double overlap (V(j) streams in during Q·K(j)^T, K(j+1) during softmax and P·V(j)).
+// Torch-free; included by the per-head-dim .cu files, which instantiate the launchers.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace attnsel::cuda::detail {
+
+// Device-side arguments: strides in elements (the last dim is contiguous, checked by refusal()).
+struct FwdArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* o;
+  std::int64_t q_sb, q_sh, q_ss;
+  std::int64_t k_sb, k_sh, k_ss;
+  std::int64_t v_sb, v_sh, v_ss;
+  std::int64_t o_sb, o_sh, o_ss;
+  int group;  // heads_q / heads_kv
+  int seq_q, seq_kv;
+  float scale_log2;  // scale * log2(e): softmax runs on exp2
+};
+
+// ---- PTX wrappers ----------------------------------------------------------------------------------
+__device__ __forceinline__ std::uint32_t smem_u32(const void* p) {
+  return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy; pred false zero-fills the destination (rows past the sequence end).
+__device__ __forceinline__ void cp_async16(std::uint32_t dst, const void* src, bool pred) {
+  const int n = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldsm_x4(std::uint32_t addr, std::uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(std::uint32_t addr, std::uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+template <typename T>
+struct MmaOp;
+template <>
+struct MmaOp<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float (&c)[4], const std::uint32_t (&a)[4], std::uint32_t b0,
+                                             std::uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ std::uint32_t pack(float x, float y) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+    return *reinterpret_cast<std::uint32_t*>(&h);
+  }
+};
+template <>
+struct MmaOp<__half> {
+  static __device__ __forceinline__ void run(float (&c)[4], const std::uint32_t (&a)[4], std::uint32_t b0,
+                                             std::uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ std::uint32_t pack(float x, float y) {
+    __half2 h = __floats2half2_rn(x, y);
+    return *reinterpret_cast<std::uint32_t*>(&h);
+  }
+};
+
+// Shared tiles are [rows][COLS] with the 16-byte chunk index XOR-swizzled by (row % 8), so the 8 rows
+// an ldmatrix reads (and the rows cp.async writes) fall in distinct banks. col must be a multiple of 8.
+template <int COLS>
+__device__ __forceinline__ int swz(int row, int col) {
+  static_assert(COLS % 64 == 0, "swizzle needs >= 8 chunks per row");
+  return row * COLS + ((((col >> 3) ^ (row & 7))) << 3);
+}
+
+// Async-load rows [row0, row0 + ROWS) of a [n_rows, COLS] global matrix (row stride `stride`) into a shared
+// tile whose byte offset of (row, col) is Off(row, col). Each thread keeps one 16-byte column chunk and walks
+// rows, so the per-chunk address math is one add (keeps registers free in the hot loop).
+template <int ROWS, int COLS, int NT, typename Off, typename T>
+__device__ __forceinline__ void load_rows(std::uint32_t s, const T* g, std::int64_t stride, int row0, int n_rows,
+                                          int tid) {
+  constexpr int CPR = COLS / 8;
+  static_assert(NT % CPR == 0, "a thread must keep one column chunk");
+  constexpr int RS = NT / CPR;
+  const int c = tid % CPR, r0 = tid / CPR;
+  const T* src = g + c * 8;
+#pragma unroll
+  for (int it = 0; it < (ROWS + RS - 1) / RS; ++it) {
+    const int r = r0 + it * RS;
+    if (ROWS % RS != 0 && r >= ROWS) break;  // last pass of a tile that does not split evenly
+    const int gr = row0 + r;
+    const bool p = gr < n_rows;
+    cp_async16(s + Off::template at<ROWS, COLS>(r, c * 8), src + static_cast<std::int64_t>(p ? gr : 0) * stride, p);
+  }
+}
+
+struct OffSwz {  // matches swz<COLS>
+  template <int ROWS, int COLS>
+  static __device__ __forceinline__ std::uint32_t at(int r, int col) {
+    return static_cast<std::uint32_t>(swz<COLS>(r, col)) * 2u;
+  }
+};
+
+template <int ROWS, int COLS, int NT, typename T>
+__device__ __forceinline__ void load_tile(T* s, const T* g, std::int64_t stride, int row0, int n_rows, int tid) {
+  load_rows<ROWS, COLS, NT, OffSwz>(smem_u32(s), g, stride, row0, n_rows, tid);
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// Number of key tiles block m0..m0+BR-1 must visit (causal: top-left aligned, key j <= query i).
+template <int BR, int BC, bool CAUSAL>
+__device__ __forceinline__ int key_tiles(int m0, int seq_kv) {
+  int n = (seq_kv + BC - 1) / BC;
+  if (CAUSAL) n = min(n, (m0 + BR - 1) / BC + 1);
+  return n;
+}
+
+// =====================================================================================================
+// Kernel A (head_dim 64/128/256): each warp owns MT m16 row tiles of the BR-row query block and the full
+// head_dim of O in registers; P stays in registers (accumulator layout == A-operand layout).
+// =====================================================================================================
+template <typename T, int D, int BR, int BC, int NW, bool CAUSAL>
+struct KernelA {
+  static constexpr int NT = NW * 32;
+  static constexpr int MT = BR / (16 * NW);
+  static constexpr int NTS = BC / 8;  // n8 tiles of S
+  static constexpr int NTO = D / 8;   // n8 tiles of O
+  static constexpr int SMEM = (BR * D + 2 * BC * D) * 2;
+  static_assert(MT >= 1 && MT * 16 * NW == BR, "BR must be a multiple of 16 * warps");
+  static_assert(BC % 16 == 0 && D % 64 == 0, "tile shape");
+};
+
+template <typename T, int D, int BR, int BC, int NW, bool CAUSAL>
+__global__ void __launch_bounds__(NW * 32) flash_fwd_a(const FwdArgs a) {
+  using K = KernelA<T, D, BR, BC, NW, CAUSAL>;
+  constexpr int NT = K::NT, MT = K::MT, NTS = K::NTS, NTO = K::NTO;
+  using Op = MmaOp<T>;
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + BR * D;
+  T* sV = sK + BC * D;
+
+  // Heaviest causal blocks first: they finish last otherwise.
+  const int m_block = CAUSAL ? (gridDim.x - 1 - blockIdx.x) : blockIdx.x;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / a.group;
+  const T* q = static_cast<const T*>(a.q) + b * a.q_sb + h * a.q_sh;
+  const T* k = static_cast<const T*>(a.k) + b * a.k_sb + hk * a.k_sh;
+  const T* v = static_cast<const T*>(a.v) + b * a.v_sb + hk * a.v_sh;
+  T* o = static_cast<T*>(a.o) + b * a.o_sb + h * a.o_sh;
+
+  const int m0 = m_block * BR;
+  const int n_tiles = key_tiles<BR, BC, CAUSAL>(m0, a.seq_kv);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int wrow = warp * MT * 16;
+
+  load_tile<BR, D, NT>(sQ, q, a.q_ss, m0, a.seq_q, tid);
+  load_tile<BC, D, NT>(sK, k, a.k_ss, 0, a.seq_kv, tid);
+  cp_async_commit();
+
+  float acc[MT][NTO][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NTO; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+  float m_i[MT][2], l_i[MT][2];
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) m_i[i][r] = -INFINITY, l_i[i][r] = 0.f;
+
+  const float sl2 = a.scale_log2;
+
+  for (int jt = 0; jt < n_tiles; ++jt) {
+    const int n0 = jt * BC;
+    cp_async_wait<0>();
+    __syncthreads();  // K(jt) landed; every warp is done with V(jt-1)
+    load_tile<BC, D, NT>(sV, v, a.v_ss, n0, a.seq_kv, tid);
+    cp_async_commit();
+
+    float s[MT][NTS][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+      for (int j = 0; j < NTS; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[i][j][e] = 0.f;
+
+#pragma unroll 4
+    for (int kk = 0; kk < D / 16; ++kk) {
+      std::uint32_t qa[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+        ldsm_x4(smem_u32(sQ + swz<D>(wrow + mt * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8)), qa[mt]);
+#pragma unroll
+      for (int n2 = 0; n2 < NTS / 2; ++n2) {
+        std::uint32_t kb[4];
+        ldsm_x4(smem_u32(sK + swz<D>(n2 * 16 + (lane & 7) + ((lane >> 4) << 3), kk * 16 + ((lane >> 3) & 1) * 8)),
+                kb);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          Op::run(s[mt][2 * n2], qa[mt], kb[0], kb[1]);
+          Op::run(s[mt][2 * n2 + 1], qa[mt], kb[2], kb[3]);
+        }
+      }
+    }
+
+    // Mask only the tiles that cross the sequence end or the causal diagonal.
+    if (n0 + BC > a.seq_kv || (CAUSAL && n0 + BC - 1 > m0 + wrow)) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NTS; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int row = m0 + wrow + mt * 16 + g + (e >> 1) * 8;
+            const int col = n0 + nt * 8 + t * 2 + (e & 1);
+            if (col >= a.seq_kv || (CAUSAL && col > row)) s[mt][nt][e] = -INFINITY;
+          }
+    }
+
+    cp_async_wait<0>();
+    __syncthreads();  // V(jt) landed; every warp is done with K(jt)
+    if (jt + 1 < n_tiles) load_tile<BC, D, NT>(sK, k, a.k_ss, n0 + BC, a.seq_kv, tid);
+    cp_async_commit();
+
+    // Online softmax on this thread's two rows per m-tile (a row's 4 owners are one quad).
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = m_i[mt][r];
+#pragma unroll
+        for (int nt = 0; nt < NTS; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
+        mx = quad_max(mx);
+        const float ms = (mx == -INFINITY) ? 0.f : mx * sl2;  // fully masked so far: keep exp2 finite
+        const float alpha = exp2f(m_i[mt][r] * sl2 - ms);
+        m_i[mt][r] = mx;
+        float rs = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < NTS; ++nt) {
+          const float p0 = exp2f(fmaf(s[mt][nt][2 * r], sl2, -ms));
+          const float p1 = exp2f(fmaf(s[mt][nt][2 * r + 1], sl2, -ms));
+          s[mt][nt][2 * r] = p0;
+          s[mt][nt][2 * r + 1] = p1;
+          rs += p0 + p1;
+        }
+        l_i[mt][r] = l_i[mt][r] * alpha + rs;  // per-thread partial; the quad is summed at the end
+#pragma unroll
+        for (int nt = 0; nt < NTO; ++nt) {
+          acc[mt][nt][2 * r] *= alpha;
+          acc[mt][nt][2 * r + 1] *= alpha;
+        }
+      }
+
+    // O += P · V(jt)
+#pragma unroll
+    for (int kk = 0; kk < BC / 16; ++kk) {
+      std::uint32_t pa[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        pa[mt][0] = Op::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        pa[mt][1] = Op::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        pa[mt][2] = Op::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        pa[mt][3] = Op::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int n2 = 0; n2 < NTO / 2; ++n2) {
+        std::uint32_t vb[4];
+        ldsm_x4_t(smem_u32(sV + swz<D>(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, n2 * 16 + (lane >> 4) * 8)),
+                  vb);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          Op::run(acc[mt][2 * n2], pa[mt], vb[0], vb[1]);
+          Op::run(acc[mt][2 * n2 + 1], pa[mt], vb[2], vb[3]);
+        }
+      }
+    }
+  }
+
+  // Normalise and store (each quad writes 16 contiguous bytes of a row).
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float l = quad_sum(l_i[mt][r]);
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const int row = m0 + wrow + mt * 16 + g + r * 8;
+      if (row < a.seq_q) {
+        T* orow = o + static_cast<std::int64_t>(row) * a.o_ss;
+#pragma unroll
+        for (int nt = 0; nt < NTO; ++nt)
+          *reinterpret_cast<std::uint32_t*>(orow + nt * 8 + t * 2) =
+              Op::pack(acc[mt][nt][2 * r] * inv, acc[mt][nt][2 * r + 1] * inv);
+      }
+    }
+}
+
+// =====================================================================================================
+// Kernel B (head_dim 512): O[64 x 512] fp32 is too large for one warp's rows, so the 8 warps split it by
+// columns (warp w owns O[:, 64w:64w+64]). S = Q·K^T is computed cooperatively (warp tile 32 x 16), the
+// row max is combined through shared memory and P goes to shared memory for the P·V phase.
+// =====================================================================================================
+template <typename T, bool CAUSAL>
+struct KernelB {
+  static constexpr int D = 512, BR = 64, BC = 64, NW = 8, NT = 256;
+  static constexpr int SMEM = (BR * D + 2 * BC * D + BR * BC) * 2 + (4 * BR + 2 * BR) * 4;
+};
+
+template <typename T, bool CAUSAL>
+__global__ void __launch_bounds__(256, 1) flash_fwd_d512(const FwdArgs a) {
+  using KB = KernelB<T, CAUSAL>;
+  constexpr int D = KB::D, BR = KB::BR, BC = KB::BC, NT = KB::NT;
+  using Op = MmaOp<T>;
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + BR * D;
+  T* sV = sK + BC * D;
+  T* sP = sV + BC * D;
+  float* sRed = reinterpret_cast<float*>(sP + BR * BC);  // [4][BR]: per column-group row max, later row sums
+  float* sM = sRed + 4 * BR;                              // [2][BR]: running row max, double-buffered by tile
+
+  const int m_block = CAUSAL ? (gridDim.x - 1 - blockIdx.x) : blockIdx.x;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / a.group;
+  const T* q = static_cast<const T*>(a.q) + b * a.q_sb + h * a.q_sh;
+  const T* k = static_cast<const T*>(a.k) + b * a.k_sb + hk * a.k_sh;
+  const T* v = static_cast<const T*>(a.v) + b * a.v_sb + hk * a.v_sh;
+  T* o = static_cast<T*>(a.o) + b * a.o_sb + h * a.o_sh;
+
+  const int m0 = m_block * BR;
+  const int n_tiles = key_tiles<BR, BC, CAUSAL>(m0, a.seq_kv);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  // S-phase role: rows 32*rg.., key columns 16*cg..
+  const int rg = warp >> 2, cg = warp & 3;
+  // PV-phase role: O columns 64*warp..
+  const int ocol = warp * 64;
+
+  load_tile<BR, D, NT>(sQ, q, a.q_ss, m0, a.seq_q, tid);
+  load_tile<BC, D, NT>(sK, k, a.k_ss, 0, a.seq_kv, tid);
+  cp_async_commit();
+  if (tid < 2 * BR) sM[tid] = -INFINITY;
+
+  float acc[4][8][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+  float l_p[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // partial row sums over this warp's S columns
+  const float sl2 = a.scale_log2;
+
+  for (int jt = 0; jt < n_tiles; ++jt) {
+    const int n0 = jt * BC;
+    const int cur = jt & 1, prev = cur ^ 1;
+    cp_async_wait<0>();
+    __syncthreads();  // K(jt) landed; P·V(jt-1) done everywhere (sV, sP, sM free)
+    load_tile<BC, D, NT>(sV, v, a.v_ss, n0, a.seq_kv, tid);
+    cp_async_commit();
+
+    float s[2][2][4];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[i][j][e] = 0.f;
+#pragma unroll 8
+    for (int kk = 0; kk < D / 16; ++kk) {
+      std::uint32_t qa[2][4], kb[4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+        ldsm_x4(smem_u32(sQ + swz<D>(rg * 32 + mt * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8)), qa[mt]);
+      ldsm_x4(smem_u32(sK + swz<D>(cg * 16 + (lane & 7) + ((lane >> 4) << 3), kk * 16 + ((lane >> 3) & 1) * 8)),
+              kb);
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        Op::run(s[mt][0], qa[mt], kb[0], kb[1]);
+        Op::run(s[mt][1], qa[mt], kb[2], kb[3]);
+      }
+    }
+    if (n0 + BC > a.seq_kv || (CAUSAL && n0 + BC - 1 > m0)) {
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int row = m0 + rg * 32 + mt * 16 + g + (e >> 1) * 8;
+            const int col = n0 + cg * 16 + nt * 8 + t * 2 + (e & 1);
+            if (col >= a.seq_kv || (CAUSAL && col > row)) s[mt][nt][e] = -INFINITY;
+          }
+    }
+    // Partial row max over this warp's 16 columns.
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = fmaxf(fmaxf(s[mt][0][2 * r], s[mt][0][2 * r + 1]), fmaxf(s[mt][1][2 * r], s[mt][1][2 * r + 1]));
+        mx = quad_max(mx);
+        if (t == 0) sRed[cg * BR + rg * 32 + mt * 16 + g + r * 8] = mx;
+      }
+
+    cp_async_wait<0>();
+    __syncthreads();  // V(jt) landed; partial maxima visible; K(jt) free
+    if (jt + 1 < n_tiles) load_tile<BC, D, NT>(sK, k, a.k_ss, n0 + BC, a.seq_kv, tid);
+    cp_async_commit();
+
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int lrow = rg * 32 + mt * 16 + g + r * 8;
+        const float m_old = sM[prev * BR + lrow];
+        const float mx = fmaxf(fmaxf(m_old, fmaxf(sRed[lrow], sRed[BR + lrow])),
+                               fmaxf(sRed[2 * BR + lrow], sRed[3 * BR + lrow]));
+        const float ms = (mx == -INFINITY) ? 0.f : mx * sl2;
+        const float alpha = exp2f(m_old * sl2 - ms);
+        float rs = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          const float p0 = exp2f(fmaf(s[mt][nt][2 * r], sl2, -ms));
+          const float p1 = exp2f(fmaf(s[mt][nt][2 * r + 1], sl2, -ms));
+          rs += p0 + p1;
+          *reinterpret_cast<std::uint32_t*>(sP + swz<BC>(lrow, cg * 16 + nt * 8) + t * 2) = Op::pack(p0, p1);
+        }
+        l_p[mt][r] = l_p[mt][r] * alpha + rs;
+        if (cg == 0 && t == 0) sM[cur * BR + lrow] = mx;
+      }
+    __syncthreads();  // P and the new row max visible
+
+    // O[:, ocol:ocol+64] = alpha * O + P · V(jt)[:, ocol:ocol+64]
+#pragma unroll
+    for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int lrow = mt * 16 + g + r * 8;
+        const float mn = sM[cur * BR + lrow];
+        const float ms = (mn == -INFINITY) ? 0.f : mn * sl2;
+        const float alpha = exp2f(sM[prev * BR + lrow] * sl2 - ms);
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+          acc[mt][nt][2 * r] *= alpha;
+          acc[mt][nt][2 * r + 1] *= alpha;
+        }
+      }
+#pragma unroll
+    for (int kk = 0; kk < BC / 16; ++kk) {
+      std::uint32_t pa[4][4];
+#pragma unroll
+      for (int mt = 0; mt < 4; ++mt)
+        ldsm_x4(smem_u32(sP + swz<BC>(mt * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8)), pa[mt]);
+#pragma unroll
+      for (int n2 = 0; n2 < 4; ++n2) {
+        std::uint32_t vb[4];
+        ldsm_x4_t(smem_u32(sV + swz<D>(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
+                                       ocol + n2 * 16 + (lane >> 4) * 8)),
+                  vb);
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt) {
+          Op::run(acc[mt][2 * n2], pa[mt], vb[0], vb[1]);
+          Op::run(acc[mt][2 * n2 + 1], pa[mt], vb[2], vb[3]);
+        }
+      }
+    }
+  }
+
+  // Row sums: quad, then across the 4 column-group warps through shared memory.
+  __syncthreads();  // sRed reads of the last tile are done
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float l = quad_sum(l_p[mt][r]);
+      if (t == 0) sRed[cg * BR + rg * 32 + mt * 16 + g + r * 8] = l;
+    }
+  __syncthreads();
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int lrow = mt * 16 + g + r * 8;
+      const float l = sRed[lrow] + sRed[BR + lrow] + sRed[2 * BR + lrow] + sRed[3 * BR + lrow];
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const int row = m0 + lrow;
+      if (row < a.seq_q) {
+        T* orow = o + static_cast<std::int64_t>(row) * a.o_ss + ocol;
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+          *reinterpret_cast<std::uint32_t*>(orow + nt * 8 + t * 2) =
+              Op::pack(acc[mt][nt][2 * r] * inv, acc[mt][nt][2 * r + 1] * inv);
+      }
+    }
+}
+
+// ---- launchers -------------------------------------------------------------------------------------
+template <typename T, int D, int BR, int BC, int NW, bool CAUSAL>
+cudaError_t launch_a(const FwdArgs& a, int batch, int heads, cudaStream_t stream) {
+  using K = KernelA<T, D, BR, BC, NW, CAUSAL>;
+  auto kern = flash_fwd_a<T, D, BR, BC, NW, CAUSAL>;
+  if (K::SMEM > 48 * 1024) {
+    cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, K::SMEM);
+    if (e != cudaSuccess) return e;
+  }
+  dim3 grid((a.seq_q + BR - 1) / BR, heads, batch);
+  kern<<<grid, K::NT, K::SMEM, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <typename T, bool CAUSAL>
+cudaError_t launch_d512(const FwdArgs& a, int batch, int heads, cudaStream_t stream) {
+  using K = KernelB<T, CAUSAL>;
+  auto kern = flash_fwd_d512<T, CAUSAL>;
+  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, K::SMEM);
+  if (e != cudaSuccess) return e;
+  dim3 grid((a.seq_q + K::BR - 1) / K::BR, heads, batch);
+  kern<<<grid, K::NT, K::SMEM, stream>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace attnsel::cuda::detail

@@ -1,0 +1,14 @@
+// The C++ tensor API (<attnsel/torch.h>): a thin front over the entry the op registration uses, so native and
+// Python callers share one selection path and one (backend, device) kernel table.
+#include "attnsel/torch.h"
+
+#include "dispatch.h"
+
+namespace attnsel {
+
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionOptions& opts) {
+  const std::int64_t backend = opts.backend ? static_cast<std::int64_t>(*opts.backend) : -1;
+  return torch_glue::attention(q, k, v, opts.attn_mask, opts.is_causal, opts.scale, backend);
+}
+
+}  // namespace attnsel

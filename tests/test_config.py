@@ -1,0 +1,450 @@
+"""Tests for attnsel.config: value parsing, the CLI (incl. dotted flags), env vars, config files, precedence."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+import attnsel  # noqa: F401  (loads torch before the native module)
+from attnsel import _C
+from attnsel.backends import Backend, normalize_backend_name
+from attnsel.config import (
+    ENV_ATTENTION_BACKEND,
+    ENV_COMPONENT_ATTENTION_BACKENDS,
+    AttentionConfig,
+    get_config,
+    parse_component_backends,
+    set_config,
+)
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    # The developer's shell must not leak into the tests.
+    monkeypatch.delenv(ENV_ATTENTION_BACKEND, raising=False)
+    monkeypatch.delenv(ENV_COMPONENT_ATTENTION_BACKENDS, raising=False)
+
+
+@pytest.fixture
+def restore_config():
+    yield
+    set_config(None)
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+# ---- the four original tests ---------------------------------------------------------------------------------
+
+
+def test_backend_name_normalisation():
+    assert normalize_backend_name("fa3") == "fa"
+    assert normalize_backend_name("FA4") == "fa"
+    assert normalize_backend_name(" Fa3 ") == "fa"
+    assert normalize_backend_name("fa2") == "fa2"
+    assert AttentionConfig(attention_backend=" Fa3 ").attention_backend == "fa"
+    assert AttentionConfig(attention_backend="fa2").attention_backend == "fa2"
+    assert AttentionConfig(attention_backend=Backend.TORCH_SDPA).attention_backend == "torch_sdpa"
+    assert AttentionConfig().attention_backend is None
+    assert AttentionConfig(component_attention_backends={"vae": "FA4"}).component_attention_backends == {"vae": "fa"}
+
+
+def test_component_lookup():
+    cfg = AttentionConfig(component_attention_backends="text_encoder=fa3,vae=torch_sdpa,Dit=fa2")
+    assert cfg.resolve_component_backend("text_encoder") == (Backend.FA, "text_encoder")
+    assert cfg.resolve_component_backend(" text-encoder ") == (Backend.FA, "text_encoder")
+    # _2 falls back to the base name; no other suffix does
+    assert cfg.resolve_component_backend("text_encoder_2") == (Backend.FA, "text_encoder")
+    assert cfg.resolve_component_backend("text-encoder-2") == (Backend.FA, "text_encoder")
+    assert cfg.resolve_component_backend("text_encoder_3") == (None, None)
+    # first name that matches wins; None names are skipped
+    assert cfg.resolve_component_backend(None, "unknown", "vae", "text_encoder") == (Backend.TORCH_SDPA, "vae")
+    assert cfg.resolve_component_backend("text_encoder", "vae") == (Backend.FA, "text_encoder")
+    # case-sensitive
+    assert cfg.resolve_component_backend("dit") == (None, None)
+    assert cfg.resolve_component_backend("Dit") == (Backend.FA2, "Dit")
+    assert cfg.resolve_component_backend() == (None, None)
+    assert AttentionConfig().resolve_component_backend("vae") == (None, None)
+    # an exact _2 entry beats the fallback
+    cfg2 = AttentionConfig(component_attention_backends={"text_encoder": "fa", "text_encoder_2": "fa2"})
+    assert cfg2.resolve_component_backend("text_encoder_2") == (Backend.FA2, "text_encoder_2")
+    with pytest.raises(ValueError, match="component name"):
+        cfg.resolve_component_backend(3)
+
+
+def test_invalid_backend_raises():
+    with pytest.raises(ValueError, match="unknown attention backend 'nope'.*valid options: fa2, fa, torch_sdpa"):
+        AttentionConfig(attention_backend="nope")
+    with pytest.raises(ValueError, match="component 'vae': unknown attention backend 'nope'.*fa3 \\(= fa\\)"):
+        AttentionConfig(component_attention_backends={"vae": "nope"})
+    with pytest.raises(ValueError, match="--attention-backend: unknown attention backend 'nope'"):
+        AttentionConfig.from_cli(["--attention-backend", "nope"])
+    with pytest.raises(ValueError, match="component 'vae': unknown attention backend 'nope'"):
+        AttentionConfig.from_cli(["--component-attention-backends.vae", "nope"])
+
+
+def test_dynamic_dotted_cli_args():
+    cfg = AttentionConfig.from_cli(
+        [
+            "--component-attention-backends.text-encoder", "fa3",
+            "--component-attention-backends.vae=torch_sdpa",
+            "--component-attention-backends", "dit=fa2,vae=fa",  # later wins for vae
+            "--component-attention-backends.dit=sdpa_math",  # and for dit
+        ]
+    )
+    assert cfg.component_attention_backends == {"text_encoder": "fa", "vae": "fa", "dit": "sdpa_math"}
+    assert cfg.attention_backend is None
+    # a dotted value that looks like a list or JSON is kept whole, not split
+    with pytest.raises(ValueError, match="unknown attention backend 'fa,vae=fa2'"):
+        AttentionConfig.from_cli(["--component-attention-backends.dit=fa,vae=fa2"])
+
+
+# ---- parse_component_backends ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (None, {}),
+        ("", {}),
+        ("   ", {}),
+        ({}, {}),
+        ("text-encoder=fa3,vae=torch_sdpa", {"text_encoder": "fa", "vae": "torch_sdpa"}),
+        (" text-encoder = FA3 , vae=torch_sdpa, ", {"text_encoder": "fa", "vae": "torch_sdpa"}),
+        ("a=fa,,b=fa2,", {"a": "fa", "b": "fa2"}),
+        ("Text-Encoder=fa2", {"Text_Encoder": "fa2"}),
+        ('{"text-encoder": "fa3"}', {"text_encoder": "fa"}),
+        ('  {"vae": "Torch_SDPA", "dit": "fa4"}  ', {"vae": "torch_sdpa", "dit": "fa"}),
+        ({" text-encoder ": "fa3", "vae": Backend.FA2}, {"text_encoder": "fa", "vae": "fa2"}),
+    ],
+)
+def test_parse_component_backends_forms(value, expected):
+    assert parse_component_backends(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("=fa", "key must not be empty"),
+        ("  =fa", "key must not be empty"),
+        ({"": "fa"}, "key must not be empty"),
+        ('{"": "fa"}', "key must not be empty"),
+        ("vae", "entries must be 'component=backend'"),
+        ("vae=fa,dit", "entries must be 'component=backend', got 'dit'"),
+        ("text-encoder=fa,text_encoder=fa2", "'text-encoder' and as 'text_encoder'"),
+        ("vae=fa,vae=fa", "'vae' and as 'vae'"),
+        ({"text-encoder": "fa", "text_encoder": "fa2"}, "'text-encoder' and as 'text_encoder'"),
+        ('{"vae": "fa", "vae": "fa2"}', "'vae' is given twice"),
+        ('{"text-encoder": "fa", "text_encoder": "fa2"}', "'text-encoder' and as 'text_encoder'"),
+        ('["vae=fa"]', "must be an object"),
+        ("[]", "must be an object"),
+        ('"vae=fa"', "must be an object"),
+        ('{"vae": ', "invalid JSON"),
+        ('{"vae": null}', "component 'vae': attention backend name must be a string"),
+        ('{"vae": {"x": "fa"}}', "component 'vae'"),
+        ("vae=", "component 'vae': unknown attention backend ''"),
+        ("vae=bogus", "component 'vae': unknown attention backend 'bogus'; valid options"),
+        ({3: "fa"}, "key must be a string"),
+        (["vae=fa"], "must be a dict"),
+        (42, "must be a dict"),
+    ],
+)
+def test_parse_component_backends_errors(value, message):
+    with pytest.raises(ValueError, match=message.replace("(", "\\(").replace("[", "\\[")):
+        parse_component_backends(value)
+
+
+def test_config_type_errors():
+    with pytest.raises(ValueError, match="must be a dict"):
+        AttentionConfig(component_attention_backends=3)
+    with pytest.raises(ValueError, match="must be a string"):
+        AttentionConfig(attention_backend=1)
+
+
+# ---- from_cli ---------------------------------------------------------------------------------------------------
+
+
+def test_from_cli_global_and_components():
+    cfg = AttentionConfig.from_cli(
+        ["--attention-backend", "FA3", "--component-attention-backends", '{"text-encoder": "fa2"}']
+    )
+    assert cfg == AttentionConfig("fa", {"text_encoder": "fa2"})
+    assert AttentionConfig.from_cli(["--attention-backend=torch_sdpa"]).attention_backend == "torch_sdpa"
+    # repeated global flag: the last one wins
+    assert AttentionConfig.from_cli(["--attention-backend", "fa", "--attention-backend", "fa2"]).attention_backend == "fa2"
+    assert AttentionConfig.from_cli([]) == AttentionConfig()
+
+
+def test_from_cli_duplicate_within_one_value_is_error():
+    with pytest.raises(ValueError, match="--component-attention-backends: component 'vae' is given twice"):
+        AttentionConfig.from_cli(["--component-attention-backends", "vae=fa,vae=fa2"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--attention-back", "fa"], "abbreviated option --attention-back"),
+        (["--attention-back=fa"], "abbreviated option --attention-back"),
+        (["--component-attention-backend", "vae=fa"], "--component-attention-backends"),
+        (["--conf", "x.json"], "abbreviated option --conf"),
+        (["--unknown-flag"], "unrecognized arguments: --unknown-flag"),
+        (["stray"], "unrecognized arguments: stray"),
+        (["--attention-backend"], "expected one argument"),
+        (["--component-attention-backends.vae"], "--component-attention-backends.vae: expected one argument"),
+        (["--component-attention-backends.vae", "--attention-backend", "fa"], "expected one argument"),
+        (["--component-attention-backends.=fa"], "key must not be empty"),
+        (["--component-attention-backends", "vae"], "entries must be 'component=backend'"),
+        (["--component-attention-backends", "[1]"], "must be an object"),
+    ],
+)
+def test_from_cli_errors(argv, message):
+    with pytest.raises(ValueError, match=message.replace("[", "\\[")) as info:
+        AttentionConfig.from_cli(argv)
+    assert "\n" not in str(info.value)  # one clear line
+
+
+def test_from_cli_reads_sys_argv(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["prog", "--component-attention-backends.vae", "fa3"])
+    assert AttentionConfig.from_cli().component_attention_backends == {"vae": "fa"}
+
+
+def test_tokens_after_double_dash_are_not_rewritten():
+    with pytest.raises(ValueError, match="unrecognized arguments: (-- )?--component-attention-backends\\.vae fa$"):
+        AttentionConfig.from_cli(["--", "--component-attention-backends.vae", "fa"])
+
+
+# ---- a user's own parser ------------------------------------------------------------------------------------
+
+
+def make_user_parser(**kwargs):
+    parser = argparse.ArgumentParser(prog="user", **kwargs)
+    parser.add_argument("--steps", type=int, default=1)
+    assert AttentionConfig.add_cli_args(parser) is parser
+    return parser
+
+
+def test_user_parser_round_trip():
+    parser = make_user_parser()
+    ns = parser.parse_args(
+        [
+            "--steps", "4",
+            "--attention-backend", "fa4",
+            "--component-attention-backends.text-encoder", "fa3",
+            "--component-attention-backends=vae=torch_sdpa",
+            "--component-attention-backends.vae=fa2",
+        ]
+    )
+    assert ns.steps == 4
+    assert ns.attention_backend == "fa"
+    assert ns.component_attention_backends == {"text_encoder": "fa", "vae": "fa2"}
+    cfg = AttentionConfig.from_cli_args(ns)
+    assert cfg == AttentionConfig("fa", {"text_encoder": "fa", "vae": "fa2"})
+    # parse_known_args goes through the same rewrite and keeps the user's extras
+    ns, extras = parser.parse_known_args(["--component-attention-backends.dit", "fa", "--other", "x"])
+    assert ns.component_attention_backends == {"dit": "fa"}
+    assert extras == ["--other", "x"]
+    # defaults are not mutated by the merging action
+    assert parser.parse_args([]).component_attention_backends is None
+
+
+@pytest.mark.parametrize("allow_abbrev", [True, False])
+@pytest.mark.parametrize("argv", [["--attention-back", "fa"], ["--conf=x.json"], ["--component-att", "vae=fa"]])
+def test_user_parser_rejects_abbreviations(capsys, allow_abbrev, argv):
+    parser = make_user_parser(allow_abbrev=allow_abbrev)
+    with pytest.raises(SystemExit) as info:
+        parser.parse_args(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert ("abbreviated option" in err) if allow_abbrev else ("unrecognized arguments" in err)
+
+
+def test_user_parser_keeps_its_own_abbreviations():
+    parser = make_user_parser()  # allow_abbrev=True: the user's own flags may still be abbreviated
+    assert parser.parse_args(["--ste", "7"]).steps == 7
+
+
+def test_user_parser_errors_exit_2(capsys):
+    parser = make_user_parser()
+    with pytest.raises(SystemExit) as info:
+        parser.parse_args(["--component-attention-backends.vae", "bogus"])
+    assert info.value.code == 2
+    assert "component 'vae': unknown attention backend 'bogus'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--component-attention-backends.vae"])
+    assert "expected one argument" in capsys.readouterr().err
+
+
+def test_subcommand_parser():
+    parser = argparse.ArgumentParser(prog="attnsel")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run")
+    AttentionConfig.add_cli_args(run)
+    ns = parser.parse_args(["run", "--component-attention-backends.vae", "fa3", "--attention-backend", "fa2"])
+    assert ns.command == "run"
+    assert AttentionConfig.from_cli_args(ns) == AttentionConfig("fa2", {"vae": "fa"})
+
+
+def test_intermixed_parse():
+    parser = make_user_parser()
+    parser.add_argument("prompt")
+    ns = parser.parse_intermixed_args(["--component-attention-backends.vae", "fa3", "a cat"])
+    assert ns.prompt == "a cat"
+    assert ns.component_attention_backends == {"vae": "fa"}
+
+
+def test_from_cli_args_on_bare_namespace():
+    assert AttentionConfig.from_cli_args(argparse.Namespace()) == AttentionConfig()
+    ns = argparse.Namespace(attention_backend="FA3", component_attention_backends="vae=fa2")
+    assert AttentionConfig.from_cli_args(ns) == AttentionConfig("fa", {"vae": "fa2"})
+    with pytest.raises(ValueError, match="--attention-backend: unknown attention backend"):
+        AttentionConfig.from_cli_args(argparse.Namespace(attention_backend="nope"))
+
+
+# ---- config files --------------------------------------------------------------------------------------------
+
+
+def test_json_config_file(tmp_path):
+    path = write(
+        tmp_path, "attn.json",
+        json.dumps({"attention_backend": "fa3", "component_attention_backends": {"text-encoder": "fa2"}}),
+    )
+    assert AttentionConfig.from_cli(["--config", path]) == AttentionConfig("fa", {"text_encoder": "fa2"})
+    # dashed keys and a string value for the components
+    path = write(
+        tmp_path, "dashed.json",
+        json.dumps({"attention-backend": "torch_sdpa", "component-attention-backends": "vae=fa,dit=fa2"}),
+    )
+    assert AttentionConfig.from_cli(["--config", path]) == AttentionConfig("torch_sdpa", {"vae": "fa", "dit": "fa2"})
+
+
+def test_toml_config_file(tmp_path):
+    path = write(
+        tmp_path, "attn.toml",
+        'attention-backend = "FA4"\n\n[component_attention_backends]\ntext-encoder = "fa2"\nvae = "torch_sdpa"\n',
+    )
+    cfg = AttentionConfig.from_cli(["--config", path])
+    assert cfg == AttentionConfig("fa", {"text_encoder": "fa2", "vae": "torch_sdpa"})
+    path = write(tmp_path, "inline.toml", 'component_attention_backends = "vae=fa3"\n')
+    assert AttentionConfig.from_cli(["--config", path]) == AttentionConfig(None, {"vae": "fa"})
+
+
+def test_config_file_without_telling_suffix(tmp_path):
+    assert AttentionConfig.from_cli(["--config", write(tmp_path, "a.cfg", '{"attention_backend": "fa2"}')]).attention_backend == "fa2"
+    assert AttentionConfig.from_cli(["--config", write(tmp_path, "b.cfg", 'attention_backend = "fa2"\n')]).attention_backend == "fa2"
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("bad.json", '{"attention_backend": "nope"}', "unknown attention backend 'nope'"),
+        ("bad.toml", "[component_attention_backends]\nvae = \"nope\"\n", "component 'vae': unknown attention backend 'nope'"),
+        ("both.json", '{"attention_backend": "fa", "attention-backend": "fa2"}', "given twice"),
+        ("dup.json", '{"attention_backend": "fa", "attention_backend": "fa2"}', "given twice"),
+        ("extra.json", '{"attention_backend": "fa", "steps": 3}', "unknown key 'steps'"),
+        ("list.json", '["fa"]', "must hold an object"),
+        ("broken.json", '{"attention_backend": ', "not valid JSON or TOML"),
+        ("broken.toml", "attention_backend = ", "not valid JSON or TOML"),
+        ("broken.cfg", "{{{", "not valid JSON or TOML"),
+        ("type.json", '{"attention_backend": 3}', "must be a string"),
+    ],
+)
+def test_config_file_errors(tmp_path, name, text, message):
+    path = write(tmp_path, name, text)
+    with pytest.raises(ValueError, match=f"config file '.*{name}': .*{message}"):
+        AttentionConfig.from_cli(["--config", path])
+    # also when reached through a namespace that skipped parse-time validation
+    with pytest.raises(ValueError, match=f"config file '.*{name}': .*{message}"):
+        AttentionConfig.from_cli_args(argparse.Namespace(config=path))
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ValueError, match="config file .*: cannot read"):
+        AttentionConfig.from_cli(["--config", str(tmp_path / "missing.json")])
+
+
+# ---- environment and precedence ----------------------------------------------------------------------------------
+
+
+def test_env_vars(monkeypatch):
+    monkeypatch.setenv(ENV_ATTENTION_BACKEND, " Fa3 ")
+    monkeypatch.setenv(ENV_COMPONENT_ATTENTION_BACKENDS, "text-encoder=fa2,vae=torch_sdpa")
+    assert AttentionConfig.from_cli([]) == AttentionConfig("fa", {"text_encoder": "fa2", "vae": "torch_sdpa"})
+    monkeypatch.setenv(ENV_COMPONENT_ATTENTION_BACKENDS, '{"dit": "fa4"}')
+    assert AttentionConfig.from_cli([]).component_attention_backends == {"dit": "fa"}
+    # set but empty counts as unset
+    monkeypatch.setenv(ENV_ATTENTION_BACKEND, "")
+    monkeypatch.setenv(ENV_COMPONENT_ATTENTION_BACKENDS, "")
+    assert AttentionConfig.from_cli([]) == AttentionConfig()
+
+
+def test_env_errors_name_the_variable(monkeypatch):
+    monkeypatch.setenv(ENV_ATTENTION_BACKEND, "nope")
+    with pytest.raises(ValueError, match="^ATTNSEL_ATTENTION_BACKEND: unknown attention backend 'nope'"):
+        AttentionConfig.from_cli([])
+    monkeypatch.delenv(ENV_ATTENTION_BACKEND)
+    monkeypatch.setenv(ENV_COMPONENT_ATTENTION_BACKENDS, "vae=fa,vae=fa2")
+    with pytest.raises(ValueError, match="^ATTNSEL_COMPONENT_ATTENTION_BACKENDS: component 'vae' is given twice"):
+        AttentionConfig.from_cli([])
+
+
+def test_precedence_cli_over_env_over_file(tmp_path, monkeypatch):
+    path = write(
+        tmp_path, "attn.toml",
+        'attention_backend = "fa2"\n[component_attention_backends]\na = "fa2"\nb = "fa2"\nc = "fa2"\n',
+    )
+    assert AttentionConfig.from_cli(["--config", path]) == AttentionConfig("fa2", {"a": "fa2", "b": "fa2", "c": "fa2"})
+
+    monkeypatch.setenv(ENV_ATTENTION_BACKEND, "torch_sdpa")
+    monkeypatch.setenv(ENV_COMPONENT_ATTENTION_BACKENDS, "b=torch_sdpa,c=torch_sdpa,d=torch_sdpa")
+    cfg = AttentionConfig.from_cli(["--config", path])
+    assert cfg.attention_backend == "torch_sdpa"
+    assert cfg.component_attention_backends == {"a": "fa2", "b": "torch_sdpa", "c": "torch_sdpa", "d": "torch_sdpa"}
+
+    cfg = AttentionConfig.from_cli(
+        ["--config", path, "--attention-backend", "fa", "--component-attention-backends.c", "fa", "--component-attention-backends", "e=fa"]
+    )
+    assert cfg.attention_backend == "fa"
+    assert cfg.component_attention_backends == {"a": "fa2", "b": "torch_sdpa", "c": "fa", "d": "torch_sdpa", "e": "fa"}
+
+
+# ---- process-wide config ------------------------------------------------------------------------------------
+
+
+def test_set_config_pushes_into_native(restore_config):
+    assert isinstance(get_config(), AttentionConfig)
+    cfg = AttentionConfig(attention_backend="fa3", component_attention_backends="vae=fa2")
+    set_config(cfg)
+    assert get_config() is cfg
+    assert _C.global_backend() == Backend.FA.value == int(Backend.FA)
+    set_config(AttentionConfig(attention_backend="sdpa_math"))
+    assert _C.global_backend() == Backend.SDPA_MATH.value
+    set_config(AttentionConfig())
+    assert _C.global_backend() is None
+    set_config(AttentionConfig(attention_backend="torch_sdpa"))
+    set_config(None)
+    assert get_config() == AttentionConfig()
+    assert _C.global_backend() is None
+
+
+def test_set_config_validates_type(restore_config):
+    before = get_config()
+    for bad in ("fa", {"attention_backend": "fa"}, 1):
+        with pytest.raises(ValueError, match="AttentionConfig"):
+            set_config(bad)
+    assert get_config() is before
+
+
+def test_user_parser_without_exit_on_error_raises_argument_error():
+    parser = make_user_parser(exit_on_error=False)
+    with pytest.raises(argparse.ArgumentError, match="abbreviated option --attention-back"):
+        parser.parse_args(["--attention-back", "fa"])
+    with pytest.raises(argparse.ArgumentError, match="expected one argument"):
+        parser.parse_args(["--component-attention-backends.vae"])
+    with pytest.raises(argparse.ArgumentError, match="component 'vae': unknown attention backend"):
+        parser.parse_args(["--component-attention-backends.vae=nope"])
+    assert parser.parse_args(["--component-attention-backends.vae=fa3"]).component_attention_backends == {"vae": "fa"}

@@ -1,0 +1,56 @@
+"""ctypes front for the dev build of the native CUDA attention (tools/cuda_dev/build.sh).
+
+attention(q, k, v, is_causal=False, scale=None, variant=-1, out=None) mirrors
+attnsel.attention(..., backend="native") for [B, H, S, D] CUDA tensors, without the extension.
+"""
+import ctypes
+import math
+import os
+
+import torch
+
+_LIB = None
+_DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _lib():
+    global _LIB
+    if _LIB is None:
+        path = os.environ.get(
+            "ATTNSEL_DEV_LIB", os.path.join(os.path.dirname(os.path.abspath(__file__)), "build", "libattnsel_dev.so")
+        )
+        lib = ctypes.CDLL(path)
+        f = lib.attnsel_dev_forward
+        P, I64P = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
+        f.argtypes = [P, P, P, P, ctypes.c_int, I64P, I64P, I64P, I64P, I64P, ctypes.c_int, ctypes.c_float,
+                      ctypes.c_int, ctypes.c_int, ctypes.c_int, P]
+        f.restype = ctypes.c_char_p
+        _LIB = lib
+    return _LIB
+
+
+def _arr(xs):
+    return (ctypes.c_int64 * len(xs))(*xs)
+
+
+class Refused(RuntimeError):
+    pass
+
+
+def attention(q, k, v, is_causal=False, scale=None, variant=-1, out=None):
+    B, Hq, Sq, D = q.shape
+    _, Hkv, Sk, _ = k.shape
+    Dv = v.shape[-1]
+    if out is None:
+        out = torch.empty((B, Hq, Sq, Dv), dtype=q.dtype, device=q.device)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    major, minor = torch.cuda.get_device_capability(q.device)
+    stream = torch.cuda.current_stream(q.device).cuda_stream
+    msg = _lib().attnsel_dev_forward(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), _DT[q.dtype],
+        _arr([B, Hq, Hkv, Sq, Sk, D, Dv]), _arr(q.stride()), _arr(k.stride()), _arr(v.stride()), _arr(out.stride()),
+        int(is_causal), float(scale), major, minor, int(variant), ctypes.c_void_p(stream))
+    if msg:
+        msg = msg.decode()
+        raise (Refused if msg.startswith("refused:") else RuntimeError)(msg)
+    return out
