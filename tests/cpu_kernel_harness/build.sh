@@ -13,6 +13,7 @@ for f in "$src"/*.cpp "$here/emu_isa.cpp"; do
     *_avx2.cpp) fl="-mavx2 -mfma -mf16c" ;;
     *_avx512.cpp) fl="-mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c" ;;
     *_avx512bf16.cpp) fl="-mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c -mavx512bf16" ;;
+    *emu_isa.cpp) fl="-O1" ;;  # test emulation: heavy to compile at -O3 (especially with sanitizers)
     *) fl="" ;;
   esac
   o="$out/$(basename "$f" .cpp).o"
