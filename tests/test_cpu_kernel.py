@@ -10,6 +10,7 @@ import math
 import os
 import random
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -308,8 +309,11 @@ def test_isa_switch_takes_effect():
 
 
 def _run_with_env(isa_value: str, code: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, ATTNSEL_CPU_ISA=isa_value)
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    # Import the attnsel under test (installed or built in place), never a source checkout in the cwd without _C.
+    package_parent = str(Path(attnsel.__file__).resolve().parents[1])
+    env = dict(os.environ, ATTNSEL_CPU_ISA=isa_value, PYTHONPATH=package_parent)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=package_parent)
 
 
 def test_env_forces_isa_and_rejects_unknown():
