@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import torch
 
+from . import _C
 from .backends import Backend, to_backend
 from .bridges import BRIDGES
+from .context import current_scope
 from .selection import explain_attn_backend, get_attn_backend
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _auto_backend(q: torch.Tensor) -> Backend:
+    """The selector's answer for q, on the cheap per-call path (same native selector and cache)."""
+    dtype, device = _DTYPE_NAMES.get(q.dtype), q.device.type
+    if dtype is None or device not in ("cpu", "cuda"):
+        return get_attn_backend(q.shape[-1], q.dtype, q.device)  # raises the full ValueError
+    scope = current_scope()
+    context = None if scope is None else (None if scope.backend is None else int(scope.backend), scope.component, True)
+    return Backend(_C.select_id(q.shape[-1], dtype, device, context))
 
 
 def attention(
@@ -30,7 +44,7 @@ def attention(
     else:
         if not isinstance(q, torch.Tensor) or q.dim() != 4:
             raise ValueError("attnsel.attention: q must be a 4-d tensor (batch, heads, seq, head_dim)")
-        chosen = get_attn_backend(q.shape[-1], q.dtype, q.device)
+        chosen = _auto_backend(q)
     if chosen is not None and chosen in BRIDGES:
         if backend is not None:  # the native op checks its own backends; bridges are checked here
             explain_attn_backend(q.shape[-1], q.dtype, q.device, selected=chosen)

@@ -107,6 +107,14 @@ PYBIND11_MODULE(_C, m) {
     return selection_to_py(select_backend_in(r, ctx ? &*ctx : nullptr));
   }, py::arg("head_size"), py::arg("dtype"), py::arg("device"), py::arg("supported"), py::arg("selected"),
      py::arg("context"), "Select with an explicit component context (the caller's task view).");
+  m.def("select_id", [](int head_size, const std::string& dtype, const std::string& device,
+                        std::optional<ScopeTuple> context) {
+    std::optional<ComponentContext> ctx = from_py(context);
+    return static_cast<int>(
+        select_backend_in(make_request(head_size, dtype, device, std::nullopt, std::nullopt), ctx ? &*ctx : nullptr)
+            .backend);
+  }, py::arg("head_size"), py::arg("dtype"), py::arg("device"), py::arg("context"),
+     "The backend id only: the per-call path of attnsel.attention(backend=None).");
   m.def("select_thread", [](int head_size, const std::string& dtype, const std::string& device,
                             std::optional<std::vector<int>> supported, std::optional<int> selected) {
     return selection_to_py(select_backend(make_request(head_size, dtype, device, supported, selected)));
