@@ -32,10 +32,11 @@ class ComponentScope:
 _SCOPE: contextvars.ContextVar[ComponentScope | None] = contextvars.ContextVar("attnsel_component_scope", default=None)
 
 
-def _to_native(scope: ComponentScope | None, set_by_python: bool = True):
+def native_view(scope: ComponentScope | None):
+    """A Python scope as the native selector and thread-local value take it: (backend id, component, set_by_python)."""
     if scope is None:
         return None
-    return (None if scope.backend is None else int(scope.backend), scope.component, set_by_python)
+    return (None if scope.backend is None else int(scope.backend), scope.component, True)
 
 
 def current_scope() -> ComponentScope | None:
@@ -54,7 +55,7 @@ def _sync_native(previous_native) -> None:
     """Mirror this task's view into the native thread-local value after leaving a scope."""
     scope = _SCOPE.get()
     if scope is not None:
-        _C.set_current_component(_to_native(scope))
+        _C.set_current_component(native_view(scope))
     elif previous_native is not None and not previous_native[2]:
         _C.set_current_component(previous_native)  # a native caller's scope around us comes back
     else:
@@ -68,7 +69,7 @@ def component_attention_backend(component: str, backend: str | Backend | None = 
         raise ValueError(f"component name must be a non-empty string, got {component!r}")
     scope = ComponentScope(component, None if backend is None else to_backend(backend))
     token = _SCOPE.set(scope)
-    previous_native = _C.set_current_component(_to_native(scope))
+    previous_native = _C.set_current_component(native_view(scope))
     try:
         yield scope
     finally:
@@ -114,7 +115,7 @@ def run_with_context(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         def call() -> Any:
             token = _SCOPE.set(scope)
-            previous_native = _C.set_current_component(_to_native(scope))
+            previous_native = _C.set_current_component(native_view(scope))
             try:
                 return fn(*args, **kwargs)
             finally:

@@ -7,20 +7,16 @@ import torch
 from . import _C
 from .backends import Backend, to_backend
 from .bridges import BRIDGES
-from .context import current_scope
-from .selection import explain_attn_backend, get_attn_backend
-
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+from .context import current_scope, native_view
+from .selection import DEVICE_TYPES, DTYPE_NAMES, explain_attn_backend, get_attn_backend
 
 
 def _auto_backend(q: torch.Tensor) -> Backend:
     """The selector's answer for q, on the cheap per-call path (same native selector and cache)."""
-    dtype, device = _DTYPE_NAMES.get(q.dtype), q.device.type
-    if dtype is None or device not in ("cpu", "cuda"):
+    dtype, device = DTYPE_NAMES.get(q.dtype), q.device.type
+    if dtype is None or device not in DEVICE_TYPES:
         return get_attn_backend(q.shape[-1], q.dtype, q.device)  # raises the full ValueError
-    scope = current_scope()
-    context = None if scope is None else (None if scope.backend is None else int(scope.backend), scope.component, True)
-    return Backend(_C.select_id(q.shape[-1], dtype, device, context))
+    return Backend(_C.select_id(q.shape[-1], dtype, device, native_view(current_scope())))
 
 
 def attention(

@@ -9,9 +9,9 @@ import torch
 
 from . import _C
 from .backends import Backend, to_backend
-from .context import current_scope
+from .context import current_scope, native_view
 
-_DTYPES = {
+DTYPE_NAMES = {
     torch.float32: "float32",
     torch.float16: "float16",
     torch.bfloat16: "bfloat16",
@@ -24,7 +24,7 @@ _DTYPES = {
     "bfloat16": "bfloat16",
     "bf16": "bfloat16",
 }
-_DEVICE_TYPES = ("cpu", "cuda")
+DEVICE_TYPES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class Explanation:
 
 
 def _dtype_name(dtype: object) -> str:
-    name = _DTYPES.get(dtype) if isinstance(dtype, (torch.dtype, str)) else None
+    name = DTYPE_NAMES.get(dtype) if isinstance(dtype, (torch.dtype, str)) else None
     if name is None:
         raise ValueError(f"dtype must be one of torch.float32, torch.float16, torch.bfloat16, got {dtype!r}")
     return name
@@ -52,9 +52,9 @@ def _device_type(device: object) -> str:
     try:
         kind = torch.device(device).type  # type: ignore[arg-type]
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device must be a torch device or one of {', '.join(_DEVICE_TYPES)}, got {device!r}") from exc
-    if kind not in _DEVICE_TYPES:
-        raise ValueError(f"attnsel selects backends for {', '.join(_DEVICE_TYPES)} devices, got {kind!r}")
+        raise ValueError(f"device must be a torch device or one of {', '.join(DEVICE_TYPES)}, got {device!r}") from exc
+    if kind not in DEVICE_TYPES:
+        raise ValueError(f"attnsel selects backends for {', '.join(DEVICE_TYPES)} devices, got {kind!r}")
     return kind
 
 
@@ -72,10 +72,8 @@ def explain_attn_backend(
     if supported_ids is not None and not supported_ids:
         raise ValueError("supported must name at least one backend (or be None for all)")
     selected_id = None if selected is None else int(to_backend(selected))
-    scope = current_scope()
-    context = None if scope is None else (None if scope.backend is None else int(scope.backend), scope.component, True)
     backend_id, source, component, reasons = _C.select(
-        head_size, _dtype_name(dtype), _device_type(device), supported_ids, selected_id, context
+        head_size, _dtype_name(dtype), _device_type(device), supported_ids, selected_id, native_view(current_scope())
     )
     return Explanation(Backend(backend_id), source, component or None, tuple(reasons))
 
