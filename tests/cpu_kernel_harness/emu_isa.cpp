@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "../../csrc/kernels/attention_params.h"
+#include "../../csrc/kernels/cpu/attention_cpu_elements.h"
 
 namespace attnsel::cpu::detail {
 namespace {
@@ -61,17 +62,10 @@ struct Isa {
     return v;
   }
   static void cvt_bf16(const std::uint16_t* s, float* d, std::int64_t n) {
-    for (std::int64_t i = 0; i < n; ++i) {
-      std::uint32_t u = std::uint32_t(s[i]) << 16;
-      std::memcpy(d + i, &u, 4);
-    }
+    for (std::int64_t i = 0; i < n; ++i) d[i] = to_f32(Bf16{s[i]});
   }
   static void cvt_f16(const std::uint16_t* s, float* d, std::int64_t n) {
-    for (std::int64_t i = 0; i < n; ++i) {
-      _Float16 h;
-      std::memcpy(&h, s + i, 2);
-      d[i] = static_cast<float>(h);
-    }
+    for (std::int64_t i = 0; i < n; ++i) d[i] = to_f32(Half{s[i]});
   }
 };
 

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "attention_cpu_isa.h"
+#include "attention_cpu_elements.h"
 
 namespace attnsel::cpu::detail {
 namespace {
@@ -63,10 +64,7 @@ struct Isa {
       const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
       _mm256_storeu_ps(d + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
     }
-    for (; i < n; ++i) {
-      std::uint32_t u = std::uint32_t(s[i]) << 16;
-      std::memcpy(d + i, &u, 4);
-    }
+    for (; i < n; ++i) d[i] = to_f32(Bf16{s[i]});
   }
   static void cvt_f16(const std::uint16_t* s, float* d, std::int64_t n) {
     std::int64_t i = 0;

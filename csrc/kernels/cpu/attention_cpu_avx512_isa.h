@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "attention_cpu_elements.h"
+
 namespace attnsel::cpu::detail {
 namespace {
 
@@ -63,10 +65,7 @@ struct Isa {
       const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
       _mm512_storeu_ps(d + i, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
     }
-    for (; i < n; ++i) {
-      std::uint32_t u = std::uint32_t(s[i]) << 16;
-      std::memcpy(d + i, &u, 4);
-    }
+    for (; i < n; ++i) d[i] = to_f32(Bf16{s[i]});
   }
   static void cvt_f16(const std::uint16_t* s, float* d, std::int64_t n) {
     std::int64_t i = 0;

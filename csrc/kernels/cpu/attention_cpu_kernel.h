@@ -27,6 +27,7 @@
 #include <type_traits>
 
 #include "../attention_params.h"
+#include "attention_cpu_elements.h"
 
 namespace attnsel::cpu::detail {
 namespace {
@@ -43,38 +44,6 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 inline i64 imin(i64 a, i64 b) { return a < b ? a : b; }
 inline i64 imax(i64 a, i64 b) { return a > b ? a : b; }
 inline i64 ceil_div(i64 a, i64 b) { return (a + b - 1) / b; }
-
-// ---- element types -------------------------------------------------------------------------------
-struct Bf16 { std::uint16_t bits; };
-struct Half { std::uint16_t bits; };
-
-inline float to_f32(float x) { return x; }
-inline float to_f32(Bf16 x) {
-  std::uint32_t u = std::uint32_t(x.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline float to_f32(Half x) {
-  _Float16 h;
-  std::memcpy(&h, &x.bits, 2);
-  return static_cast<float>(h);
-}
-inline void from_f32(float v, float* d) { *d = v; }
-inline void from_f32(float v, Bf16* d) {
-  std::uint32_t u;
-  std::memcpy(&u, &v, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) {  // NaN: keep it a (quiet) NaN
-    d->bits = std::uint16_t((u >> 16) | 0x40u);
-    return;
-  }
-  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
-  d->bits = std::uint16_t(u >> 16);
-}
-inline void from_f32(float v, Half* d) {
-  _Float16 h = static_cast<_Float16>(v);
-  std::memcpy(&d->bits, &h, 2);
-}
 
 // Converts n elements (source stride `st` elements) to fp32; the ISA converts contiguous runs.
 template <class Is>

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "attention_cpu_isa.h"
+#include "attention_cpu_elements.h"
 
 namespace attnsel::cpu::detail {
 namespace {
@@ -28,17 +29,10 @@ struct Isa {
   template <int DEG>
   static V exp2(V x) { return std::exp2(x); }  // libm: exact enough for every dtype
   static void cvt_bf16(const std::uint16_t* s, float* d, std::int64_t n) {
-    for (std::int64_t i = 0; i < n; ++i) {
-      std::uint32_t u = std::uint32_t(s[i]) << 16;
-      std::memcpy(d + i, &u, 4);
-    }
+    for (std::int64_t i = 0; i < n; ++i) d[i] = to_f32(Bf16{s[i]});
   }
   static void cvt_f16(const std::uint16_t* s, float* d, std::int64_t n) {
-    for (std::int64_t i = 0; i < n; ++i) {
-      _Float16 h;
-      std::memcpy(&h, s + i, 2);
-      d[i] = static_cast<float>(h);
-    }
+    for (std::int64_t i = 0; i < n; ++i) d[i] = to_f32(Half{s[i]});
   }
 };
 
