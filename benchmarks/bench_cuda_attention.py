@@ -4,7 +4,8 @@ when importable), one GPU, one run.
   python benchmarks/bench_cuda_attention.py --impl attnsel --out benchmarks/results/cuda_h100.json
   python benchmarks/bench_cuda_attention.py --impl dev     # tools/cuda_dev ctypes build, no extension
 
-Timing: CUDA events around each call, warm-up first, median of --reps (>= 20) calls.
+Timing: CUDA events around each call, calls queued back to back (host launch work overlaps the GPU), warm-up
+first, median of --reps (>= 20) calls.
 TFLOP/s = 4*B*H*Sq*Sk*D / time, halved for causal.
 """
 import argparse
@@ -78,18 +79,18 @@ def optional_fns():
 
 
 def time_ms(fn, args, reps, warmup):
+    """Median per-call time from CUDA events around each call. Calls are queued back to back (one sync at the
+    end), so host-side launch work overlaps the previous call's GPU work, as in a real pipeline."""
     for _ in range(warmup):
         fn(*args)
     torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for a, b in events:
         a.record()
         fn(*args)
         b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in events)
 
 
 def env_info():

@@ -127,12 +127,16 @@ void attention_forward_variant(const kernels::AttentionParams& p, void* stream, 
   auto s = static_cast<cudaStream_t>(stream);
   cudaError_t e = cudaErrorInvalidValue;
 #ifdef ATTNSEL_HAVE_SM90A
-  // Hopper: wgmma kernels by default (variant -1 or >= 10); variants 0.. keep the mma.sync kernels.
+  // Hopper: the warp-specialised TMA/wgmma kernel by default (variant -1 or >= 10); variants 0.. keep the
+  // mma.sync kernels. cudaErrorNotSupported means no tensor map could be made (driver without
+  // cuTensorMapEncodeTiled): the mma.sync kernel below serves instead.
   if (p.head_dim != 512 && (variant < 0 || variant >= 10) && device_is_sm90()) {
     e = run_wg_sm90(a, static_cast<int>(p.head_dim), B, H, bf16, p.causal, variant, s);
-    if (e != cudaSuccess)
-      throw std::runtime_error(std::string("attnsel native CUDA attention launch failed: ") + cudaGetErrorString(e));
-    return;
+    if (e != cudaErrorNotSupported) {
+      if (e != cudaSuccess)
+        throw std::runtime_error(std::string("attnsel native CUDA attention launch failed: ") + cudaGetErrorString(e));
+      return;
+    }
   }
 #endif
   switch (p.head_dim) {

@@ -1,8 +1,10 @@
-// head_dim 64/128/256 forward on Hopper (sm_90a) with wgmma. FA2's schedule, Hopper's tensor-core path:
-// each warpgroup owns 64 query rows of a 64*NWG-row block; the block shares K/V tiles (cp.async, 128-byte
-// swizzle). Per key tile: S = Q·K^T (m64n{BC}k16, both operands from smem), online softmax in registers,
-// then O += P·V with P fed from registers (the S accumulator layout is the wgmma A-fragment layout) and V
-// read MN-major from smem. V(j) streams in during Q·K(j)^T, K(j+1) during softmax and P·V(j).
+// head_dim 64/128/256 forward on Hopper (sm_90a): TMA loads, wgmma, warp specialisation (see flash_fwd_ws).
+// S = Q·K^T runs as SS-wgmma (both operands in 128-byte-swizzled smem); P feeds O += P·V from registers
+// (the S accumulator layout is the wgmma A-fragment layout) with V read MN-major from smem.
+#include <cuda.h>
+
+#include <type_traits>
+
 #include "flash_fwd_launch.h"
 #include "sm90_common.cuh"
 
@@ -34,153 +36,6 @@ ATTNSEL_WG_OPS(__half, f16, 64, 128)
 ATTNSEL_WG_OPS(__half, f16, 64, 256)
 #undef ATTNSEL_WG_OPS
 
-template <int D, int BC, int NWG>
-struct WgCfg {
-  static constexpr int BR = 64 * NWG, NT = 128 * NWG;
-  static constexpr int SMEM = (BR * D + 2 * BC * D) * 2 + 1024;  // +1024: manual 1024-byte alignment
-};
-
-template <typename T, int D, int BC, int NWG, bool CAUSAL>
-__global__ void __launch_bounds__(NWG * 128, 1) flash_fwd_wg(const FwdArgs a) {
-  using C = WgCfg<D, BC, NWG>;
-  using Ops = WgOps<T, BC, D>;
-  using Op = MmaOp<T>;
-  constexpr int BR = C::BR, NT = C::NT;
-
-  extern __shared__ unsigned char smem_raw[];
-  const std::uint32_t raw = smem_u32(smem_raw);
-  const std::uint32_t sQ = (raw + 1023) & ~1023u;
-  const std::uint32_t sK = sQ + BR * D * 2, sV = sK + BC * D * 2;
-
-  const int m_block = CAUSAL ? (gridDim.x - 1 - blockIdx.x) : blockIdx.x;
-  const int h = blockIdx.y, b = blockIdx.z;
-  const int hk = h / a.group;
-  const T* q = static_cast<const T*>(a.q) + b * a.q_sb + h * a.q_sh;
-  const T* k = static_cast<const T*>(a.k) + b * a.k_sb + hk * a.k_sh;
-  const T* v = static_cast<const T*>(a.v) + b * a.v_sb + hk * a.v_sh;
-  T* o = static_cast<T*>(a.o) + b * a.o_sb + h * a.o_sh;
-
-  const int m0 = m_block * BR;
-  const int n_tiles = key_tiles<BR, BC, CAUSAL>(m0, a.seq_kv);
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int g = lane >> 2, t = lane & 3;
-  const int wg = warp >> 2;
-  const int row0 = wg * 64 + (warp & 3) * 16 + g;  // local rows row0 and row0 + 8
-
-  load_tile_sw128<BR, D, NT>(sQ, q, a.q_ss, m0, a.seq_q, tid);
-  load_tile_sw128<BC, D, NT>(sK, k, a.k_ss, 0, a.seq_kv, tid);
-  cp_async_commit();
-
-  float acc[D / 2];
-#pragma unroll
-  for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
-  float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
-  const float sl2 = a.scale_log2;
-  const std::uint64_t dq0 = make_desc(sQ + wg * 64 * 128, 16, 1024);
-  const std::uint64_t dk0 = make_desc(sK, 16, 1024);
-  const std::uint64_t dv0 = make_desc(sV, BC * 128, 1024);
-
-  for (int jt = 0; jt < n_tiles; ++jt) {
-    const int n0 = jt * BC;
-    cp_async_wait<0>();
-    fence_async_smem();
-    __syncthreads();  // K(jt) landed; every warpgroup is done with V(jt-1)
-    load_tile_sw128<BC, D, NT>(sV, v, a.v_ss, n0, a.seq_kv, tid);
-    cp_async_commit();
-
-    float s[BC / 2];
-    wg_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const std::uint32_t koff = (kk & 3) << 1;  // 32 bytes along K, in 16-byte descriptor units
-      Ops::qk(s, dq0 + (kk >> 2) * ((BR * 128) >> 4) + koff, dk0 + (kk >> 2) * ((BC * 128) >> 4) + koff,
-              kk > 0 ? 1 : 0);
-    }
-    wg_commit();
-    wg_wait0();
-    fence_regs(s);
-
-    if (n0 + BC > a.seq_kv || (CAUSAL && n0 + BC - 1 > m0 + wg * 64)) {
-#pragma unroll
-      for (int e = 0; e < BC / 2; ++e) {
-        const int row = m0 + row0 + ((e >> 1) & 1) * 8;
-        const int col = n0 + (e >> 2) * 8 + t * 2 + (e & 1);
-        if (col >= a.seq_kv || (CAUSAL && col > row)) s[e] = -INFINITY;
-      }
-    }
-
-    cp_async_wait<0>();
-    fence_async_smem();
-    __syncthreads();  // V(jt) landed; K(jt) free
-    if (jt + 1 < n_tiles) load_tile_sw128<BC, D, NT>(sK, k, a.k_ss, n0 + BC, a.seq_kv, tid);
-    cp_async_commit();
-
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = m_r[r];
-#pragma unroll
-      for (int j = 0; j < BC / 8; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
-      mx = quad_max(mx);
-      const float ms = (mx == -INFINITY) ? 0.f : mx * sl2;
-      const float alpha = exp2f(m_r[r] * sl2 - ms);
-      m_r[r] = mx;
-      float rs = 0.f;
-#pragma unroll
-      for (int j = 0; j < BC / 8; ++j) {
-        const float p0 = exp2f(fmaf(s[4 * j + 2 * r], sl2, -ms));
-        const float p1 = exp2f(fmaf(s[4 * j + 2 * r + 1], sl2, -ms));
-        s[4 * j + 2 * r] = p0;
-        s[4 * j + 2 * r + 1] = p1;
-        rs += p0 + p1;
-      }
-      l_r[r] = l_r[r] * alpha + rs;
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        acc[4 * j + 2 * r] *= alpha;
-        acc[4 * j + 2 * r + 1] *= alpha;
-      }
-    }
-    std::uint32_t pa[BC / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < BC / 16; ++kk) {
-      pa[kk][0] = Op::pack(s[8 * kk], s[8 * kk + 1]);
-      pa[kk][1] = Op::pack(s[8 * kk + 2], s[8 * kk + 3]);
-      pa[kk][2] = Op::pack(s[8 * kk + 4], s[8 * kk + 5]);
-      pa[kk][3] = Op::pack(s[8 * kk + 6], s[8 * kk + 7]);
-    }
-    wg_fence();
-    fence_regs(acc);
-#pragma unroll
-    for (int kk = 0; kk < BC / 16; ++kk) Ops::pv(acc, pa[kk], dv0 + ((kk * 16 * 128) >> 4));
-    wg_commit();
-    wg_wait0();
-    fence_regs(acc);
-  }
-
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float l = quad_sum(l_r[r]);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    const int row = m0 + row0 + r * 8;
-    if (row < a.seq_q) {
-      T* orow = o + static_cast<std::int64_t>(row) * a.o_ss;
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j)
-        *reinterpret_cast<std::uint32_t*>(orow + j * 8 + t * 2) =
-            Op::pack(acc[4 * j + 2 * r] * inv, acc[4 * j + 2 * r + 1] * inv);
-    }
-  }
-}
-
-// Pipelined variant (FA3-style intra-warpgroup overlap): K and V double-buffered, one barrier per tile.
-// Tile j issues S_j = Q·K_j^T and O += P_{j-1}·V_{j-1} back to back; the softmax of S_j runs while the
-// P·V wgmma is still on the tensor cores, and O is rescaled once that group has retired.
-template <int D, int BC, int NWG>
-struct WgpCfg {
-  static constexpr int BR = 64 * NWG, NT = 128 * NWG;
-  static constexpr int SMEM = (BR * D + 4 * BC * D) * 2 + 1024;
-};
-
 __device__ __forceinline__ void wg_wait1() { asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); }
 // Keeps the register A fragment of an in-flight wgmma alive (and unmoved) until after the wait.
 template <int N>
@@ -191,217 +46,317 @@ __device__ __forceinline__ void fence_frag(std::uint32_t (&r)[N][4]) {
     for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
 }
 
-template <typename T, int D, int BC, int NWG, bool CAUSAL>
-__global__ void __launch_bounds__(NWG * 128, 1) flash_fwd_wgp(const FwdArgs a) {
-  using C = WgpCfg<D, BC, NWG>;
+// Warp-specialised kernel (FA3's structure). Warpgroup 0 is the producer: one thread streams Q and a
+// STAGES-deep ring of K and V tiles in with the bulk tensor copy engine (TMA, 128-byte swizzle = the layout
+// wgmma reads), completion counted on mbarriers. Warpgroups 1..NC consume, 64 query rows each, with no
+// block-wide barrier in the loop. With PINGPONG, consumers take turns issuing their tensor-core work (named
+// barriers), so one warpgroup's softmax runs while the other's GEMMs keep the tensor cores busy. Within a
+// warpgroup, S_j = Q·K_j^T and O += P_{j-1}·V_{j-1} are issued back to back and the softmax of S_j
+// overlaps the P·V.
+template <int D, int BC, int NC, int STAGES>
+struct WsCfg {
+  static constexpr int BR = 64 * NC, NT = 128 * (NC + 1);
+  static constexpr std::uint32_t Q_BYTES = BR * D * 2, KV_BYTES = BC * D * 2;
+  static constexpr int SMEM = Q_BYTES + 2 * STAGES * KV_BYTES + 1024 + 8 * (1 + 4 * STAGES);
+  // Register split of the 64K-register file: the producer needs few, the consumers hold S, P and O.
+  static constexpr int PRODUCER_REGS = NC == 2 ? 24 : 32;
+  static constexpr int CONSUMER_REGS = NC == 2 ? 240 : 160;
+};
+
+template <typename T, int D, int BC, int NC, int STAGES, bool CAUSAL, bool PINGPONG>
+__global__ void __launch_bounds__((NC + 1) * 128, 1)
+    flash_fwd_ws(const FwdArgs a, const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
+                 const __grid_constant__ CUtensorMap tv) {
+  using C = WsCfg<D, BC, NC, STAGES>;
   using Ops = WgOps<T, BC, D>;
   using Op = MmaOp<T>;
-  constexpr int BR = C::BR, NT = C::NT;
-  constexpr std::uint32_t KV_BYTES = BC * D * 2;
+  constexpr int BR = C::BR;
+  constexpr std::uint32_t KV_BYTES = C::KV_BYTES;
 
   extern __shared__ unsigned char smem_raw[];
-  const std::uint32_t raw = smem_u32(smem_raw);
-  const std::uint32_t sQ = (raw + 1023) & ~1023u;
-  const std::uint32_t sK = sQ + BR * D * 2, sV = sK + 2 * KV_BYTES;  // [2] K buffers, [2] V buffers
+  const std::uint32_t sQ = (smem_u32(smem_raw) + 1023) & ~1023u;  // 128-byte swizzle wants 1024-byte alignment
+  const std::uint32_t sK = sQ + C::Q_BYTES, sV = sK + STAGES * KV_BYTES;
+  const std::uint32_t q_full = sV + STAGES * KV_BYTES;  // then k_full, k_empty, v_full, v_empty [STAGES] each
+  auto k_full = [&](int st) { return q_full + 8 * (1 + st); };
+  auto k_empty = [&](int st) { return q_full + 8 * (1 + STAGES + st); };
+  auto v_full = [&](int st) { return q_full + 8 * (1 + 2 * STAGES + st); };
+  auto v_empty = [&](int st) { return q_full + 8 * (1 + 3 * STAGES + st); };
 
   const int m_block = CAUSAL ? (gridDim.x - 1 - blockIdx.x) : blockIdx.x;
   const int h = blockIdx.y, b = blockIdx.z;
   const int hk = h / a.group;
-  const T* q = static_cast<const T*>(a.q) + b * a.q_sb + h * a.q_sh;
-  const T* k = static_cast<const T*>(a.k) + b * a.k_sb + hk * a.k_sh;
-  const T* v = static_cast<const T*>(a.v) + b * a.v_sb + hk * a.v_sh;
-  T* o = static_cast<T*>(a.o) + b * a.o_sb + h * a.o_sh;
-
   const int m0 = m_block * BR;
   const int n_tiles = key_tiles<BR, BC, CAUSAL>(m0, a.seq_kv);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int g = lane >> 2, t = lane & 3;
   const int wg = warp >> 2;
-  const int row0 = wg * 64 + (warp & 3) * 16 + g;
 
-  float acc[D / 2];
+  if (tid == 0) {
+    mbar_init(q_full, 1);
 #pragma unroll
-  for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
-  float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
-  const float sl2 = a.scale_log2;
-  const std::uint64_t dq0 = make_desc(sQ + wg * 64 * 128, 16, 1024);
-  std::uint32_t pa[BC / 16][4];
-  float s[BC / 2];
-
-  // S = Q·K(buf)^T, issued (not waited).
-  auto issue_qk = [&](int buf) {
-    const std::uint64_t dk0 = make_desc(sK + buf * KV_BYTES, 16, 1024);
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const std::uint32_t koff = (kk & 3) << 1;
-      Ops::qk(s, dq0 + (kk >> 2) * ((BR * 128) >> 4) + koff, dk0 + (kk >> 2) * ((BC * 128) >> 4) + koff,
-              kk > 0 ? 1 : 0);
+    for (int st = 0; st < STAGES; ++st) {
+      mbar_init(k_full(st), 1);
+      mbar_init(v_full(st), 1);
+      mbar_init(k_empty(st), 4 * NC);  // one arrival per consumer warp
+      mbar_init(v_empty(st), 4 * NC);
     }
-  };
-  auto issue_pv = [&](int buf) {
-    const std::uint64_t dv0 = make_desc(sV + buf * KV_BYTES, BC * 128, 1024);
-#pragma unroll
-    for (int kk = 0; kk < BC / 16; ++kk) Ops::pv(acc, pa[kk], dv0 + ((kk * 16 * 128) >> 4));
-  };
-  // Mask S of tile jt, new row max, P = exp2(..) in s; returns alpha per row through al.
-  auto softmax = [&](int jt, float (&al)[2]) {
-    const int n0 = jt * BC;
-    if (n0 + BC > a.seq_kv || (CAUSAL && n0 + BC - 1 > m0 + wg * 64)) {
-#pragma unroll
-      for (int e = 0; e < BC / 2; ++e) {
-        const int row = m0 + row0 + ((e >> 1) & 1) * 8;
-        const int col = n0 + (e >> 2) * 8 + t * 2 + (e & 1);
-        if (col >= a.seq_kv || (CAUSAL && col > row)) s[e] = -INFINITY;
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = m_r[r];
-#pragma unroll
-      for (int j = 0; j < BC / 8; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
-      mx = quad_max(mx);
-      const float ms = (mx == -INFINITY) ? 0.f : mx * sl2;
-      al[r] = exp2f(m_r[r] * sl2 - ms);
-      m_r[r] = mx;
-      float rs = 0.f;
-#pragma unroll
-      for (int j = 0; j < BC / 8; ++j) {
-        const float p0 = exp2f(fmaf(s[4 * j + 2 * r], sl2, -ms));
-        const float p1 = exp2f(fmaf(s[4 * j + 2 * r + 1], sl2, -ms));
-        s[4 * j + 2 * r] = p0;
-        s[4 * j + 2 * r + 1] = p1;
-        rs += p0 + p1;
-      }
-      l_r[r] = l_r[r] * al[r] + rs;
-    }
-  };
-  auto pack_p = [&]() {
-#pragma unroll
-    for (int kk = 0; kk < BC / 16; ++kk) {
-      pa[kk][0] = Op::pack(s[8 * kk], s[8 * kk + 1]);
-      pa[kk][1] = Op::pack(s[8 * kk + 2], s[8 * kk + 3]);
-      pa[kk][2] = Op::pack(s[8 * kk + 4], s[8 * kk + 5]);
-      pa[kk][3] = Op::pack(s[8 * kk + 6], s[8 * kk + 7]);
-    }
-  };
-
-  // Prologue: Q and K(0); then K(1) and V(0) stream in while S_0 is computed.
-  load_tile_sw128<BR, D, NT>(sQ, q, a.q_ss, m0, a.seq_q, tid);
-  load_tile_sw128<BC, D, NT>(sK, k, a.k_ss, 0, a.seq_kv, tid);
-  cp_async_commit();
-  cp_async_wait<0>();
-  fence_async_smem();
-  __syncthreads();
-  if (n_tiles > 1) load_tile_sw128<BC, D, NT>(sK + KV_BYTES, k, a.k_ss, BC, a.seq_kv, tid);
-  load_tile_sw128<BC, D, NT>(sV, v, a.v_ss, 0, a.seq_kv, tid);
-  cp_async_commit();
-  wg_fence();
-  issue_qk(0);
-  wg_commit();
-  wg_wait0();
-  fence_regs(s);
-  {
-    float al[2];
-    softmax(0, al);  // O is zero: no rescale needed
+    mbar_init_fence();
   }
-  pack_p();
+  __syncthreads();
 
-  for (int jt = 1; jt < n_tiles; ++jt) {
-    cp_async_wait<0>();
-    fence_async_smem();
-    __syncthreads();  // K(jt), V(jt-1) landed; every warpgroup retired S_{jt-1} and P·V_{jt-2}
-    if (jt + 1 < n_tiles) load_tile_sw128<BC, D, NT>(sK + ((jt + 1) & 1) * KV_BYTES, k, a.k_ss, (jt + 1) * BC, a.seq_kv, tid);
-    load_tile_sw128<BC, D, NT>(sV + (jt & 1) * KV_BYTES, v, a.v_ss, jt * BC, a.seq_kv, tid);
-    cp_async_commit();
+  if (wg == 0) {
+    regs_dealloc<C::PRODUCER_REGS>();
+    if constexpr (PINGPONG) named_bar_arrive(1, 256);  // consumer 0 goes first
+    if (warp == 0 && lane == 0) {
+      tma_prefetch_desc(&tq);
+      tma_prefetch_desc(&tk);
+      tma_prefetch_desc(&tv);
+      mbar_arrive_expect_tx(q_full, C::Q_BYTES);
+#pragma unroll
+      for (int c = 0; c < D / 64; ++c) tma_load_4d(sQ + c * BR * 128, &tq, q_full, c * 64, m0, h, b);
+      for (int jt = 0; jt < n_tiles; ++jt) {
+        const int st = jt % STAGES;
+        const std::uint32_t ph = (jt / STAGES) & 1;
+        mbar_wait(k_empty(st), ph ^ 1);
+        mbar_arrive_expect_tx(k_full(st), KV_BYTES);
+#pragma unroll
+        for (int c = 0; c < D / 64; ++c)
+          tma_load_4d(sK + st * KV_BYTES + c * BC * 128, &tk, k_full(st), c * 64, jt * BC, hk, b);
+        mbar_wait(v_empty(st), ph ^ 1);
+        mbar_arrive_expect_tx(v_full(st), KV_BYTES);
+#pragma unroll
+        for (int c = 0; c < D / 64; ++c)
+          tma_load_4d(sV + st * KV_BYTES + c * BC * 128, &tv, v_full(st), c * 64, jt * BC, hk, b);
+      }
+    }
+  } else {
+    regs_alloc<C::CONSUMER_REGS>();
+    const int cw = wg - 1;  // consumer index: rows cw*64 .. cw*64+63 of the block
+    const int g = lane >> 2, t = lane & 3;
+    const int row0 = cw * 64 + (warp & 3) * 16 + g;
+    T* o = static_cast<T*>(a.o) + b * a.o_sb + h * a.o_sh;
 
+    float acc[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
+    float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
+    const float sl2 = a.scale_log2;
+    const std::uint64_t dq0 = make_desc(sQ + cw * 64 * 128, 16, 1024);
+    std::uint32_t pa[BC / 16][4];
+    float s[BC / 2];
+
+    auto issue_qk = [&](int st) {
+      const std::uint64_t dk0 = make_desc(sK + st * KV_BYTES, 16, 1024);
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const std::uint32_t koff = (kk & 3) << 1;
+        Ops::qk(s, dq0 + (kk >> 2) * ((BR * 128) >> 4) + koff, dk0 + (kk >> 2) * ((BC * 128) >> 4) + koff,
+                kk > 0 ? 1 : 0);
+      }
+    };
+    auto issue_pv = [&](int st) {
+      const std::uint64_t dv0 = make_desc(sV + st * KV_BYTES, BC * 128, 1024);
+#pragma unroll
+      for (int kk = 0; kk < BC / 16; ++kk) Ops::pv(acc, pa[kk], dv0 + ((kk * 16 * 128) >> 4));
+    };
+    auto softmax = [&](int jt, float (&al)[2]) {
+      const int n0 = jt * BC;
+      if (n0 + BC > a.seq_kv || (CAUSAL && n0 + BC - 1 > m0 + cw * 64)) {
+#pragma unroll
+        for (int e = 0; e < BC / 2; ++e) {
+          const int row = m0 + row0 + ((e >> 1) & 1) * 8;
+          const int col = n0 + (e >> 2) * 8 + t * 2 + (e & 1);
+          if (col >= a.seq_kv || (CAUSAL && col > row)) s[e] = -INFINITY;
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = m_r[r];
+#pragma unroll
+        for (int j = 0; j < BC / 8; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
+        mx = quad_max(mx);
+        const float ms = (mx == -INFINITY) ? 0.f : mx * sl2;
+        al[r] = exp2f(m_r[r] * sl2 - ms);
+        m_r[r] = mx;
+        float rs = 0.f;
+#pragma unroll
+        for (int j = 0; j < BC / 8; ++j) {
+          const float p0 = exp2f(fmaf(s[4 * j + 2 * r], sl2, -ms));
+          const float p1 = exp2f(fmaf(s[4 * j + 2 * r + 1], sl2, -ms));
+          s[4 * j + 2 * r] = p0;
+          s[4 * j + 2 * r + 1] = p1;
+          rs += p0 + p1;
+        }
+        l_r[r] = l_r[r] * al[r] + rs;
+      }
+    };
+    auto pack_p = [&]() {
+#pragma unroll
+      for (int kk = 0; kk < BC / 16; ++kk) {
+        pa[kk][0] = Op::pack(s[8 * kk], s[8 * kk + 1]);
+        pa[kk][1] = Op::pack(s[8 * kk + 2], s[8 * kk + 3]);
+        pa[kk][2] = Op::pack(s[8 * kk + 4], s[8 * kk + 5]);
+        pa[kk][3] = Op::pack(s[8 * kk + 6], s[8 * kk + 7]);
+      }
+    };
+    // Turn-taking: consumer i waits on barrier 1+i (its turn) and, after issuing, opens barrier 1+(i+1)%NC.
+    // The producer warpgroup opens the first turn; consumer 0 takes the one surplus opening at the very end.
+    // (No branch may sit between the wgmma issues: the compiler would serialise them.)
+    auto turn_wait = [&]() {
+      if constexpr (PINGPONG) named_bar_sync(1 + cw, 256);
+    };
+    auto turn_pass = [&]() {
+      if constexpr (PINGPONG) named_bar_arrive(1 + (cw + 1) % NC, 256);
+    };
+    // A consumer warp is done with a K/V buffer once its wgmma reads have retired.
+    auto release = [&](std::uint32_t bar) {
+      __syncwarp();
+      if (lane == 0) mbar_arrive(bar);
+    };
+    mbar_wait(q_full, 0);
+    mbar_wait(k_full(0), 0);
+    turn_wait();
+    wg_fence();
+    issue_qk(0);
+    wg_commit();
+    turn_pass();
+    wg_wait0();
+    fence_regs(s);
+    release(k_empty(0));
+    {
+      float al[2];
+      softmax(0, al);  // O is zero: no rescale needed
+    }
+    pack_p();
+
+    for (int jt = 1; jt < n_tiles; ++jt) {
+      const int st = jt % STAGES, ps = (jt - 1) % STAGES;
+      mbar_wait(k_full(st), (jt / STAGES) & 1);
+      turn_wait();
+      wg_fence();
+      fence_regs(acc);
+      issue_qk(st);
+      wg_commit();
+      mbar_wait(v_full(ps), ((jt - 1) / STAGES) & 1);
+      issue_pv(ps);
+      wg_commit();
+      turn_pass();
+      wg_wait1();  // S_jt ready; P·V_{jt-1} may still run
+      fence_regs(s);
+      release(k_empty(st));
+      float al[2];
+      softmax(jt, al);
+      wg_wait0();
+      fence_regs(acc);
+      fence_frag(pa);
+      release(v_empty(ps));
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) {
+          acc[4 * j + 2 * r] *= al[r];
+          acc[4 * j + 2 * r + 1] *= al[r];
+        }
+      pack_p();
+    }
+    const int ls = (n_tiles - 1) % STAGES;
+    mbar_wait(v_full(ls), ((n_tiles - 1) / STAGES) & 1);
     wg_fence();
     fence_regs(acc);
-    issue_qk(jt & 1);
+    issue_pv(ls);
     wg_commit();
-    issue_pv((jt - 1) & 1);
-    wg_commit();
-    wg_wait1();  // S_jt ready; P·V_{jt-1} may still run
-    fence_regs(s);
-    float al[2];
-    softmax(jt, al);
     wg_wait0();
     fence_regs(acc);
     fence_frag(pa);
+
 #pragma unroll
-    for (int r = 0; r < 2; ++r)
+    for (int r = 0; r < 2; ++r) {
+      const float l = quad_sum(l_r[r]);
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const int row = m0 + row0 + r * 8;
+      if (row < a.seq_q) {
+        T* orow = o + static_cast<std::int64_t>(row) * a.o_ss;
 #pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        acc[4 * j + 2 * r] *= al[r];
-        acc[4 * j + 2 * r + 1] *= al[r];
+        for (int j = 0; j < D / 8; ++j)
+          *reinterpret_cast<std::uint32_t*>(orow + j * 8 + t * 2) =
+              Op::pack(acc[4 * j + 2 * r] * inv, acc[4 * j + 2 * r + 1] * inv);
       }
-    pack_p();
-  }
-  cp_async_wait<0>();
-  fence_async_smem();
-  __syncthreads();  // V(n_tiles-1) landed
-  wg_fence();
-  fence_regs(acc);
-  issue_pv((n_tiles - 1) & 1);
-  wg_commit();
-  wg_wait0();
-  fence_regs(acc);
-  fence_frag(pa);
-
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float l = quad_sum(l_r[r]);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    const int row = m0 + row0 + r * 8;
-    if (row < a.seq_q) {
-      T* orow = o + static_cast<std::int64_t>(row) * a.o_ss;
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j)
-        *reinterpret_cast<std::uint32_t*>(orow + j * 8 + t * 2) =
-            Op::pack(acc[4 * j + 2 * r] * inv, acc[4 * j + 2 * r + 1] * inv);
     }
+    if constexpr (PINGPONG)
+      if (cw == 0) named_bar_sync(1, 256);  // the last consumer's final hand-over
   }
 }
 
-template <typename T, int D, int BC, int NWG, bool CAUSAL>
-cudaError_t launch_p(const FwdArgs& a, int batch, int heads, cudaStream_t stream) {
-  using C = WgpCfg<D, BC, NWG>;
-  auto kern = flash_fwd_wgp<T, D, BC, NWG, CAUSAL>;
-  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
-  if (e != cudaSuccess) return e;
-  dim3 grid((a.seq_q + C::BR - 1) / C::BR, heads, batch);
-  kern<<<grid, C::NT, C::SMEM, stream>>>(a);
-  return cudaGetLastError();
+// cuTensorMapEncodeTiled through the runtime's driver entry point (no link-time dependency on libcuda).
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+EncodeTiledFn encode_tiled() {
+  static const EncodeTiledFn fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+#if CUDART_VERSION >= 12050
+    const cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q);
+#else
+    const cudaError_t e = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &p, cudaEnableDefault, &q);
+#endif
+    if (e != cudaSuccess || q != cudaDriverEntryPointSuccess)
+      return static_cast<EncodeTiledFn>(nullptr);
+    return reinterpret_cast<EncodeTiledFn>(p);
+  }();
+  return fn;
 }
 
-template <typename T, int D, int BC, int NWG, bool CAUSAL>
-cudaError_t launch(const FwdArgs& a, int batch, int heads, cudaStream_t stream) {
-  using C = WgCfg<D, BC, NWG>;
-  auto kern = flash_fwd_wg<T, D, BC, NWG, CAUSAL>;
+// A [B, H, S, D] operand as a 4-D tensor map (D innermost) read in boxes of 64 columns x `rows` rows;
+// rows past S are zero-filled. Strides of size-1 dims are never stepped, so any valid value does.
+bool make_map(CUtensorMap* m, const void* base, bool bf16, int d, int seq, int heads, int batch, std::int64_t ss,
+              std::int64_t sh, std::int64_t sb, int rows) {
+  const EncodeTiledFn fn = encode_tiled();
+  if (fn == nullptr) return false;
+  auto bytes = [](std::int64_t st, int n) -> cuuint64_t { return n > 1 ? static_cast<cuuint64_t>(st) * 2 : 16; };
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(d), static_cast<cuuint64_t>(seq),
+                              static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(batch)};
+  const cuuint64_t strides[3] = {bytes(ss, seq), bytes(sh, heads), bytes(sb, batch)};
+  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(rows), 1, 1};
+  const cuuint32_t elem[4] = {1, 1, 1, 1};
+  return fn(m, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4, const_cast<void*>(base),
+            dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <typename T, int D, int BC, int NC, int STAGES, bool CAUSAL, bool PINGPONG>
+cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, cudaStream_t stream) {
+  using C = WsCfg<D, BC, NC, STAGES>;
+  constexpr bool bf16 = std::is_same<T, __nv_bfloat16>::value;
+  const int heads_kv = heads / a.group;
+  CUtensorMap tq, tk, tv;
+  if (!make_map(&tq, a.q, bf16, D, a.seq_q, heads, batch, a.q_ss, a.q_sh, a.q_sb, C::BR) ||
+      !make_map(&tk, a.k, bf16, D, a.seq_kv, heads_kv, batch, a.k_ss, a.k_sh, a.k_sb, BC) ||
+      !make_map(&tv, a.v, bf16, D, a.seq_kv, heads_kv, batch, a.v_ss, a.v_sh, a.v_sb, BC))
+    return cudaErrorNotSupported;
+  auto kern = flash_fwd_ws<T, D, BC, NC, STAGES, CAUSAL, PINGPONG>;
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
   if (e != cudaSuccess) return e;
   dim3 grid((a.seq_q + C::BR - 1) / C::BR, heads, batch);
-  kern<<<grid, C::NT, C::SMEM, stream>>>(a);
+  kern<<<grid, C::NT, C::SMEM, stream>>>(a, tq, tk, tv);
   return cudaGetLastError();
 }
 
 template <typename T, bool C>
 cudaError_t run_t(const FwdArgs& a, int D, int batch, int heads, int variant, cudaStream_t s) {
-  // variant 10 (default) / 11 / 12: tile configs per head dim.
-  switch (D) {  // 13/14: pipelined kernel
+  // Default tiles per head dim; variants 15.. are alternatives kept for tuning (tools/cuda_dev).
+  switch (D) {
     case 64:
-      if (variant == 13) return launch_p<T, 64, 128, 2, C>(a, batch, heads, s);
-      if (variant == 14) return launch_p<T, 64, 128, 3, C>(a, batch, heads, s);
-      return variant == 11 ? launch<T, 64, 128, 3, C>(a, batch, heads, s) : launch<T, 64, 128, 2, C>(a, batch, heads, s);
+      if (variant == 15) return launch_ws<T, 64, 128, 2, 2, C, true>(a, batch, heads, s);
+      if (variant == 17) return launch_ws<T, 64, 128, 3, 2, C, false>(a, batch, heads, s);
+      if (variant == 18) return launch_ws<T, 64, 128, 2, 3, C, false>(a, batch, heads, s);
+      return launch_ws<T, 64, 128, 2, 2, C, false>(a, batch, heads, s);
     case 128:
-      if (variant == 13) return launch_p<T, 128, 128, 2, C>(a, batch, heads, s);
-      if (variant == 14) return launch_p<T, 128, 64, 3, C>(a, batch, heads, s);
-      if (variant == 11) return launch<T, 128, 128, 3, C>(a, batch, heads, s);
-      if (variant == 12) return launch<T, 128, 64, 2, C>(a, batch, heads, s);
-      return launch<T, 128, 128, 2, C>(a, batch, heads, s);
+      if (variant == 15) return launch_ws<T, 128, 128, 2, 2, C, true>(a, batch, heads, s);
+      if (variant == 18) return launch_ws<T, 128, 128, 2, 3, C, false>(a, batch, heads, s);
+      return launch_ws<T, 128, 128, 2, 2, C, false>(a, batch, heads, s);
     case 256:
-      if (variant == 13) return launch_p<T, 256, 64, 2, C>(a, batch, heads, s);
-      if (variant == 14) return launch_p<T, 256, 64, 1, C>(a, batch, heads, s);
-      return variant == 11 ? launch<T, 256, 64, 1, C>(a, batch, heads, s) : launch<T, 256, 64, 2, C>(a, batch, heads, s);
+      if (variant == 15) return launch_ws<T, 256, 64, 2, 2, C, true>(a, batch, heads, s);
+      return launch_ws<T, 256, 64, 2, 2, C, false>(a, batch, heads, s);
   }
   return cudaErrorInvalidValue;
 }
