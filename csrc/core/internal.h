@@ -15,6 +15,9 @@ std::optional<ComponentContext> set_current_component(std::optional<ComponentCon
 // Replaces the forced backend and returns the previous one (Python scopes; C++ uses ForcedBackendScope).
 std::optional<BackendId> set_forced_backend(std::optional<BackendId> backend);
 
+// Whether the kernel layer prefers `native` for this request (set_native_preference).
+bool native_preferred(const SelectionRequest& request);
+
 // Capability facts changed: cached selections made before are stale.
 void bump_generation();
 std::uint64_t generation();

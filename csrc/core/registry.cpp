@@ -110,6 +110,7 @@ struct RegistryState {
   std::mutex mutex;
   std::array<std::array<AvailabilityEntry, kNumDeviceTypes>, kNumBackends> availability;
   std::array<std::array<CapabilityCheck, kNumDeviceTypes>, kNumBackends> checks{};
+  std::array<PreferenceCheck, kNumDeviceTypes> native_preference{};
   int sm = 0;
 };
 
@@ -191,6 +192,23 @@ void set_capability_check(BackendId id, DeviceType device, CapabilityCheck check
     state().checks[static_cast<int>(id)][static_cast<int>(device)] = check;
   }
   detail::bump_generation();
+}
+
+void set_native_preference(DeviceType device, PreferenceCheck prefers) {
+  {
+    std::lock_guard<std::mutex> lock(state().mutex);
+    state().native_preference[static_cast<int>(device)] = prefers;
+  }
+  detail::bump_generation();
+}
+
+bool detail::native_preferred(const SelectionRequest& request) {
+  PreferenceCheck prefers = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(state().mutex);
+    prefers = state().native_preference[static_cast<int>(request.device)];
+  }
+  return prefers != nullptr && prefers(request);
 }
 
 void set_cuda_compute_capability(int major, int minor) {

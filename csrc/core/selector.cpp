@@ -98,9 +98,11 @@ std::vector<std::string> reasons_with_supported(BackendId id, const SelectionReq
 // The automatic preference order; the first backend that can run wins.
 std::vector<BackendId> auto_order(const SelectionRequest& r) {
   if (r.device == DeviceType::CPU) return {BackendId::NATIVE, BackendId::TORCH_SDPA};
-  // CUDA: flash-attn 3/4 where installed; our own kernel for head sizes PyTorch's fast paths refuse;
-  // else PyTorch SDPA (which picks cuDNN / flash itself); our kernel as the last resort.
+  // CUDA: flash-attn 3/4 where installed; our own kernel for head sizes PyTorch's fast paths refuse or
+  // where the kernel layer measured it faster (set_native_preference); else PyTorch SDPA (which picks
+  // cuDNN / flash itself), our kernel as the last resort.
   if (r.head_size > 256) return {BackendId::NATIVE, BackendId::TORCH_SDPA};
+  if (detail::native_preferred(r)) return {BackendId::FA, BackendId::NATIVE, BackendId::TORCH_SDPA};
   return {BackendId::FA, BackendId::TORCH_SDPA, BackendId::NATIVE};
 }
 

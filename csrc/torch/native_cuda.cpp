@@ -9,10 +9,8 @@
 namespace attnsel::torch_glue {
 namespace {
 
-// Selection-time check: the kernel's limits that depend only on head size, dtype and the GPU.
-std::string selection_check(const SelectionRequest& r) {
-  if (at::cuda::device_count() == 0) return "no CUDA GPU is visible";
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+// A 1x1x1xhead_size problem standing for a selection request: what selection knows (head size, dtype).
+kernels::AttentionParams request_params(const SelectionRequest& r) {
   alignas(16) static char dummy[16];
   kernels::AttentionParams p;
   p.q = p.k = p.v = dummy;
@@ -25,7 +23,18 @@ std::string selection_check(const SelectionRequest& r) {
     (*st)[0] = (*st)[1] = (*st)[2] = r.head_size;  // rows of head_size elements, last dim contiguous
     (*st)[3] = 1;
   }
-  return cuda::refusal(p, prop->major, prop->minor);
+  return p;
+}
+
+// Selection-time check: the kernel's limits that depend only on head size, dtype and the GPU.
+std::string selection_check(const SelectionRequest& r) {
+  if (at::cuda::device_count() == 0) return "no CUDA GPU is visible";
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  return cuda::refusal(request_params(r), prop->major, prop->minor);
+}
+
+bool prefers_native(const SelectionRequest& r) {
+  return at::cuda::device_count() > 0 && cuda::faster_than_sdpa(request_params(r));
 }
 
 at::Tensor native_cuda(const AttentionCall& call) {
@@ -56,6 +65,7 @@ at::Tensor native_cuda(const AttentionCall& call) {
 void register_native_cuda() {
   register_kernel(BackendId::NATIVE, DeviceType::CUDA, &native_cuda);
   set_capability_check(BackendId::NATIVE, DeviceType::CUDA, &selection_check);
+  set_native_preference(DeviceType::CUDA, &prefers_native);
   const bool gpu = at::hasCUDA();
   set_backend_availability(BackendId::NATIVE, DeviceType::CUDA, gpu, gpu ? "" : "no CUDA GPU is visible");
 }

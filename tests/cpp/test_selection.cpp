@@ -35,6 +35,24 @@ TEST(auto_falls_back_in_preference_order_and_says_why) {
   CHECK_EQ(select_backend(cuda_request(512)).backend, BackendId::NATIVE);
 }
 
+TEST(native_preference_puts_native_ahead_of_sdpa_but_behind_fa) {
+  attnsel_test::reset_state();
+  set_native_preference(DeviceType::CUDA, [](const SelectionRequest& r) { return r.head_size == 128; });
+  CHECK_EQ(select_backend(cuda_request(128)).backend, BackendId::NATIVE);
+  CHECK_EQ(select_backend(cuda_request(64)).backend, BackendId::TORCH_SDPA);  // not preferred there
+  set_capability_check(BackendId::NATIVE, DeviceType::CUDA,
+                       [](const SelectionRequest&) { return std::string("kernel not built (test)"); });
+  Selection s = select_backend(cuda_request(128));  // preferred but cannot run: SDPA, and the reason is kept
+  CHECK_EQ(s.backend, BackendId::TORCH_SDPA);
+  CHECK(any_reason_contains(s.reasons, "kernel not built (test)"));
+  set_capability_check(BackendId::NATIVE, DeviceType::CUDA, nullptr);
+  set_backend_availability(BackendId::FA, DeviceType::CUDA, true, "");
+  CHECK_EQ(select_backend(cuda_request(128)).backend, BackendId::FA);
+  set_native_preference(DeviceType::CUDA, nullptr);
+  set_backend_availability(BackendId::FA, DeviceType::CUDA, false, "flash_attn_interface is not installed");
+  CHECK_EQ(select_backend(cuda_request(128)).backend, BackendId::TORCH_SDPA);
+}
+
 TEST(priority_chain_explicit_forced_component_global_auto) {
   attnsel_test::reset_state();
   SelectionRequest r = cpu_request();

@@ -30,6 +30,8 @@ inline void reset_state() {
     set_capability_check(id, DeviceType::CPU, nullptr);
     set_capability_check(id, DeviceType::CUDA, nullptr);
   }
+  set_native_preference(DeviceType::CPU, nullptr);
+  set_native_preference(DeviceType::CUDA, nullptr);
   set_backend_availability(BackendId::NATIVE, DeviceType::CPU, true, "");
   set_backend_availability(BackendId::TORCH_SDPA, DeviceType::CPU, true, "");
   set_backend_availability(BackendId::NATIVE, DeviceType::CUDA, true, "");

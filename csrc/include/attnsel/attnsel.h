@@ -111,6 +111,11 @@ struct SelectionRequest;
 using CapabilityCheck = std::string (*)(const SelectionRequest& request);
 void set_capability_check(BackendId id, DeviceType device, CapabilityCheck check);
 
+// A kernel layer's word that `native` on `device` is faster than PyTorch SDPA for a request (measured; e.g.
+// our Hopper kernel at head_dim 128). The automatic choice then tries `native` ahead of `torch_sdpa`.
+using PreferenceCheck = bool (*)(const SelectionRequest& request);
+void set_native_preference(DeviceType device, PreferenceCheck prefers);
+
 // Why `id` cannot run this request (empty = it can).
 std::vector<std::string> refusal_reasons(BackendId id, const SelectionRequest& request);
 

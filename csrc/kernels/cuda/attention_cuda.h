@@ -12,6 +12,10 @@ using kernels::AttentionParams;
 // Why this kernel cannot run `params` on a GPU of compute capability sm_major.sm_minor (empty = it can).
 std::string refusal(const AttentionParams& params, int sm_major, int sm_minor);
 
+// Whether this kernel was measured faster than PyTorch SDPA's best for `params` on the current GPU
+// (feeds the automatic choice; only head size, dtype and the GPU matter).
+bool faster_than_sdpa(const AttentionParams& params);
+
 // Launches on `stream` (a cudaStream_t); the caller has set the device.
 void attention_forward(const AttentionParams& params, void* stream);
 
