@@ -56,7 +56,13 @@ def test_auto_choice_on_cuda_and_refusals():
     e = attnsel.explain_attn_backend(512, torch.bfloat16, "cuda")
     assert e.backend == Backend.NATIVE and e.source == "auto"
     e = attnsel.explain_attn_backend(128, torch.bfloat16, "cuda")
-    assert e.backend in (Backend.FA, Backend.TORCH_SDPA)
+    fa = runnable("fa", 128)
+    if torch.cuda.get_device_capability() == (9, 0):  # default build has 9.0a: our Hopper kernel beats SDPA at 128
+        assert e.backend == (Backend.FA if fa else Backend.NATIVE), e.reasons
+    else:
+        assert e.backend == (Backend.FA if fa else Backend.TORCH_SDPA), e.reasons
+    e = attnsel.explain_attn_backend(64, torch.bfloat16, "cuda")  # cuDNN stays ahead at 64 on long rows
+    assert e.backend == (Backend.FA if runnable("fa", 64) else Backend.TORCH_SDPA), e.reasons
     with pytest.raises(ValueError, match="float32"):
         attnsel.get_attn_backend(128, torch.float32, "cuda", selected="native")
     with pytest.raises(ValueError, match="head_size 96|head_dim 96"):
