@@ -112,6 +112,8 @@ def main():
     ap.add_argument("--tune", default="", help="dev only: comma list of extra variants, recorded as native_vN")
     ap.add_argument("--dtypes", default="bf16,fp16")
     ap.add_argument("--shapes", default="", help="comma list of shape names (default all)")
+    ap.add_argument("--shape", action="append", default=[], metavar="B,H,S,D[,causal]",
+                    help="an extra shape (repeatable), named by its sizes")
     ap.add_argument("--backends", default="native,sdpa_flash,sdpa_cudnn,sdpa_efficient,sdpa_math,fa2,sage_attn")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
@@ -132,6 +134,11 @@ def main():
     fns.update({k: f for k, f in opt.items() if k in want or k == "fa"})
     records, skipped = [], [dict(backend=k, reason=r) for k, r in missing.items() if k in want]
     shapes = [s for s in SHAPES if not args.shapes or s[0] in args.shapes.split(",")]
+    for spec in args.shape:
+        parts = spec.split(",")
+        if len(parts) not in (4, 5) or not all(p.isdigit() for p in parts[:4]) or parts[4:] not in ([], ["causal"]):
+            ap.error(f"--shape {spec!r}: expected B,H,S,D or B,H,S,D,causal")
+        shapes.append(("x".join(parts[:4]), tuple(int(p) for p in parts[:4]), len(parts) == 5))
     gen = torch.Generator(device="cuda").manual_seed(0)
     for dname in args.dtypes.split(","):
         dtype = DTYPES[dname]
