@@ -57,11 +57,9 @@ __global__ void __launch_bounds__(256, 1) flash_fwd_d512_sm90(const FwdArgs a, s
   const int blk = CAUSAL ? (gridDim.x - 1 - blockIdx.x) : blockIdx.x;
   const int m_block = blk / splits, split = blk % splits;
   const int h = blockIdx.y, b = blockIdx.z;
-  const int hk = h / a.group;
-  const T* q = static_cast<const T*>(a.q) + b * a.q_sb + h * a.q_sh;
-  const T* k = static_cast<const T*>(a.k) + b * a.k_sb + hk * a.k_sh;
-  const T* v = static_cast<const T*>(a.v) + b * a.v_sb + hk * a.v_sh;
-  T* o = static_cast<T*>(a.o) + b * a.o_sb + h * a.o_sh;
+  const HeadPtrs<T> hp(a, b, h);
+  const T *q = hp.q, *k = hp.k, *v = hp.v;
+  T* o = hp.o;
 
   const int m0 = m_block * kBR;
   const int n_all = key_tiles<kBR, kBC, CAUSAL>(m0, a.seq_kv);

@@ -26,6 +26,20 @@ struct FwdArgs {
   float scale_log2;  // scale * log2(e): softmax runs on exp2
 };
 
+// The four [S, D] matrices one (batch, head) block works on; K/V heads are shared by `group` query heads.
+template <typename T>
+struct HeadPtrs {
+  const T *q, *k, *v;
+  T* o;
+  __device__ __forceinline__ HeadPtrs(const FwdArgs& a, int b, int h) {
+    const int hk = h / a.group;
+    q = static_cast<const T*>(a.q) + b * a.q_sb + h * a.q_sh;
+    k = static_cast<const T*>(a.k) + b * a.k_sb + hk * a.k_sh;
+    v = static_cast<const T*>(a.v) + b * a.v_sb + hk * a.v_sh;
+    o = static_cast<T*>(a.o) + b * a.o_sb + h * a.o_sh;
+  }
+};
+
 // ---- PTX wrappers ----------------------------------------------------------------------------------
 __device__ __forceinline__ std::uint32_t smem_u32(const void* p) {
   return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
@@ -173,11 +187,9 @@ __global__ void __launch_bounds__(NW * 32) flash_fwd_a(const FwdArgs a) {
   // Heaviest causal blocks first: they finish last otherwise.
   const int m_block = CAUSAL ? (gridDim.x - 1 - blockIdx.x) : blockIdx.x;
   const int h = blockIdx.y, b = blockIdx.z;
-  const int hk = h / a.group;
-  const T* q = static_cast<const T*>(a.q) + b * a.q_sb + h * a.q_sh;
-  const T* k = static_cast<const T*>(a.k) + b * a.k_sb + hk * a.k_sh;
-  const T* v = static_cast<const T*>(a.v) + b * a.v_sb + hk * a.v_sh;
-  T* o = static_cast<T*>(a.o) + b * a.o_sb + h * a.o_sh;
+  const HeadPtrs<T> hp(a, b, h);
+  const T *q = hp.q, *k = hp.k, *v = hp.v;
+  T* o = hp.o;
 
   const int m0 = m_block * BR;
   const int n_tiles = key_tiles<BR, BC, CAUSAL>(m0, a.seq_kv);
@@ -356,11 +368,9 @@ __global__ void __launch_bounds__(256, 1) flash_fwd_d512(const FwdArgs a) {
 
   const int m_block = CAUSAL ? (gridDim.x - 1 - blockIdx.x) : blockIdx.x;
   const int h = blockIdx.y, b = blockIdx.z;
-  const int hk = h / a.group;
-  const T* q = static_cast<const T*>(a.q) + b * a.q_sb + h * a.q_sh;
-  const T* k = static_cast<const T*>(a.k) + b * a.k_sb + hk * a.k_sh;
-  const T* v = static_cast<const T*>(a.v) + b * a.v_sb + hk * a.v_sh;
-  T* o = static_cast<T*>(a.o) + b * a.o_sb + h * a.o_sh;
+  const HeadPtrs<T> hp(a, b, h);
+  const T *q = hp.q, *k = hp.k, *v = hp.v;
+  T* o = hp.o;
 
   const int m0 = m_block * BR;
   const int n_tiles = key_tiles<BR, BC, CAUSAL>(m0, a.seq_kv);
