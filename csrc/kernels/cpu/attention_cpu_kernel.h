@@ -127,7 +127,8 @@ struct Kernel {
   // rounding of long dot products (head_dim 128..512) stays at the level of a blocked GEMM, not of one long chain.
   // 32: chunks of 16 were ~5% slower, one long chain failed the "<= 2x SDPA's error" rule at head_dim 96..512.
   // head_dim >= 256 uses 64 (3% faster there; scores are summed from more, smaller terms per chunk at the usual
-  // 1/sqrt(D) scale, and the error stayed at SDPA's level).
+  // 1/sqrt(D) scale, and the error stayed at SDPA's level). head_dim <= 64 is one chunk: no fold through memory
+  // (~3% faster at 64; a 64-long chain stayed within the error rule, 96 did not).
   static constexpr i64 kDimChunk = 32, kDimChunkWide = 64;
   // acc: C already holds a partial sum (an earlier block of head_dim) to add to.
   // mx (final block only, may be null): per-column running max of the stored values (saves the softmax a pass
@@ -259,7 +260,7 @@ struct Kernel {
   static constexpr i64 kDimBlock = 128;
   static void gemm_qk(i64 rows, i64 D, const float* A, i64 lda, const float* B, float* C, const float* scale,
                       float* mx) {
-    if (D >= 256) gemm_qk_impl<kDimChunkWide>(rows, D, A, lda, B, C, scale, mx);
+    if (D >= 256 || D <= kDimChunkWide) gemm_qk_impl<kDimChunkWide>(rows, D, A, lda, B, C, scale, mx);
     else gemm_qk_impl<kDimChunk>(rows, D, A, lda, B, C, scale, mx);
   }
   template <i64 CHUNK>
@@ -323,22 +324,23 @@ struct Kernel {
       const V nmu = Is::sub(zero, mu);
       const V al = Is::template exp2<kExpDeg>(Is::sub(mo, mu));
       auto arg = [&](V x) { return RAW ? Is::fma(x, cs, nmu) : Is::add(x, nmu); };
-      V sum0 = zero, sum1 = zero;
+      // One running sum, fed pairwise: two sums plus the exp constants spilled a sum to the stack (AVX2 has 16
+      // registers), and the store/reload then set the pace of the loop.
+      V sum = zero;
       i64 j = 0;
       for (; j + 1 < nk; j += 2) {
         V p0 = Is::template exp2<kExpDeg>(arg(Is::load(S + j * PW + v * W)));
         V p1 = Is::template exp2<kExpDeg>(arg(Is::load(S + (j + 1) * PW + v * W)));
         Is::store(S + j * PW + v * W, p0);
         Is::store(S + (j + 1) * PW + v * W, p1);
-        sum0 = Is::add(sum0, p0);
-        sum1 = Is::add(sum1, p1);
+        sum = Is::add(sum, Is::add(p0, p1));
       }
       if (j < nk) {
         V p0 = Is::template exp2<kExpDeg>(arg(Is::load(S + j * PW + v * W)));
         Is::store(S + j * PW + v * W, p0);
-        sum0 = Is::add(sum0, p0);
+        sum = Is::add(sum, p0);
       }
-      Is::store(l + v * W, Is::fma(Is::load(l + v * W), al, Is::add(sum0, sum1)));
+      Is::store(l + v * W, Is::fma(Is::load(l + v * W), al, sum));
       Is::store(m + v * W, mn);
       Is::store(alpha + v * W, al);
     }
