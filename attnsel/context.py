@@ -14,7 +14,7 @@ import contextlib
 import contextvars
 import functools
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from . import _C
@@ -27,6 +27,13 @@ class ComponentScope:
 
     component: str
     backend: Backend | None
+    # native_view(self), built once: attnsel.attention's per-call cache keys on it (a cheap tuple hash, where the
+    # dataclass's own hash runs Python code per call).
+    view: tuple = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        backend_id = None if self.backend is None else int(self.backend)
+        object.__setattr__(self, "view", (backend_id, self.component, True))
 
 
 _SCOPE: contextvars.ContextVar[ComponentScope | None] = contextvars.ContextVar("attnsel_component_scope", default=None)
@@ -34,9 +41,7 @@ _SCOPE: contextvars.ContextVar[ComponentScope | None] = contextvars.ContextVar("
 
 def native_view(scope: ComponentScope | None):
     """A Python scope as the native selector and thread-local value take it: (backend id, component, set_by_python)."""
-    if scope is None:
-        return None
-    return (None if scope.backend is None else int(scope.backend), scope.component, True)
+    return None if scope is None else scope.view
 
 
 def current_scope() -> ComponentScope | None:

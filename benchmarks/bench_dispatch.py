@@ -5,7 +5,8 @@
 Compares, on the same (1, 1, 1, 8) fp32 tensors:
   * attnsel.attention(..., backend="native")  the Python front (name -> Backend, then the op)
   * attnsel.attention(...) with no backend       the selector picks (cached) each call
-  * torch.ops.attnsel.attention(..., id)         the registered op directly, native backend id
+  * torch.ops.attnsel.attention(..., id)         the registered op directly (overload packet), native backend id
+  * torch.ops.attnsel.attention.default(...)     the op's one overload (what attnsel.attention calls)
   * torch.nn.functional.scaled_dot_product_attention
 Reports the median over several rounds of the mean time per call, in microseconds.
 """
@@ -63,6 +64,7 @@ def main() -> None:
         "attnsel.attention(backend='native')": lambda: attnsel.attention(q, k, v, backend="native"),
         "attnsel.attention() (auto select)": lambda: attnsel.attention(q, k, v),
         "torch.ops.attnsel.attention(native id)": lambda: op(q, k, v, None, False, None, native_id),
+        "torch.ops.attnsel.attention.default(native id)": lambda: op.default(q, k, v, None, False, None, native_id),
         "F.scaled_dot_product_attention": lambda: F.scaled_dot_product_attention(q, k, v),
     }
     print(f"per-call time on (1,1,1,8) fp32 | {torch.get_num_threads()} threads | ISA {attnsel._C.cpu_isa()} | "
@@ -71,10 +73,12 @@ def main() -> None:
     for name, fn in cases.items():
         med, best = per_call_us(fn, calls, args.rounds)
         results[name] = {"median_us": med, "best_us": best}
-        print(f"  {name:<42} {med:8.2f} us  (best {best:.2f})")
+        print(f"  {name:<48} {med:8.2f} us  (best {best:.2f})")
     base = results["torch.ops.attnsel.attention(native id)"]["median_us"]
     front = results["attnsel.attention(backend='native')"]["median_us"]
-    print(f"Python front overhead over the op: {front - base:+.2f} us per call")
+    auto = results["attnsel.attention() (auto select)"]["median_us"]
+    print(f"Python front overhead over the op: {front - base:+.2f} us per call (explicit backend), "
+          f"{auto - base:+.2f} us (auto select)")
 
     host = socket.gethostname().split(".")[0] or "host"
     path = Path(args.json) if args.json else Path(__file__).resolve().parent / "results" / f"dispatch_{host}.json"

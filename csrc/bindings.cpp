@@ -115,6 +115,18 @@ PYBIND11_MODULE(_C, m) {
             .backend);
   }, py::arg("head_size"), py::arg("dtype"), py::arg("device"), py::arg("context"),
      "The backend id only: the per-call path of attnsel.attention(backend=None).");
+  // Everything native that auto selection depends on besides the request and the caller's (Python) scope: the
+  // forced backend, the global flag and the capability generation, packed into one int; None while a scope entered
+  // from C++ is active on this thread (Python then takes the full path, which sees that scope).
+  // attnsel.attention keys its per-call decision cache on it, so a cached answer never outlives the state it was
+  // computed from.
+  m.def("selection_token", []() -> py::object {
+    const std::optional<ComponentContext> ctx = current_component();
+    if (ctx && !ctx->set_by_python) return py::none();
+    const auto enc = [](std::optional<BackendId> id) { return std::uint64_t(id ? static_cast<int>(*id) + 1 : 0); };
+    static_assert(kNumBackends < 64, "token packs backend ids in 6 bits");
+    return py::int_((attnsel::detail::generation() << 12) | (enc(forced_backend()) << 6) | enc(global_backend()));
+  });
   m.def("select_thread", [](int head_size, const std::string& dtype, const std::string& device,
                             std::optional<std::vector<int>> supported, std::optional<int> selected) {
     return selection_to_py(select_backend(make_request(head_size, dtype, device, supported, selected)));

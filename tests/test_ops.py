@@ -1,6 +1,8 @@
 """The attnsel::attention op: correctness against a float64 reference, validation, opcheck, torch.compile."""
 
+import asyncio
 import math
+import threading
 
 import pytest
 import torch
@@ -77,6 +79,76 @@ def test_default_backend_follows_the_selector():
     with attnsel.component_attention_backend("vae", "torch_sdpa"):
         assert torch.equal(attnsel.attention(q, q, q), F.scaled_dot_product_attention(q, q, q))
     check_close(attnsel.attention(q, q, q), q, q, q)
+
+
+def test_auto_selection_fast_path_follows_every_state_change():
+    """attnsel.attention(backend=None) reuses per-call decisions; each change of selection state must still count."""
+    from attnsel import _C
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 33, 16, generator=g) for _ in range(3))
+    native = attnsel.attention(q, k, v, backend="native")
+    sdpa = attnsel.attention(q, k, v, backend="torch_sdpa")
+    assert not torch.equal(native, sdpa)  # the two are told apart by their bits
+
+    def picks(expected):
+        for _ in range(3):  # the first call fills the cache, the others use it
+            assert torch.equal(attnsel.attention(q, k, v), expected)
+
+    picks(native)
+    with attnsel.force_attention_backend("torch_sdpa"):
+        picks(sdpa)
+    picks(native)
+    with attnsel.component_attention_backend("vae", "torch_sdpa"):
+        picks(sdpa)
+        with attnsel.component_attention_backend("text", None):
+            picks(native)
+        picks(sdpa)
+    picks(native)
+    # a scope entered from C++ on this thread
+    assert torch.equal(_C.run_in_native_scope("vae", int(attnsel.Backend.TORCH_SDPA),
+                                              lambda: attnsel.attention(q, k, v)), sdpa)
+    picks(native)
+    # the process-wide flag, set natively (as a C++ caller or the config loader does)
+    previous = _C.global_backend()
+    _C.set_global_backend(int(attnsel.Backend.TORCH_SDPA))
+    try:
+        picks(sdpa)
+    finally:
+        _C.set_global_backend(previous)
+    picks(native)
+    # capability facts: native reported unavailable on CPU
+    _C.set_backend_availability(int(attnsel.Backend.NATIVE), "cpu", False, "test")
+    try:
+        assert not torch.equal(attnsel.attention(q, k, v), native)
+    finally:
+        _C.set_backend_availability(int(attnsel.Backend.NATIVE), "cpu", True, "")
+    picks(native)
+
+    # another thread in a scope, and interleaved asyncio tasks with different scopes on one thread
+    seen = {}
+
+    def worker():
+        with attnsel.component_attention_backend("vae", "torch_sdpa"):
+            seen["thread"] = attnsel.attention(q, k, v)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert torch.equal(seen["thread"], sdpa)
+    picks(native)
+
+    async def task(backend, expected):
+        with attnsel.component_attention_backend("unet", backend):
+            for _ in range(5):
+                assert torch.equal(attnsel.attention(q, k, v), expected)
+                await asyncio.sleep(0)
+
+    async def both():
+        await asyncio.gather(task("torch_sdpa", sdpa), task("native", native), task(None, native))
+
+    asyncio.run(both())
+    picks(native)
 
 
 @pytest.mark.parametrize("args, match", [

@@ -26,6 +26,10 @@
 #include <thread>
 #include <type_traits>
 
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
 #include "../attention_params.h"
 #include "attention_cpu_elements.h"
 
@@ -71,6 +75,33 @@ inline void convert_row(const Half* s, i64 st, float* d, i64 n) {
   }
 }
 
+// d[j*ld + i] = s[i*ls + j] for an 8x8 fp32 block: packing query rows into the transposed panels and writing
+// the output back. With AVX2 it is 24 shuffles instead of 64 strided scalar moves (which were ~12% of a short
+// sequence such as CLIP's 77 tokens).
+inline void transpose8(const float* s, i64 ls, float* d, i64 ld) {
+#ifdef __AVX2__
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(s + i * ls);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(d + i * ld, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(d + (i + 4) * ld, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+#else
+  for (int i = 0; i < 8; ++i)
+    for (int j = 0; j < 8; ++j) d[j * ld + i] = s[i * ls + j];
+#endif
+}
+
 inline float load_mask_value(const void* base, ScalarType t, i64 off) {
   switch (t) {
     case ScalarType::F32: return static_cast<const float*>(base)[off];
@@ -83,11 +114,13 @@ inline float load_mask_value(const void* base, ScalarType t, i64 off) {
 // ---- per-thread scratch ----------------------------------------------------------------------------
 struct Scratch {
   float* base = nullptr;
-  float *qp, *o, *s, *kt, *vt, *m, *l, *alpha;
+  float *qp, *o, *s, *kt, *vt, *m, *l, *alpha, *rows;  // rows: 8 query rows in fp32 (packing, write-back)
   explicit Scratch(i64 bq, i64 bk, i64 pw, i64 d, i64 dv) {
     auto up = [](i64 n) { return (n + 15) & ~i64(15); };  // keep each region 64-byte aligned
-    const i64 nq = up(bq * d), no = up(bq * dv), ns = up(bk * pw), nk = up(bk * d), nv = up(bk * dv), nb = up(bq);
-    base = static_cast<float*>(::operator new(sizeof(float) * (nq + no + ns + nk + nv + 3 * nb), std::align_val_t(64)));
+    const i64 nq = up(bq * d), no = up(bq * dv), ns = up(bk * pw), nk = up(bk * d), nv = up(bk * dv), nb = up(bq),
+              nr = 8 * (d > dv ? d : dv);
+    base = static_cast<float*>(
+        ::operator new(sizeof(float) * (nq + no + ns + nk + nv + 3 * nb + nr), std::align_val_t(64)));
     qp = base;
     o = qp + nq;
     s = o + no;
@@ -96,6 +129,7 @@ struct Scratch {
     m = vt + nv;
     l = m + nb;
     alpha = l + nb;
+    rows = alpha + nb;
   }
   ~Scratch() { ::operator delete(base, std::align_val_t(64)); }
   Scratch(const Scratch&) = delete;
@@ -114,6 +148,18 @@ struct Plan {
 template <class Is, class E>
 struct Kernel {
   static constexpr int W = Is::W, NV = Is::NV, PW = Is::W * Is::NV, R = Is::R;
+  // Queries per transposed group when packing Q and writing O (8x8 blocks; the scalar path's panel is 4 wide).
+  static constexpr int G = PW % 8 == 0 ? 8 : PW;
+  // d[j*ld + i] = s[i*ls + j] for i < RS, j < CS.
+  template <int RS, int CS>
+  static void transpose(const float* s, i64 ls, float* d, i64 ld) {
+    if constexpr (RS == 8 && CS == 8) {
+      transpose8(s, ls, d, ld);
+    } else {
+      for (int i = 0; i < RS; ++i)
+        for (int j = 0; j < CS; ++j) d[j * ld + i] = s[i * ls + j];
+    }
+  }
   using V = typename Is::V;
   using M = typename Is::M;
   // exp2 polynomial degree: fp32 data needs ~1 ulp; bf16/fp16 outputs can't show errors below ~1e-4.
@@ -127,7 +173,8 @@ struct Kernel {
   // rounding of long dot products (head_dim 128..512) stays at the level of a blocked GEMM, not of one long chain.
   // 32: chunks of 16 were ~5% slower, one long chain failed the "<= 2x SDPA's error" rule at head_dim 96..512.
   // head_dim >= 256 uses 64 (3% faster there; scores are summed from more, smaller terms per chunk at the usual
-  // 1/sqrt(D) scale, and the error stayed at SDPA's level).
+  // 1/sqrt(D) scale, and the error stayed at SDPA's level). head_dim <= 64 is one chunk: no fold through memory
+  // (~3% faster at 64; a 64-long chain stayed within the error rule, 96 did not).
   static constexpr i64 kDimChunk = 32, kDimChunkWide = 64;
   // acc: C already holds a partial sum (an earlier block of head_dim) to add to.
   // mx (final block only, may be null): per-column running max of the stored values (saves the softmax a pass
@@ -259,7 +306,7 @@ struct Kernel {
   static constexpr i64 kDimBlock = 128;
   static void gemm_qk(i64 rows, i64 D, const float* A, i64 lda, const float* B, float* C, const float* scale,
                       float* mx) {
-    if (D >= 256) gemm_qk_impl<kDimChunkWide>(rows, D, A, lda, B, C, scale, mx);
+    if (D >= 256 || D <= kDimChunkWide) gemm_qk_impl<kDimChunkWide>(rows, D, A, lda, B, C, scale, mx);
     else gemm_qk_impl<kDimChunk>(rows, D, A, lda, B, C, scale, mx);
   }
   template <i64 CHUNK>
@@ -323,22 +370,23 @@ struct Kernel {
       const V nmu = Is::sub(zero, mu);
       const V al = Is::template exp2<kExpDeg>(Is::sub(mo, mu));
       auto arg = [&](V x) { return RAW ? Is::fma(x, cs, nmu) : Is::add(x, nmu); };
-      V sum0 = zero, sum1 = zero;
+      // One running sum, fed pairwise: two sums plus the exp constants spilled a sum to the stack (AVX2 has 16
+      // registers), and the store/reload then set the pace of the loop.
+      V sum = zero;
       i64 j = 0;
       for (; j + 1 < nk; j += 2) {
         V p0 = Is::template exp2<kExpDeg>(arg(Is::load(S + j * PW + v * W)));
         V p1 = Is::template exp2<kExpDeg>(arg(Is::load(S + (j + 1) * PW + v * W)));
         Is::store(S + j * PW + v * W, p0);
         Is::store(S + (j + 1) * PW + v * W, p1);
-        sum0 = Is::add(sum0, p0);
-        sum1 = Is::add(sum1, p1);
+        sum = Is::add(sum, Is::add(p0, p1));
       }
       if (j < nk) {
         V p0 = Is::template exp2<kExpDeg>(arg(Is::load(S + j * PW + v * W)));
         Is::store(S + j * PW + v * W, p0);
-        sum0 = Is::add(sum0, p0);
+        sum = Is::add(sum, p0);
       }
-      Is::store(l + v * W, Is::fma(Is::load(l + v * W), al, Is::add(sum0, sum1)));
+      Is::store(l + v * W, Is::fma(Is::load(l + v * W), al, sum));
       Is::store(m + v * W, mn);
       Is::store(alpha + v * W, al);
     }
@@ -383,19 +431,29 @@ struct Kernel {
     const bool raw = p.mask_kind != MaskKind::Additive && pl.score_scale > 0.f;
     alignas(64) float csv[PW];
     for (int i = 0; i < PW; ++i) csv[i] = pl.score_scale;
-    // Pack the query block, transposed into panels.
+    // Pack the query block, transposed into panels, G queries at a time: rows to fp32 (in place when they are
+    // fp32 with unit stride), then 8x8 transposes. Queries past the block are zeros.
     const E* qbase = static_cast<const E*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
+    const i64 qst = p.q_stride[3];
     for (i64 pan = 0; pan < npan; ++pan) {
       float* dst = sc.qp + pan * D * PW;
-      for (i64 c = 0; c < PW; ++c) {
-        const i64 r = pan * PW + c;
-        if (r < nq) {
-          const E* row = qbase + (q0 + r) * p.q_stride[2];
-          const i64 st = p.q_stride[3];
-          for (i64 d = 0; d < D; ++d) dst[d * PW + c] = to_f32(row[d * st]);
+      for (i64 c0 = 0; c0 < PW; c0 += G) {
+        const i64 r0 = pan * PW + c0;
+        const float* src = sc.rows;
+        i64 ls = D;
+        if (std::is_same_v<E, float> && qst == 1 && r0 + G <= nq) {
+          src = reinterpret_cast<const float*>(qbase + (q0 + r0) * p.q_stride[2]);
+          ls = p.q_stride[2];
         } else {
-          for (i64 d = 0; d < D; ++d) dst[d * PW + c] = 0.f;
+          for (i64 i = 0; i < G; ++i) {
+            if (r0 + i < nq) convert_row<Is>(qbase + (q0 + r0 + i) * p.q_stride[2], qst, sc.rows + i * D, D);
+            else std::memset(sc.rows + i * D, 0, sizeof(float) * D);
+          }
         }
+        i64 d = 0;
+        for (; d + 8 <= D; d += 8) transpose<G, 8>(src + d, ls, dst + d * PW + c0, PW);
+        for (; d < D; ++d)
+          for (i64 i = 0; i < G; ++i) dst[d * PW + c0 + i] = src[i * ls + d];
       }
     }
     std::memset(sc.o, 0, sizeof(float) * npan * Dv * PW);
@@ -472,19 +530,42 @@ struct Kernel {
       }
     }
 
-    // Normalise and write out; rows that saw no key (l == 0) are zeros.
+    // Normalise (vertically, lane = query) and write out G queries at a time through 8x8 transposes, straight
+    // into the output when it is fp32 with unit stride. Rows that saw no key (l == 0) are zeros.
     E* obase = static_cast<E*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1];
+    const i64 ost = p.out_stride[3];
     for (i64 pan = 0; pan < npan; ++pan) {
-      const float* o = sc.o + pan * Dv * PW;
-      for (i64 c = 0; c < PW && pan * PW + c < nq; ++c) {
+      float* o = sc.o + pan * Dv * PW;
+      alignas(64) float inv[PW];
+      alignas(64) float keep[PW];  // all-ones bits where l != 0 (select mask source)
+      for (int c = 0; c < PW; ++c) {
         const float lv = sc.l[pan * PW + c];
-        E* row = obase + (q0 + pan * PW + c) * p.out_stride[2];
-        const i64 st = p.out_stride[3];
-        if (lv == 0.f) {
-          for (i64 d = 0; d < Dv; ++d) from_f32(0.f, row + d * st);
-        } else {
-          const float inv = 1.f / lv;
-          for (i64 d = 0; d < Dv; ++d) from_f32(o[d * PW + c] * inv, row + d * st);
+        inv[c] = lv == 0.f ? 0.f : 1.f / lv;
+        keep[c] = lv == 0.f ? 0.f : 1.f;
+      }
+      for (int v = 0; v < NV; ++v) {
+        const V iv = Is::load(inv + v * W);
+        const auto zero_row = Is::eq(Is::load(keep + v * W), Is::zero());
+        for (i64 d = 0; d < Dv; ++d) {
+          float* x = o + d * PW + v * W;
+          Is::store(x, Is::select(zero_row, Is::zero(), Is::mul(Is::load(x), iv)));
+        }
+      }
+      for (i64 c0 = 0; c0 < PW && pan * PW + c0 < nq; c0 += G) {
+        const i64 r0 = pan * PW + c0;
+        const i64 nr = imin(G, nq - r0);
+        const bool direct = std::is_same_v<E, float> && ost == 1 && nr == G;
+        float* dst = direct ? reinterpret_cast<float*>(obase + (q0 + r0) * p.out_stride[2]) : sc.rows;
+        const i64 ld = direct ? p.out_stride[2] : Dv;
+        i64 d = 0;
+        for (; d + 8 <= Dv; d += 8) transpose<8, G>(o + d * PW + c0, PW, dst + d, ld);
+        for (; d < Dv; ++d)
+          for (i64 i = 0; i < G; ++i) dst[i * ld + d] = o[d * PW + c0 + i];
+        if (!direct) {
+          for (i64 i = 0; i < nr; ++i) {
+            E* row = obase + (q0 + r0 + i) * p.out_stride[2];
+            for (i64 dd = 0; dd < Dv; ++dd) from_f32(sc.rows[i * Dv + dd], row + dd * ost);
+          }
         }
       }
     }
