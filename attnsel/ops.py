@@ -22,6 +22,7 @@ _OP = torch.ops.attnsel.attention.default
 _EXPLICIT: dict = {}
 _AUTO: dict = {}
 _MAX_CACHED = 1024
+_NAME_TYPES = (str, Backend)
 # Bound once: on a ~5 us call, each module attribute lookup is measurable.
 _is_compiling = torch.compiler.is_compiling
 _selection_token = _C.selection_token
@@ -52,14 +53,12 @@ def attention(
     attn_mask: bool (True = attend) or additive, broadcastable to (B, Hq, Sq, Sk); causal is top-left aligned.
     """
     if backend is not None:
-        try:
-            bid = _EXPLICIT.get(backend)
-        except TypeError:  # unhashable: to_backend below reports it
-            bid = None
+        # Only names and members are cached: an int or bool equal to a member must still be refused below.
+        bid = _EXPLICIT.get(backend) if backend.__class__ in _NAME_TYPES else None
         if bid is not None:
             return _OP(q, k, v, attn_mask, is_causal, scale, bid)
         chosen = to_backend(backend)
-        if chosen not in BRIDGES and isinstance(backend, (str, Backend)):
+        if chosen not in BRIDGES and backend.__class__ in _NAME_TYPES:
             if len(_EXPLICIT) >= _MAX_CACHED:
                 _EXPLICIT.clear()
             _EXPLICIT[backend] = int(chosen)

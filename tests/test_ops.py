@@ -180,6 +180,13 @@ def test_mask_validation_and_backend_refusals():
         attnsel.attention(q, q, q, backend="sdpa_flash")
     with pytest.raises(RuntimeError, match="out of range"):
         torch.ops.attnsel.attention(q, q, q, None, False, None, 99)
+    # A member used first (and cached) must not make an equal int or bool pass as a backend name.
+    native, sdpa = attnsel.Backend.NATIVE, attnsel.Backend.TORCH_SDPA
+    attnsel.attention(q, q, q, backend=native)
+    attnsel.attention(q, q, q, backend=sdpa)
+    for not_a_name in (int(native), int(sdpa), bool(int(native)) if int(native) in (0, 1) else True):
+        with pytest.raises(ValueError, match="must be a string"):
+            attnsel.attention(q, q, q, backend=not_a_name)
 
 
 def test_opcheck():
