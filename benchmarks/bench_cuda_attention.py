@@ -4,8 +4,8 @@ when importable), one GPU, one run.
   python benchmarks/bench_cuda_attention.py --impl attnsel --out benchmarks/results/cuda_h100.json
   python benchmarks/bench_cuda_attention.py --impl dev     # tools/cuda_dev ctypes build, no extension
 
-Timing: CUDA events around each call, calls queued back to back (host launch work overlaps the GPU), warm-up
-first, median of --reps (>= 20) calls.
+Timing: per shape, every backend warmed up (>= 200 ms), then timed in --reps (>= 20) interleaved rounds with CUDA
+events around each call, calls queued back to back (host launch work overlaps the GPU); the median per backend.
 TFLOP/s = 4*B*H*Sq*Sk*D / time, halved for causal.
 """
 import argparse
@@ -16,6 +16,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -78,19 +79,28 @@ def optional_fns():
     return fns, missing
 
 
-def time_ms(fn, args, reps, warmup):
-    """Median per-call time from CUDA events around each call. Calls are queued back to back (one sync at the
-    end), so host-side launch work overlaps the previous call's GPU work, as in a real pipeline."""
-    for _ in range(warmup):
-        fn(*args)
+def time_interleaved(fns, args, reps, warmup_ms):
+    """Median per-call ms of each backend. Backends are timed in interleaved rounds (A B C A B C ...), so clock or
+    thermal drift during the run touches them alike; calls are queued back to back with CUDA events around each
+    and one sync at the end, so host launch work overlaps the GPU as in a real pipeline."""
+    for fn in fns.values():  # warm-up: >= 3 calls and >= warmup_ms of wall time per backend
+        t0, n = time.perf_counter(), 0
+        while n < 3 or (time.perf_counter() - t0) * 1e3 < warmup_ms:
+            fn(*args)
+            n += 1
+            if n % 4 == 0:
+                torch.cuda.synchronize()
     torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for a, b in events:
-        a.record()
-        fn(*args)
-        b.record()
+    events = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn(*args)
+            b.record()
+            events[name].append((a, b))
     torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in events)
+    return {name: statistics.median(a.elapsed_time(b) for a, b in ev) for name, ev in events.items()}
 
 
 def env_info():
@@ -116,7 +126,7 @@ def main():
                     help="an extra shape (repeatable), named by its sizes")
     ap.add_argument("--backends", default="native,sdpa_flash,sdpa_cudnn,sdpa_efficient,sdpa_math,fa2,sage_attn")
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--warmup-ms", type=float, default=200.0, help="warm-up wall time per backend and shape")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     assert args.reps >= 20 or os.environ.get("BENCH_ALLOW_FEW_REPS"), "median of >= 20 calls"
@@ -145,8 +155,8 @@ def main():
         for name, (B, H, S, D), causal in shapes:
             q, k, v = (torch.randn((B, H, S, D), generator=gen, device="cuda").to(dtype) for _ in range(3))
             flops = 4 * B * H * S * S * D / (2 if causal else 1)
-            ref = None
-            for bname, fn in fns.items():
+            ref, ok, diffs = None, {}, {}
+            for bname, fn in fns.items():  # one checked call each: refusals are recorded, results cross-checked
                 if bname == "sdpa_math" and 2 * 4 * B * H * S * S > MATH_MAX_BYTES:
                     skipped.append(dict(shape=[B, H, S, D], causal=causal, dtype=dname, backend=bname,
                                         reason=f"math would materialise {2 * 4 * B * H * S * S / 2**30:.0f} GiB of scores"))
@@ -158,22 +168,22 @@ def main():
                     skipped.append(dict(shape=[B, H, S, D], causal=causal, dtype=dname, backend=bname,
                                         reason=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
                     continue
-                # cross-check every backend against the first (sanity, not the accuracy test)
+                # sanity cross-check against the first backend that ran (not the accuracy test)
                 if ref is None:
                     ref = out.float()
-                    diff = 0.0
-                else:
-                    diff = ((out.float() - ref).norm() / ref.norm()).item()
-                ms = time_ms(fn, (q, k, v, causal), args.reps, args.warmup)
+                diffs[bname] = ((out.float() - ref).norm() / ref.norm()).item()
+                ok[bname] = fn
+                del out
+            times = time_interleaved(ok, (q, k, v, causal), args.reps, args.warmup_ms)
+            for bname, ms in times.items():
                 rec = dict(shape=[B, H, S, D], causal=causal, dtype=dname, backend=bname, ms=ms,
-                           tflops=flops / ms / 1e9, name=name, rel_diff_vs_first=diff)
+                           tflops=flops / ms / 1e9, name=name, rel_diff_vs_first=diffs[bname])
                 records.append(rec)
                 print(f"{dname} {name:10s} {str([B, H, S, D]):22s} {'causal' if causal else '      '} "
-                      f"{bname:14s} {ms:9.3f} ms {rec['tflops']:7.1f} TFLOP/s  diff {diff:.1e}", flush=True)
-                del out
+                      f"{bname:14s} {ms:9.3f} ms {rec['tflops']:7.1f} TFLOP/s  diff {diffs[bname]:.1e}", flush=True)
             del q, k, v, ref
             torch.cuda.empty_cache()
-    result = dict(env_info(), impl=args.impl, reps=args.reps, warmup=args.warmup, records=records, skipped=skipped)
+    result = dict(env_info(), impl=args.impl, reps=args.reps, warmup_ms=args.warmup_ms, records=records, skipped=skipped)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
