@@ -173,7 +173,9 @@ struct Kernel {
   // rounding of long dot products (head_dim 128..512) stays at the level of a blocked GEMM, not of one long chain.
   // 32: chunks of 16 were ~5% slower, one long chain failed the "<= 2x SDPA's error" rule at head_dim 96..512.
   // head_dim >= 256 uses 64 (3% faster there; scores are summed from more, smaller terms per chunk at the usual
-  // 1/sqrt(D) scale, and the error stayed at SDPA's level). head_dim <= 64 is one chunk: no fold through memory
+  // 1/sqrt(D) scale, and the error stayed at SDPA's level), and so do 128 and 192 (two or three chunks: +3-4% at
+  // 128, each fold through memory costs; worst error seen 1.45x SDPA's at 128, 1.6x at 256; 96 as 64 + 32 did not
+  // stay within 2x). head_dim <= 64 is one chunk: no fold through memory
   // (~3% faster at 64; a 64-long chain stayed within the error rule, 96 did not).
   static constexpr i64 kDimChunk = 32, kDimChunkWide = 64;
   // acc: C already holds a partial sum (an earlier block of head_dim) to add to.
@@ -306,7 +308,8 @@ struct Kernel {
   static constexpr i64 kDimBlock = 128;
   static void gemm_qk(i64 rows, i64 D, const float* A, i64 lda, const float* B, float* C, const float* scale,
                       float* mx) {
-    if (D >= 256 || D <= kDimChunkWide) gemm_qk_impl<kDimChunkWide>(rows, D, A, lda, B, C, scale, mx);
+    if (D >= 256 || D <= kDimChunkWide || D % kDimChunkWide == 0)
+      gemm_qk_impl<kDimChunkWide>(rows, D, A, lda, B, C, scale, mx);
     else gemm_qk_impl<kDimChunk>(rows, D, A, lda, B, C, scale, mx);
   }
   template <i64 CHUNK>
