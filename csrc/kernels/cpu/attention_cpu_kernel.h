@@ -258,12 +258,17 @@ struct Kernel {
   template <int RR>
   __attribute__((noinline)) static void micro_pv(i64 K, const float* __restrict A, i64 lda, const float* __restrict B,
                               float* __restrict C, const float* __restrict alpha) {
-    V c[RR][NV];
+    // One or two rows (the value-dim tail at head_dim 128 and 512, 2 = 128 mod 6) have too few accumulators to
+    // cover the FMA latency: they get a second set for odd keys (micro_pv<2> ran at about half the speed per flop).
+    constexpr int NS = RR <= 2 ? 2 : 1;
+    V c[NS][RR][NV];
+#pragma GCC unroll 2
+    for (int s = 0; s < NS; ++s)
 #pragma GCC unroll 16
-    for (int r = 0; r < RR; ++r)
+      for (int r = 0; r < RR; ++r)
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) c[r][v] = Is::zero();
-    for (i64 k = 0; k < K; ++k) {
+        for (int v = 0; v < NV; ++v) c[s][r][v] = Is::zero();
+    auto step = [&](i64 k, V(&cs)[RR][NV]) __attribute__((always_inline)) {
       V b[NV];
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) b[v] = Is::load(B + k * PW + v * W);
@@ -272,16 +277,29 @@ struct Kernel {
       for (int r = 0; r < RR; ++r) {
         const V x = Is::bcast(a + r);
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) c[r][v] = Is::fma(x, b[v], c[r][v]);
+        for (int v = 0; v < NV; ++v) cs[r][v] = Is::fma(x, b[v], cs[r][v]);
       }
+    };
+    i64 k = 0;
+    if constexpr (NS == 2) {
+      for (; k + 1 < K; k += 2) {
+        step(k, c[0]);
+        step(k + 1, c[1]);
+      }
+#pragma GCC unroll 16
+      for (int r = 0; r < RR; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) c[0][r][v] = Is::add(c[0][r][v], c[1][r][v]);
     }
+    for (; k < K; ++k) step(k, c[0]);
     V al[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) al[v] = Is::load(alpha + v * W);
 #pragma GCC unroll 16
     for (int r = 0; r < RR; ++r)
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) Is::store(C + r * PW + v * W, Is::fma(Is::load(C + r * PW + v * W), al[v], c[r][v]));
+      for (int v = 0; v < NV; ++v)
+        Is::store(C + r * PW + v * W, Is::fma(Is::load(C + r * PW + v * W), al[v], c[0][r][v]));
   }
 
   template <int RR, i64 CHUNK>
