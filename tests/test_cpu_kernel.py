@@ -185,6 +185,20 @@ def test_multi_tile(isa, dtype, causal, d):
     assert max_err(out, ref, ~dead) <= 2 * theirs + FLOOR[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [128, 512])
+def test_many_query_blocks(isa, dtype, causal, d):
+    """>= 64 query blocks at head_dim >= 128: the AVX2 path's 24-query panel geometry (used only then)."""
+    g = torch.Generator().manual_seed(d + 2 * causal)
+    s = 200 if d < 512 else 130
+    q, k, v = (torch.randn(1, 32, s, d, generator=g).to(dtype) for _ in range(3))
+    out = native(q, k, v, causal=causal)
+    ref, dead = reference(q, k, v, causal=causal)
+    theirs = max_err(sdpa(q, k, v, causal=causal), ref, ~dead)
+    assert max_err(out, ref, ~dead) <= 2 * theirs + FLOOR[dtype]
+
+
 @pytest.mark.parametrize("sq,sk", [(0, 5), (5, 0), (0, 0), (1, 1), (1, 7), (7, 1), (3, 130)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_tiny_and_empty_lengths(isa, sq, sk, causal):
