@@ -173,7 +173,9 @@ struct Kernel {
   // rounding of long dot products (head_dim 128..512) stays at the level of a blocked GEMM, not of one long chain.
   // 32: chunks of 16 were ~5% slower, one long chain failed the "<= 2x SDPA's error" rule at head_dim 96..512.
   // head_dim >= 256 uses 64 (3% faster there; scores are summed from more, smaller terms per chunk at the usual
-  // 1/sqrt(D) scale, and the error stayed at SDPA's level). head_dim <= 64 is one chunk: no fold through memory
+  // 1/sqrt(D) scale, and the error stayed at SDPA's level), and so do 128 and 192 (two or three chunks: +3-4% at
+  // 128, each fold through memory costs; worst error seen 1.45x SDPA's at 128, 1.6x at 256; 96 as 64 + 32 did not
+  // stay within 2x). head_dim <= 64 is one chunk: no fold through memory
   // (~3% faster at 64; a 64-long chain stayed within the error rule, 96 did not).
   static constexpr i64 kDimChunk = 32, kDimChunkWide = 64;
   // acc: C already holds a partial sum (an earlier block of head_dim) to add to.
@@ -256,12 +258,17 @@ struct Kernel {
   template <int RR>
   __attribute__((noinline)) static void micro_pv(i64 K, const float* __restrict A, i64 lda, const float* __restrict B,
                               float* __restrict C, const float* __restrict alpha) {
-    V c[RR][NV];
+    // One or two rows (the value-dim tail at head_dim 128 and 512, 2 = 128 mod 6) have too few accumulators to
+    // cover the FMA latency: they get a second set for odd keys (micro_pv<2> ran at about half the speed per flop).
+    constexpr int NS = RR <= 2 ? 2 : 1;
+    V c[NS][RR][NV];
+#pragma GCC unroll 2
+    for (int s = 0; s < NS; ++s)
 #pragma GCC unroll 16
-    for (int r = 0; r < RR; ++r)
+      for (int r = 0; r < RR; ++r)
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) c[r][v] = Is::zero();
-    for (i64 k = 0; k < K; ++k) {
+        for (int v = 0; v < NV; ++v) c[s][r][v] = Is::zero();
+    auto step = [&](i64 k, V(&cs)[RR][NV]) __attribute__((always_inline)) {
       V b[NV];
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) b[v] = Is::load(B + k * PW + v * W);
@@ -270,16 +277,29 @@ struct Kernel {
       for (int r = 0; r < RR; ++r) {
         const V x = Is::bcast(a + r);
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) c[r][v] = Is::fma(x, b[v], c[r][v]);
+        for (int v = 0; v < NV; ++v) cs[r][v] = Is::fma(x, b[v], cs[r][v]);
       }
+    };
+    i64 k = 0;
+    if constexpr (NS == 2) {
+      for (; k + 1 < K; k += 2) {
+        step(k, c[0]);
+        step(k + 1, c[1]);
+      }
+#pragma GCC unroll 16
+      for (int r = 0; r < RR; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) c[0][r][v] = Is::add(c[0][r][v], c[1][r][v]);
     }
+    for (; k < K; ++k) step(k, c[0]);
     V al[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) al[v] = Is::load(alpha + v * W);
 #pragma GCC unroll 16
     for (int r = 0; r < RR; ++r)
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) Is::store(C + r * PW + v * W, Is::fma(Is::load(C + r * PW + v * W), al[v], c[r][v]));
+      for (int v = 0; v < NV; ++v)
+        Is::store(C + r * PW + v * W, Is::fma(Is::load(C + r * PW + v * W), al[v], c[0][r][v]));
   }
 
   template <int RR, i64 CHUNK>
@@ -306,7 +326,8 @@ struct Kernel {
   static constexpr i64 kDimBlock = 128;
   static void gemm_qk(i64 rows, i64 D, const float* A, i64 lda, const float* B, float* C, const float* scale,
                       float* mx) {
-    if (D >= 256 || D <= kDimChunkWide) gemm_qk_impl<kDimChunkWide>(rows, D, A, lda, B, C, scale, mx);
+    if (D >= 256 || D <= kDimChunkWide || D % kDimChunkWide == 0)
+      gemm_qk_impl<kDimChunkWide>(rows, D, A, lda, B, C, scale, mx);
     else gemm_qk_impl<kDimChunk>(rows, D, A, lda, B, C, scale, mx);
   }
   template <i64 CHUNK>
@@ -590,7 +611,10 @@ struct Kernel {
     pl.p = &p;
     pl.group = p.heads_kv > 0 ? p.heads_q / p.heads_kv : 1;
     pl.score_scale = p.scale * kLog2e;
-    pl.bk = Is::BK;
+    // Key tile: twice as long for head sizes <= 128, where the K/V tiles are small: fewer micro-kernel calls, whose
+    // fixed cost (C read/write, epilogue) is then spread over more keys (+0.5-1.5% at 64 and 128). At 512, 192 keys
+    // no longer fit L2 next to the query block (-4%), and 48 or 72 were no better than 96.
+    pl.bk = imax(p.head_dim, p.head_dim_v) <= 128 ? 2 * Is::BK : Is::BK;
     pl.k_direct = std::is_same_v<E, float> && p.k_stride[3] == 1;
     pl.v_direct = std::is_same_v<E, float> && p.v_stride[3] == 1;
     // Query block: big enough to amortise K/V conversion (every block converts the head's K/V tiles), small
