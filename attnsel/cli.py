@@ -50,12 +50,13 @@ def build_parser() -> _Parser:
     sub = parser.add_subparsers(dest="command", metavar="{run,backends,explain}", parser_class=_Parser)
     sub.required = True
 
-    run = sub.add_parser("run", allow_abbrev=False, help="run the embedded tiny text-to-image pipeline on CPU",
+    run = sub.add_parser("run", allow_abbrev=False, help="run the embedded tiny text-to-image pipeline",
                          description="Run the embedded tiny pipeline (text encoder, DiT, VAE) and write a PNG.")
     run.add_argument("--prompt", default="a tiny red fox", help="text prompt (default: %(default)r)")
     run.add_argument("--steps", type=_positive_int, default=4, help="denoising steps (default: %(default)s)")
     run.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     run.add_argument("--output", "-o", default="out.png", help="PNG file to write (default: %(default)s)")
+    _add_placement_args(run)
     AttentionConfig.add_cli_args(run)
 
     sub.add_parser("backends", allow_abbrev=False, help="list every backend, its aliases and where it can run",
@@ -69,8 +70,28 @@ def build_parser() -> _Parser:
                                          "component, the backend and the level that chose it: explicit > forced > "
                                          "component > global > auto.")
     explain.add_argument("--reasons", action="store_true", help="also print every selection reason")
+    _add_placement_args(explain)
     AttentionConfig.add_cli_args(explain)
     return parser
+
+
+def _add_placement_args(parser: argparse.ArgumentParser) -> None:
+    from .pipeline import PIPELINE_DTYPES
+
+    parser.add_argument("--device", default="cpu",
+                        help="where the pipeline runs: cpu, cuda or cuda:N; layers select backends for it "
+                             "(default: %(default)s)")
+    parser.add_argument("--dtype", default="float32", choices=list(PIPELINE_DTYPES),
+                        help="weights and activations (default: %(default)s)")
+
+
+def _pipeline(ns: argparse.Namespace, config):
+    from .pipeline import PIPELINE_DTYPES, ComposedPipeline
+
+    try:
+        return ComposedPipeline(config=config, device=ns.device, dtype=PIPELINE_DTYPES[ns.dtype])
+    except ValueError as err:
+        raise UsageError(f"argument --device/--dtype: {err}") from None
 
 
 class _PrintPath(argparse.Action):
@@ -146,7 +167,7 @@ def _component_lines(pipeline, with_times: bool) -> list[str]:
 
 
 def cmd_run(ns: argparse.Namespace, out: TextIO) -> int:
-    from .pipeline import ComposedPipeline, DenoisingStage
+    from .pipeline import DenoisingStage
     from .png import write_png
 
     output = Path(ns.output)
@@ -154,9 +175,9 @@ def cmd_run(ns: argparse.Namespace, out: TextIO) -> int:
         raise UsageError(f"argument --output: directory {str(output.parent)!r} does not exist")
     config = _config_from(ns)
     start = time.perf_counter()
-    print(f"attnsel run: prompt={ns.prompt!r} steps={ns.steps} seed={ns.seed} device=cpu "
-          f"({_describe_config(config)})", file=out, flush=True)
-    pipeline = ComposedPipeline(config=config)
+    pipeline = _pipeline(ns, config)
+    print(f"attnsel run: prompt={ns.prompt!r} steps={ns.steps} seed={ns.seed} device={pipeline.device} "
+          f"dtype={ns.dtype} ({_describe_config(config)})", file=out, flush=True)
     pipeline.load_modules()
     print(f"loaded {', '.join(pipeline.component_names)} in {time.perf_counter() - start:.2f}s", file=out, flush=True)
 
@@ -199,13 +220,13 @@ def cmd_backends(ns: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_explain(ns: argparse.Namespace, out: TextIO) -> int:
-    from .pipeline import ComposedPipeline, DenoisingStage
+    from .pipeline import DenoisingStage
 
     config = _config_from(ns)
-    pipeline = ComposedPipeline(config=config)
+    pipeline = _pipeline(ns, config)
     pipeline.load_modules()  # builds the layers (which pick their backends); runs nothing
-    print(f"attnsel explain ({_describe_config(config)}); priority: explicit > forced > component > global > auto",
-          file=out)
+    print(f"attnsel explain ({_describe_config(config)}; device={pipeline.device} dtype={ns.dtype}); "
+          f"priority: explicit > forced > component > global > auto", file=out)
     for line, record in zip(_component_lines(pipeline, with_times=False), pipeline.records.values()):
         print(line, file=out)
         if ns.reasons:

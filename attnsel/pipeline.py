@@ -121,6 +121,28 @@ class DecodingStage:
         return image
 
 
+PIPELINE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_placement(device: torch.device | str, dtype: torch.dtype) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) for the pipeline, or a ValueError that lists the valid options / says why not here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device; valid: cpu, cuda, cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: the pipeline runs on cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {device!r}: {why}")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if dtype not in PIPELINE_DTYPES.values():
+        raise ValueError(f"dtype {dtype!r} is not supported; valid: {', '.join(PIPELINE_DTYPES)}")
+    return dev, dtype
+
+
 class ComposedPipeline:
     """The tiny text-to-image pipeline, each component built in its own attention-backend scope.
 
@@ -128,10 +150,12 @@ class ComposedPipeline:
     `load_customized`), or None for the embedded model (`load_native`). Defaults to text_encoder, transformer, vae.
     Extra text encoders (`text_encoder_2`, ...) are run too and their tokens concatenated.
     config: an `AttentionConfig`; None = `attnsel.get_config()` when loading.
+    device, dtype: where the embedded models run (their layers select backends for that device and dtype); custom
+    factories get only their spec's kwargs and place themselves. The image comes back as float32 on the CPU.
     """
 
     def __init__(self, components: Mapping[str, Any] | Iterable[str] | None = None, *, config=None,
-                 weights_seed: int = 0):
+                 weights_seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         if components is None:
             components = {name: None for name in DEFAULT_COMPONENTS}
         elif not isinstance(components, Mapping):
@@ -139,6 +163,7 @@ class ComposedPipeline:
         self.specs: dict[str, ComponentSpec] = {name.replace("-", "_"): _as_spec(v) for name, v in components.items()}
         self.config = config
         self.weights_seed = weights_seed
+        self.device, self.dtype = check_placement(device, dtype)
         self.loader = ComponentLoader(config)
         self.modules: dict[str, Any] = {}
 
@@ -207,6 +232,8 @@ class ComposedPipeline:
                 kwargs = dict(spec.kwargs)
                 if spec.factory is None:
                     kwargs.setdefault("seed", self.weights_seed)
+                    kwargs.setdefault("device", self.device)
+                    kwargs.setdefault("dtype", self.dtype)
                     module = self.loader.load_native(name, None, family=spec.family, **kwargs)
                 else:
                     module = self.loader.load_customized(name, spec.factory, family=spec.family, **kwargs)
@@ -235,10 +262,11 @@ class ComposedPipeline:
         transformer, vae = self._require("transformer"), self._require("vae")
         context = TextEncodingStage(encoders)(prompt, self.records, progress)
         shape = (1, transformer.latent_channels, transformer.latent_size, transformer.latent_size)
-        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+        # Noise from a CPU generator: the same seed gives the same starting latent on every device.
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(self.device, self.dtype)
         denoise = DenoisingStage(transformer, steps)
         latent = denoise(noise, context, progress, self.records.get("transformer"))
-        return DecodingStage(vae)(latent, progress, self.records.get("vae"))
+        return DecodingStage(vae)(latent, progress, self.records.get("vae")).float().cpu()
 
     def report(self) -> list[dict[str, Any]]:
         """One dict per loaded component: backends, level(s), override key, reasons and seconds."""

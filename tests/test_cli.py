@@ -11,6 +11,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+import torch
 
 import attnsel
 from attnsel import _C, backend_aliases, backend_names
@@ -129,6 +130,9 @@ def test_explain_reads_a_config_file(tmp_path, capsys):
     (["explain", "--component-attention-backends.vae=fa3"], "component 'vae': backend 'fa'"),
     (["run", "--steps", "0"], "--steps: expected a positive integer"),
     (["frob"], "invalid choice: 'frob'"),
+    (["run", "--dtype", "int8"], "--dtype: invalid choice: 'int8'"),
+    (["explain", "--device", "tpu"], "device 'tpu' is not a torch device; valid: cpu, cuda, cuda:N"),
+    (["run", "--device", "meta"], "device 'meta': the pipeline runs on cpu or cuda"),
     ([], "required"),
 ])
 def test_errors_exit_2_with_one_line(argv, needle, capsys, tmp_path):
@@ -169,3 +173,19 @@ def test_python_dash_m_error_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "cannot run" in proc.stderr
     assert not (tmp_path / "o.png").exists()
+
+
+def test_device_cuda_without_a_gpu_says_why(capsys, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    code, _, err = run_main(capsys, "run", "--device", "cuda", "--output", str(tmp_path / "x.png"))
+    why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+    assert code == 2 and err.count("\n") == 1 and f"device 'cuda': {why}" in err
+
+
+def test_explain_reports_device_and_dtype(capsys):
+    code, out, _ = run_main(capsys, "explain", "--dtype", "bfloat16", "--component-attention-backends.vae",
+                            "torch_sdpa")
+    assert code == 0
+    assert "device=cpu dtype=bfloat16" in out.splitlines()[0]
+    assert "vae           backend: torch_sdpa (1 layer); chosen by: component" in out

@@ -239,3 +239,55 @@ def test_native_and_torch_sdpa_give_close_images():
     sdpa = sdpa_pipe("a lighthouse", steps=2, seed=3)
     assert {b for r in sdpa_pipe.records.values() for b in r.backend_counts} == {Backend.TORCH_SDPA}
     torch.testing.assert_close(native, sdpa, atol=2e-4, rtol=0)
+
+
+def test_layers_select_for_the_pipeline_dtype_and_device(monkeypatch):
+    import attnsel.nn
+
+    seen = []
+    real = attnsel.nn.explain_attn_backend
+
+    def spy(head_dim, dtype, device, *args):
+        seen.append((dtype, str(device)))
+        return real(head_dim, dtype, device, *args)
+
+    monkeypatch.setattr(attnsel.nn, "explain_attn_backend", spy)
+    pipe = ComposedPipeline(dtype=torch.bfloat16)
+    modules = pipe.load_modules()
+    assert len(seen) == 11 and set(seen) == {(torch.bfloat16, "cpu")}  # 2 + 8 + 1 layers, all built for bf16
+    assert {p.dtype for m in modules.values() for p in m.parameters()} == {torch.bfloat16}
+    # The text encoder and the transformer run in bf16 (the VAE's bf16 convolutions are slow on CPUs without
+    # bf16 instructions; the GPU test runs the whole pipeline).
+    context = modules["text_encoder"]("a red fox")
+    assert context.dtype == torch.bfloat16
+    latent = torch.randn(1, 4, 16, 16).to(torch.bfloat16)
+    v = modules["transformer"](latent, torch.tensor([500.0]), context)
+    assert v.dtype == torch.bfloat16 and torch.isfinite(v.float()).all()
+    # Same weights as the float32 build, rounded: the seed does not depend on the dtype.
+    ref = ComposedPipeline().load_modules()
+    w, w32 = modules["transformer"].proj_out.weight, ref["transformer"].proj_out.weight
+    assert torch.equal(w, w32.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("device, dtype, match", [
+    ("tpu", torch.float32, "not a torch device"),
+    ("meta", torch.float32, "runs on cpu or cuda"),
+    ("cpu", torch.int8, "valid: float32, bfloat16, float16"),
+])
+def test_bad_placement_is_a_value_error(device, dtype, match):
+    with pytest.raises(ValueError, match=match):
+        ComposedPipeline(device=device, dtype=dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pipeline_on_cuda(dtype):
+    pipe = ComposedPipeline(device="cuda", dtype=dtype)
+    image = pipe("a lighthouse", steps=2, seed=3)
+    assert image.device.type == "cpu" and image.dtype == torch.float32 and torch.isfinite(image).all()
+    ref = ComposedPipeline()("a lighthouse", steps=2, seed=3)  # float32 on the CPU
+    assert (image - ref).abs().mean() < 0.05, (image - ref).abs().mean()
+    report = {row["component"]: row for row in pipe.report()}
+    # head_dim 512 goes to our kernel first where the GPU has the shared memory for it, else to PyTorch SDPA.
+    assert set(report["vae"]["backends"]) <= {"native", "torch_sdpa"}
+    assert report["transformer"]["why"] == "auto"

@@ -23,13 +23,16 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention; the kernel (and so the backend) is an `attnsel.nn.Attention` picked at build time."""
+    """Multi-head self-attention; the kernel (and so the backend) is an `attnsel.nn.Attention` picked at build time.
 
-    def __init__(self, dim: int, heads: int, head_dim: int = 64, backend=None):
+    `placement` (device=, dtype=) is where the layer will run: the backend is selected for it.
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int = 64, backend=None, **placement):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
         self.qkv = nn.Linear(dim, 3 * heads * head_dim)
-        self.attn = Attention(heads, head_dim, backend=backend)
+        self.attn = Attention(heads, head_dim, backend=backend, **placement)
         self.out = nn.Linear(heads * head_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -41,12 +44,12 @@ class SelfAttention(nn.Module):
 class CrossAttention(nn.Module):
     """Queries from the latent tokens, keys/values from the text embeddings."""
 
-    def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int = 64, backend=None):
+    def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int = 64, backend=None, **placement):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
         self.q = nn.Linear(dim, heads * head_dim)
         self.kv = nn.Linear(context_dim, 2 * heads * head_dim)
-        self.attn = Attention(heads, head_dim, backend=backend)
+        self.attn = Attention(heads, head_dim, backend=backend, **placement)
         self.out = nn.Linear(heads * head_dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -58,7 +61,7 @@ class CrossAttention(nn.Module):
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (B,) timesteps in [0, 1000]."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 

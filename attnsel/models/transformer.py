@@ -9,12 +9,12 @@ from .common import CrossAttention, SelfAttention, component_seed, seeded_init, 
 
 
 class DiTBlock(nn.Module):
-    def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int, backend=None):
+    def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int, backend=None, **placement):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False)
-        self.self_attn = SelfAttention(dim, heads, head_dim, backend=backend)
+        self.self_attn = SelfAttention(dim, heads, head_dim, backend=backend, **placement)
         self.norm2 = nn.LayerNorm(dim)
-        self.cross_attn = CrossAttention(dim, context_dim, heads, head_dim, backend=backend)
+        self.cross_attn = CrossAttention(dim, context_dim, heads, head_dim, backend=backend, **placement)
         self.norm3 = nn.LayerNorm(dim, elementwise_affine=False)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
         # shift/scale/gate for the self-attention and MLP branches, from the timestep embedding (adaLN).
@@ -32,19 +32,22 @@ class TinyDiT(nn.Module):
 
     def __init__(self, latent_channels: int = 4, latent_size: int = 16, patch: int = 2, dim: int = 128,
                  heads: int = 2, head_dim: int = 64, depth: int = 4, context_dim: int = 128, seed: int = 0,
-                 seed_name: str = "transformer", backend=None):
+                 seed_name: str = "transformer", backend=None, device="cpu", dtype=torch.float32):
         super().__init__()
         self.latent_channels, self.latent_size, self.patch, self.dim = latent_channels, latent_size, patch, dim
         tokens = (latent_size // patch) ** 2
         self.patch_embed = nn.Linear(latent_channels * patch * patch, dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, tokens, dim))
         self.time_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.blocks = nn.ModuleList(DiTBlock(dim, context_dim, heads, head_dim, backend=backend) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            DiTBlock(dim, context_dim, heads, head_dim, backend=backend, device=device, dtype=dtype)
+            for _ in range(depth))
         self.norm_out = nn.LayerNorm(dim)
         self.proj_out = nn.Linear(dim, latent_channels * patch * patch)
         seeded_init(self, component_seed(seed, seed_name))
         with torch.no_grad():
             self.proj_out.weight.mul_(0.1)  # small initial velocity keeps the sampler's latent in range
+        self.to(device=device, dtype=dtype)
 
     def _patchify(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -61,7 +64,7 @@ class TinyDiT(nn.Module):
     def forward(self, latent: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         h, w = latent.shape[-2:]
         x = self.patch_embed(self._patchify(latent)) + self.pos_embed
-        temb = self.time_mlp(timestep_embedding(t, self.dim))
+        temb = self.time_mlp(timestep_embedding(t.to(x.device), self.dim).to(x.dtype))
         for block in self.blocks:
             x = block(x, context, temb)
         return self._unpatchify(self.proj_out(self.norm_out(x)), h, w)

@@ -26,11 +26,11 @@ class ResBlock(nn.Module):
 class SpatialAttention(nn.Module):
     """Like the SD VAE mid-block: one head over all spatial positions, head_dim = channels (512)."""
 
-    def __init__(self, channels: int, backend=None):
+    def __init__(self, channels: int, backend=None, **placement):
         super().__init__()
         self.norm = nn.GroupNorm(32, channels)
         self.qkv = nn.Linear(channels, 3 * channels)
-        self.attn = Attention(1, channels, backend=backend)
+        self.attn = Attention(1, channels, backend=backend, **placement)
         self.out = nn.Linear(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,16 +55,17 @@ class TinyVAEDecoder(nn.Module):
     """(B, 4, 16, 16) latent -> (B, 3, 64, 64) image in [-1, 1]."""
 
     def __init__(self, latent_channels: int = 4, mid_channels: int = 512, seed: int = 0, seed_name: str = "vae",
-                 backend=None):
+                 backend=None, device="cpu", dtype=torch.float32):
         super().__init__()
         self.conv_in = nn.Conv2d(latent_channels, mid_channels, 3, padding=1)
         self.mid_res = ResBlock(mid_channels)
-        self.mid_attn = SpatialAttention(mid_channels, backend=backend)
+        self.mid_attn = SpatialAttention(mid_channels, backend=backend, device=device, dtype=dtype)
         self.up1 = Upsample(mid_channels, 128)
         self.up2 = Upsample(128, 64)
         self.norm_out = nn.GroupNorm(32, 64)
         self.conv_out = nn.Conv2d(64, 3, 3, padding=1)
-        seeded_init(self, component_seed(seed, seed_name))
+        seeded_init(self, component_seed(seed, seed_name))  # on the CPU: the same weights on every device
+        self.to(device=device, dtype=dtype)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         x = self.mid_attn(self.mid_res(self.conv_in(latent)))
