@@ -57,6 +57,8 @@ def _make(shape, dtype, layout, gen):
         return torch.randn((B, S, H, D), generator=gen, device="cuda").to(dtype).transpose(1, 2)
     if layout == "padded":  # rows wider than D, last dim contiguous
         return torch.randn((B, H, S + 3, D + 64), generator=gen, device="cuda").to(dtype)[:, :, 1 : S + 1, 32 : 32 + D]
+    if layout == "expand":  # one [S, D] matrix broadcast over batch and heads: strides (0, 0, D, 1)
+        return torch.randn((1, 1, S, D), generator=gen, device="cuda").to(dtype).expand(B, H, S, D)
     raise ValueError(layout)
 
 
@@ -112,6 +114,12 @@ def test_gqa(D, causal, dtype):
 @pytest.mark.parametrize("layout", [("bshd", "padded", "bshd"), ("padded", "bshd", "padded")], ids=["bshd-q", "padded-q"])
 def test_non_contiguous(layout, D, causal):
     _check(2, 6, 3, 200, 333, D, causal, torch.bfloat16, layout=layout, seed=D + 1)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("D", [64, 128, 256, 512])
+def test_expanded_kv(D, causal):  # zero batch/head strides (e.g. one text context shared by a batch)
+    _check(2, 4, 2, 150, 211, D, causal, torch.bfloat16, layout=("bhsd", "expand", "expand"), seed=D + 2)
 
 
 @pytest.mark.parametrize("D", [64, 128, 512])
