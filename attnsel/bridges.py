@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from . import _C
 from .backends import Backend
+from .selection import cuda_unavailable_reason
 
 BridgeFn = Callable[..., torch.Tensor]
 
@@ -107,10 +108,8 @@ def _report(backend: Backend, fn: BridgeFn | None, reason: str, cuda_ok: bool, c
 
 def detect() -> None:
     """Probe the optional libraries and the GPU; tell the native registry what can run."""
-    cuda_ok = torch.cuda.is_available()
-    cuda_reason = "" if cuda_ok else (
-        "this PyTorch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-    )
+    cuda_reason = cuda_unavailable_reason()
+    cuda_ok = not cuda_reason
     if cuda_ok:
         major, minor = torch.cuda.get_device_capability()
         _C.set_cuda_compute_capability(major, minor)

@@ -18,6 +18,7 @@ import torch
 
 from .backends import Backend
 from .loader import ComponentLoader, LoadedComponent, attention_layers, using_config
+from .selection import cuda_unavailable_reason
 
 DEFAULT_COMPONENTS = ("text_encoder", "transformer", "vae")
 
@@ -133,8 +134,8 @@ def check_placement(device: torch.device | str, dtype: torch.dtype) -> tuple[tor
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device {device!r}: the pipeline runs on cpu or cuda")
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        why = cuda_unavailable_reason()
+        if why:
             raise ValueError(f"device {device!r}: {why}")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")

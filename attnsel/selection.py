@@ -27,6 +27,13 @@ DTYPE_NAMES = {
 DEVICE_TYPES = ("cpu", "cuda")
 
 
+def cuda_unavailable_reason() -> str:
+    """Why nothing can run on CUDA here ("" when a GPU is usable): the reason bridges and the pipeline report."""
+    if torch.cuda.is_available():
+        return ""
+    return "this PyTorch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+
+
 @dataclass(frozen=True)
 class Explanation:
     """Why a layer got its backend: the level that chose it (`source`), the component and every reason."""
