@@ -64,7 +64,7 @@ def cases(full):
             yield dict(B=1, Hq=2, Hkv=2, Sq=4095, Sk=2049, D=D, causal=True, layout=("bhsd",) * 3)
 
 
-VARIANTS = {64: [-1, 15, 17, 18, 0], 128: [-1, 15, 18, 1], 256: [-1, 15, 16, 0], 512: [0]}
+VARIANTS = {64: [-1, 17, 18, 0], 128: [-1, 18, 1], 256: [-1, 16, 0], 512: [0]}
 
 
 def main():

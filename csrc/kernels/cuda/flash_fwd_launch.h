@@ -17,7 +17,7 @@ cudaError_t run_hdim512(const FwdArgs& a, int batch, int heads, bool bf16, bool 
 #ifdef ATTNSEL_HAVE_SM90A
 // Hopper wgmma path for head_dim 512 (flash_fwd_d512_sm90a.cu, compiled for sm_90a only).
 cudaError_t run_hdim512_sm90(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int variant, cudaStream_t s);
-// Hopper path for head_dim 64/128/256 (flash_fwd_wg_sm90a.cu): warp-specialised, TMA + wgmma; variants 15..
+// Hopper path for head_dim 64/128/256 (flash_fwd_wg_sm90a.cu): warp-specialised, TMA + wgmma; variants 16..
 // pick alternative tiles. Returns cudaErrorNotSupported when no TMA descriptor can be made.
 cudaError_t run_wg_sm90(const FwdArgs& a, int head_dim, int batch, int heads, bool bf16, bool causal, int variant,
                         cudaStream_t s);

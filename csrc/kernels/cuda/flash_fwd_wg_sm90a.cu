@@ -28,12 +28,10 @@ struct WgOps;
   };
 ATTNSEL_WG_OPS(__nv_bfloat16, bf16, 128, 64)
 ATTNSEL_WG_OPS(__nv_bfloat16, bf16, 128, 128)
-ATTNSEL_WG_OPS(__nv_bfloat16, bf16, 64, 128)
 ATTNSEL_WG_OPS(__nv_bfloat16, bf16, 64, 256)
 ATTNSEL_WG_OPS(__nv_bfloat16, bf16, 80, 256)
 ATTNSEL_WG_OPS(__half, f16, 128, 64)
 ATTNSEL_WG_OPS(__half, f16, 128, 128)
-ATTNSEL_WG_OPS(__half, f16, 64, 128)
 ATTNSEL_WG_OPS(__half, f16, 64, 256)
 ATTNSEL_WG_OPS(__half, f16, 80, 256)
 #undef ATTNSEL_WG_OPS
@@ -51,10 +49,9 @@ __device__ __forceinline__ void fence_frag(std::uint32_t (&r)[N][4]) {
 // Warp-specialised kernel (FA3's structure). Warpgroup 0 is the producer: one thread streams Q and a
 // STAGES-deep ring of K and V tiles in with the bulk tensor copy engine (TMA, 128-byte swizzle = the layout
 // wgmma reads), completion counted on mbarriers. Warpgroups 1..NC consume, 64 query rows each, with no
-// block-wide barrier in the loop. With PINGPONG, consumers take turns issuing their tensor-core work (named
-// barriers), so one warpgroup's softmax runs while the other's GEMMs keep the tensor cores busy. Within a
-// warpgroup, S_j = Q·K_j^T and O += P_{j-1}·V_{j-1} are issued back to back and the softmax of S_j
-// overlaps the P·V.
+// block-wide barrier in the loop. Within a warpgroup, S_j = Q·K_j^T and O += P_{j-1}·V_{j-1} are issued back
+// to back and the softmax of S_j overlaps the P·V. (Consumers taking turns through named barriers, FA3's
+// "ping-pong", measured within +-3% and was removed: tools/cuda_dev/NOTES.md.)
 template <int D, int BC, int NC, int STAGES>
 struct WsCfg {
   static constexpr int BR = 64 * NC, NT = 128 * (NC + 1);
@@ -65,7 +62,7 @@ struct WsCfg {
   static constexpr int CONSUMER_REGS = NC == 2 ? 240 : 160;
 };
 
-template <typename T, int D, int BC, int NC, int STAGES, bool CAUSAL, bool PINGPONG>
+template <typename T, int D, int BC, int NC, int STAGES, bool CAUSAL>
 __global__ void __launch_bounds__((NC + 1) * 128, 1)
     flash_fwd_ws(const FwdArgs a, const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
                  const __grid_constant__ CUtensorMap tv) {
@@ -86,7 +83,7 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
 
   const int m_block = CAUSAL ? (gridDim.x - 1 - blockIdx.x) : blockIdx.x;
   const int h = blockIdx.y, b = blockIdx.z;
-  const int hk = h / a.group;
+  const int hk = h / a.group;  // K/V tensor-map coordinate
   const int m0 = m_block * BR;
   const int n_tiles = key_tiles<BR, BC, CAUSAL>(m0, a.seq_kv);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -107,7 +104,6 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
 
   if (wg == 0) {
     regs_dealloc<C::PRODUCER_REGS>();
-    if constexpr (PINGPONG) named_bar_arrive(1, 256);  // consumer 0 goes first
     if (warp == 0 && lane == 0) {
       tma_prefetch_desc(&tq);
       tma_prefetch_desc(&tk);
@@ -135,7 +131,7 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
     const int cw = wg - 1;  // consumer index: rows cw*64 .. cw*64+63 of the block
     const int g = lane >> 2, t = lane & 3;
     const int row0 = cw * 64 + (warp & 3) * 16 + g;
-    T* o = static_cast<T*>(a.o) + b * a.o_sb + h * a.o_sh;
+    T* o = HeadPtrs<T>(a, b, h).o;
 
     float acc[D / 2];
 #pragma unroll
@@ -200,15 +196,6 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
         pa[kk][3] = Op::pack(s[8 * kk + 6], s[8 * kk + 7]);
       }
     };
-    // Turn-taking: consumer i waits on barrier 1+i (its turn) and, after issuing, opens barrier 1+(i+1)%NC.
-    // The producer warpgroup opens the first turn; consumer 0 takes the one surplus opening at the very end.
-    // (No branch may sit between the wgmma issues: the compiler would serialise them.)
-    auto turn_wait = [&]() {
-      if constexpr (PINGPONG) named_bar_sync(1 + cw, 256);
-    };
-    auto turn_pass = [&]() {
-      if constexpr (PINGPONG) named_bar_arrive(1 + (cw + 1) % NC, 256);
-    };
     // A consumer warp is done with a K/V buffer once its wgmma reads have retired.
     auto release = [&](std::uint32_t bar) {
       __syncwarp();
@@ -216,11 +203,9 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
     };
     mbar_wait(q_full, 0);
     mbar_wait(k_full(0), 0);
-    turn_wait();
     wg_fence();
     issue_qk(0);
     wg_commit();
-    turn_pass();
     wg_wait0();
     fence_regs(s);
     release(k_empty(0));
@@ -233,7 +218,6 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
     for (int jt = 1; jt < n_tiles; ++jt) {
       const int st = jt % STAGES, ps = (jt - 1) % STAGES;
       mbar_wait(k_full(st), (jt / STAGES) & 1);
-      turn_wait();
       wg_fence();
       fence_regs(acc);
       issue_qk(st);
@@ -241,7 +225,6 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
       mbar_wait(v_full(ps), ((jt - 1) / STAGES) & 1);
       issue_pv(ps);
       wg_commit();
-      turn_pass();
       wg_wait1();  // S_jt ready; P·V_{jt-1} may still run
       fence_regs(s);
       release(k_empty(st));
@@ -283,8 +266,6 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
               Op::pack(acc[4 * j + 2 * r] * inv, acc[4 * j + 2 * r + 1] * inv);
       }
     }
-    if constexpr (PINGPONG)
-      if (cw == 0) named_bar_sync(1, 256);  // the last consumer's final hand-over
   }
 }
 
@@ -325,7 +306,7 @@ bool make_map(CUtensorMap* m, const void* base, bool bf16, int d, int seq, int h
             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <typename T, int D, int BC, int NC, int STAGES, bool CAUSAL, bool PINGPONG>
+template <typename T, int D, int BC, int NC, int STAGES, bool CAUSAL>
 cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, cudaStream_t stream) {
   using C = WsCfg<D, BC, NC, STAGES>;
   constexpr bool bf16 = std::is_same<T, __nv_bfloat16>::value;
@@ -335,7 +316,7 @@ cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, cudaStream_t strea
       !make_map(&tk, a.k, bf16, D, a.seq_kv, heads_kv, batch, a.k_ss, a.k_sh, a.k_sb, BC) ||
       !make_map(&tv, a.v, bf16, D, a.seq_kv, heads_kv, batch, a.v_ss, a.v_sh, a.v_sb, BC))
     return cudaErrorNotSupported;
-  auto kern = flash_fwd_ws<T, D, BC, NC, STAGES, CAUSAL, PINGPONG>;
+  auto kern = flash_fwd_ws<T, D, BC, NC, STAGES, CAUSAL>;
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
   if (e != cudaSuccess) return e;
   dim3 grid((a.seq_q + C::BR - 1) / C::BR, heads, batch);
@@ -345,22 +326,19 @@ cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, cudaStream_t strea
 
 template <typename T, bool C>
 cudaError_t run_t(const FwdArgs& a, int D, int batch, int heads, int variant, cudaStream_t s) {
-  // Default tiles per head dim; variants 15.. are alternatives kept for tuning (tools/cuda_dev).
+  // Default tiles per head dim; variants 16.. are alternatives kept for tuning (tools/cuda_dev).
   switch (D) {
     case 64:
-      if (variant == 15) return launch_ws<T, 64, 128, 2, 2, C, true>(a, batch, heads, s);
-      if (variant == 17) return launch_ws<T, 64, 128, 3, 2, C, false>(a, batch, heads, s);
-      if (variant == 18) return launch_ws<T, 64, 128, 2, 3, C, false>(a, batch, heads, s);
-      return launch_ws<T, 64, 128, 2, 2, C, false>(a, batch, heads, s);
+      if (variant == 17) return launch_ws<T, 64, 128, 3, 2, C>(a, batch, heads, s);
+      if (variant == 18) return launch_ws<T, 64, 128, 2, 3, C>(a, batch, heads, s);
+      return launch_ws<T, 64, 128, 2, 2, C>(a, batch, heads, s);
     case 128:
-      if (variant == 15) return launch_ws<T, 128, 128, 2, 2, C, true>(a, batch, heads, s);
-      if (variant == 18) return launch_ws<T, 128, 128, 2, 3, C, false>(a, batch, heads, s);
-      return launch_ws<T, 128, 128, 2, 2, C, false>(a, batch, heads, s);
+      if (variant == 18) return launch_ws<T, 128, 128, 2, 3, C>(a, batch, heads, s);
+      return launch_ws<T, 128, 128, 2, 2, C>(a, batch, heads, s);
     case 256:
       // 80-key tiles: 3-7% over 64 (H200, 4096-4608 tokens); the two K/V stages then fill 225 KB of smem.
-      if (variant == 15) return launch_ws<T, 256, 80, 2, 2, C, true>(a, batch, heads, s);
-      if (variant == 16) return launch_ws<T, 256, 64, 2, 2, C, false>(a, batch, heads, s);
-      return launch_ws<T, 256, 80, 2, 2, C, false>(a, batch, heads, s);
+      if (variant == 16) return launch_ws<T, 256, 64, 2, 2, C>(a, batch, heads, s);
+      return launch_ws<T, 256, 80, 2, 2, C>(a, batch, heads, s);
   }
   return cudaErrorInvalidValue;
 }

@@ -42,7 +42,7 @@ __device__ __forceinline__ void load_tile_sw128(std::uint32_t s, const T* g, std
 
 }  // namespace attnsel::cuda::detail::sm90c
 
-// ---- mbarrier / bulk tensor copy (TMA) / named barriers / register reallocation ----------------------
+// ---- mbarrier / bulk tensor copy (TMA) / register reallocation ----------------------
 namespace attnsel::cuda::detail::sm90c {
 
 __device__ __forceinline__ void mbar_init(std::uint32_t bar, std::uint32_t count) {
@@ -78,12 +78,6 @@ __device__ __forceinline__ void tma_load_4d(std::uint32_t dst, const void* tmap,
 }
 __device__ __forceinline__ void tma_prefetch_desc(const void* tmap) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<std::uint64_t>(tmap)) : "memory");
-}
-__device__ __forceinline__ void named_bar_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-__device__ __forceinline__ void named_bar_arrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 template <int N>
 __device__ __forceinline__ void regs_dealloc() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N)); }
