@@ -46,17 +46,22 @@ def attention(
     is_causal: bool = False,
     scale: float | None = None,
     backend: str | Backend | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+):
     """Scaled dot-product attention on `backend`, or on the selector's answer for these inputs when None.
 
     q: (B, Hq, Sq, D); k: (B, Hkv, Sk, D); v: (B, Hkv, Sk, Dv) with Hkv dividing Hq (grouped-query);
     attn_mask: bool (True = attend) or additive, broadcastable to (B, Hq, Sq, Sk); causal is top-left aligned.
+    Returns the output (B, Hq, Sq, Dv); with return_lse=True, (output, lse) where lse is the natural-log
+    log-sum-exp of each query row's scaled, masked scores, (B, Hq, Sq) float32 (-inf for a row that sees no key).
     """
+    if return_lse:
+        return _attention_lse(q, k, v, attn_mask, is_causal, scale, backend)
     if backend is not None:
         # Only names and members are cached: an int or bool equal to a member must still be refused below.
         bid = _EXPLICIT.get(backend) if backend.__class__ in _NAME_TYPES else None
         if bid is not None:
-            return _OP(q, k, v, attn_mask, is_causal, scale, bid)
+            return _OP(q, k, v, attn_mask, is_causal, scale, bid)[0]
         chosen = to_backend(backend)
         if chosen not in BRIDGES and backend.__class__ in _NAME_TYPES:
             if len(_EXPLICIT) >= _MAX_CACHED:
@@ -73,7 +78,7 @@ def attention(
             # Device kind 0 (neither CPU nor CUDA) is never cached: it takes the full path and its error.
             key = (q.dtype, 1 if q.is_cpu else 2 if q.is_cuda else 0, shape[3], scope and scope.view, token)
             if (bid := _AUTO.get(key)) is not None:
-                return _OP(q, k, v, attn_mask, is_causal, scale, bid)
+                return _OP(q, k, v, attn_mask, is_causal, scale, bid)[0]
         chosen = _auto_backend(q)
         if token is not None and key[1] and chosen not in BRIDGES:
             if len(_AUTO) >= _MAX_CACHED:
@@ -83,4 +88,11 @@ def attention(
         if backend is not None:  # the native op checks its own backends; bridges are checked here
             explain_attn_backend(q.shape[-1], q.dtype, q.device, selected=chosen)
         return BRIDGES[chosen](q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
-    return _OP(q, k, v, attn_mask, is_causal, scale, -1 if chosen is None else int(chosen))
+    return _OP(q, k, v, attn_mask, is_causal, scale, -1 if chosen is None else int(chosen))[0]
+
+
+def _attention_lse(q, k, v, attn_mask, is_causal, scale, backend):
+    chosen = None if backend is None else to_backend(backend)
+    if chosen is not None and chosen in BRIDGES:
+        raise ValueError(f"attnsel.attention: backend {chosen} does not return the log-sum-exp (use native)")
+    return _OP(q, k, v, attn_mask, is_causal, scale, -1 if chosen is None else int(chosen), True)

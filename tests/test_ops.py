@@ -160,16 +160,16 @@ def test_auto_selection_fast_path_follows_every_state_change():
     ((torch.randn(2, 2, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)), "batch"),
 ])
 def test_native_op_validation_messages(args, match):
-    with pytest.raises(RuntimeError, match=match) as info:
+    with pytest.raises(ValueError, match=match) as info:
         torch.ops.attnsel.attention(*args, None, False, None, int(attnsel.Backend.NATIVE))
     assert "attnsel.attention" in str(info.value)
 
 
 def test_mask_validation_and_backend_refusals():
     q = torch.randn(1, 2, 5, 8)
-    with pytest.raises(RuntimeError, match="broadcast"):
+    with pytest.raises(ValueError, match="broadcast"):
         attnsel.attention(q, q, q, attn_mask=torch.ones(3, 5, dtype=torch.bool), backend="native")
-    with pytest.raises(RuntimeError, match="attn_mask must be bool"):
+    with pytest.raises(ValueError, match="attn_mask must be bool"):
         attnsel.attention(q, q, q, attn_mask=torch.ones(5, 5, dtype=torch.int32), backend="native")
     with pytest.raises(ValueError, match="512"):
         big = torch.randn(1, 1, 4, 520)
@@ -178,7 +178,7 @@ def test_mask_validation_and_backend_refusals():
         attnsel.attention(q, q, q, backend="fa3")
     with pytest.raises(ValueError, match="cpu"):
         attnsel.attention(q, q, q, backend="sdpa_flash")
-    with pytest.raises(RuntimeError, match="out of range"):
+    with pytest.raises(ValueError, match="out of range"):
         torch.ops.attnsel.attention(q, q, q, None, False, None, 99)
     # A member used first (and cached) must not make an equal int or bool pass as a backend name.
     native, sdpa = attnsel.Backend.NATIVE, attnsel.Backend.TORCH_SDPA
@@ -216,3 +216,42 @@ def test_torch_compile_fullgraph():
         return attnsel.attention(q, q, q)
 
     assert torch.allclose(torch.compile(g, fullgraph=True, backend="aot_eager")(q), g(q), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal, mask_kind", [(False, None), (True, None), (False, "bool"), (False, "additive")])
+def test_native_cpu_lse_matches_float64(dtype, causal, mask_kind):
+    """return_lse=True: the natural-log log-sum-exp per query row, vs a float64 reference (-inf where no key is seen)."""
+    g = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, Sq, Sk, D = 2, 4, 2, 37, 53, 24
+    q, k, v = (torch.randn(B, h, s, D, generator=g).to(dtype) for h, s in ((Hq, Sq), (Hkv, Sk), (Hkv, Sk)))
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(B, 1, Sq, Sk, generator=g) > 0.3
+        mask[0, 0, 5] = False  # a fully masked row
+    elif mask_kind == "additive":
+        mask = torch.randn(Sq, Sk, generator=g)
+    out, lse = attnsel.attention(q, k, v, attn_mask=mask, is_causal=causal, scale=0.3, backend="native",
+                                 return_lse=True)
+    assert lse.shape == (B, Hq, Sq) and lse.dtype == torch.float32
+    kk = k.double().repeat_interleave(Hq // Hkv, dim=1)
+    s = (q.double() @ kk.transpose(-1, -2)) * 0.3
+    if causal:
+        s = s.masked_fill(torch.ones(Sq, Sk, dtype=torch.bool).triu(1), float("-inf"))
+    if mask_kind == "bool":
+        s = s.masked_fill(~mask, float("-inf"))
+    elif mask_kind == "additive":
+        s = s + mask.double()
+    ref = torch.logsumexp(s, dim=-1)
+    finite = torch.isfinite(ref)
+    assert torch.equal(finite, torch.isfinite(lse))
+    assert torch.all(lse[~finite] == float("-inf"))
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    assert (lse[finite].double() - ref[finite]).abs().max() < tol
+    assert torch.equal(out, attnsel.attention(q, k, v, attn_mask=mask, is_causal=causal, scale=0.3, backend="native"))
+
+
+def test_return_lse_refused_where_the_backend_cannot_give_it():
+    q = torch.randn(1, 2, 5, 8)
+    with pytest.raises(ValueError, match="log-sum-exp"):
+        attnsel.attention(q, q, q, backend="torch_sdpa", return_lse=True)

@@ -30,6 +30,10 @@ struct AttentionParams {
   ScalarType mask_dtype = ScalarType::F32;
   std::int64_t mask_stride[4] = {0, 0, 0, 0};
 
+  // Optional log-sum-exp output, [B, Hq, Sq] fp32 contiguous: natural log of sum_j exp(scale * q.k_j + mask_j) per
+  // query row; -inf for a row that sees no key. Null = not wanted.
+  float* lse = nullptr;
+
   bool causal = false;  // PyTorch's convention: query i sees keys j <= i (top-left aligned)
   float scale = 1.0f;   // multiplies q·k
 

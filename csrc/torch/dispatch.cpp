@@ -24,18 +24,18 @@ std::string shape_str(const at::Tensor& t) {
 // Broadcasts an SDPA-style mask to [B, Hq, Sq, Sk] as a stride-0 view, checking it can be.
 at::Tensor broadcast_mask(const at::Tensor& mask, const at::Tensor& q, const at::Tensor& k) {
   const std::array<int64_t, 4> target = {q.size(0), q.size(1), q.size(2), k.size(2)};
-  TORCH_CHECK(mask.dim() >= 1 && mask.dim() <= 4, "attnsel.attention: attn_mask must have 1 to 4 dims, got ",
+  TORCH_CHECK_VALUE(mask.dim() >= 1 && mask.dim() <= 4, "attnsel.attention: attn_mask must have 1 to 4 dims, got ",
               mask.dim());
-  TORCH_CHECK(mask.scalar_type() == at::kBool || mask.scalar_type() == q.scalar_type() ||
+  TORCH_CHECK_VALUE(mask.scalar_type() == at::kBool || mask.scalar_type() == q.scalar_type() ||
                   mask.scalar_type() == at::kFloat,
               "attnsel.attention: attn_mask must be bool, float32 or the query's dtype (", q.scalar_type(),
               "), got ", mask.scalar_type());
-  TORCH_CHECK(mask.device() == q.device(), "attnsel.attention: attn_mask is on ", mask.device(),
+  TORCH_CHECK_VALUE(mask.device() == q.device(), "attnsel.attention: attn_mask is on ", mask.device(),
               " but the query is on ", q.device());
   const int64_t offset = 4 - mask.dim();
   for (int64_t i = 0; i < mask.dim(); ++i) {
     const int64_t m = mask.size(i), t = target[offset + i];
-    TORCH_CHECK(m == 1 || m == t, "attnsel.attention: attn_mask of shape ", shape_str(mask),
+    TORCH_CHECK_VALUE(m == 1 || m == t, "attnsel.attention: attn_mask of shape ", shape_str(mask),
                 " does not broadcast to [B, Hq, Sq, Sk] = [", target[0], ", ", target[1], ", ", target[2], ", ",
                 target[3], "]");
   }
@@ -43,26 +43,26 @@ at::Tensor broadcast_mask(const at::Tensor& mask, const at::Tensor& q, const at:
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
               "attnsel.attention: q, k, v must be 4-d (batch, heads, seq, head_dim), got q ", shape_str(q), ", k ",
               shape_str(k), ", v ", shape_str(v));
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+  TORCH_CHECK_VALUE(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
               "attnsel.attention: q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
               v.scalar_type());
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+  TORCH_CHECK_VALUE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
               "attnsel.attention: dtype must be float32, float16 or bfloat16, got ", q.scalar_type());
-  TORCH_CHECK(q.device() == k.device() && q.device() == v.device(),
+  TORCH_CHECK_VALUE(q.device() == k.device() && q.device() == v.device(),
               "attnsel.attention: q, k, v must be on one device, got ", q.device(), ", ", k.device(), ", ",
               v.device());
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(0) == v.size(0), "attnsel.attention: batch sizes differ: q ",
+  TORCH_CHECK_VALUE(q.size(0) == k.size(0) && q.size(0) == v.size(0), "attnsel.attention: batch sizes differ: q ",
               shape_str(q), ", k ", shape_str(k), ", v ", shape_str(v));
-  TORCH_CHECK(k.size(1) == v.size(1) && k.size(2) == v.size(2), "attnsel.attention: k ", shape_str(k), " and v ",
+  TORCH_CHECK_VALUE(k.size(1) == v.size(1) && k.size(2) == v.size(2), "attnsel.attention: k ", shape_str(k), " and v ",
               shape_str(v), " must share heads and sequence length");
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "attnsel.attention: q heads (", q.size(1),
+  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "attnsel.attention: q heads (", q.size(1),
               ") must be a multiple of k/v heads (", k.size(1), ")");
-  TORCH_CHECK(q.size(3) == k.size(3), "attnsel.attention: q and k head_dim differ: ", q.size(3), " vs ",
+  TORCH_CHECK_VALUE(q.size(3) == k.size(3), "attnsel.attention: q and k head_dim differ: ", q.size(3), " vs ",
               k.size(3));
-  TORCH_CHECK(q.size(3) > 0, "attnsel.attention: head_dim must be positive");
+  TORCH_CHECK_VALUE(q.size(3) > 0, "attnsel.attention: head_dim must be positive");
 }
 
 }  // namespace
@@ -85,11 +85,11 @@ KernelFn find_kernel(BackendId backend, DeviceType device) {
   return g_table[static_cast<int>(backend)][static_cast<int>(device)];
 }
 
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const std::optional<at::Tensor>& attn_mask, bool is_causal, std::optional<double> scale,
-                     std::int64_t backend) {
+std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             const std::optional<at::Tensor>& attn_mask, bool is_causal,
+                                             std::optional<double> scale, std::int64_t backend, bool return_lse) {
   check_inputs(q, k, v);
-  TORCH_CHECK(backend >= -1 && backend < kNumBackends, "attnsel.attention: backend id ", backend,
+  TORCH_CHECK_VALUE(backend >= -1 && backend < kNumBackends, "attnsel.attention: backend id ", backend,
               " out of range [-1, ", kNumBackends - 1, "]");
   SelectionRequest request;
   request.head_size = static_cast<int>(q.size(3));
@@ -108,14 +108,22 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   std::optional<at::Tensor> mask;
   if (attn_mask) mask = broadcast_mask(*attn_mask, q, k);
   const double resolved_scale = scale ? *scale : 1.0 / std::sqrt(static_cast<double>(q.size(3)));
-  return fn(AttentionCall{q, k, v, mask, is_causal, resolved_scale});
+  AttentionResult r = fn(AttentionCall{q, k, v, mask, is_causal, resolved_scale, return_lse});
+  if (!return_lse) return {r.out, at::empty({0}, q.options().dtype(at::kFloat))};
+  TORCH_CHECK(r.lse.defined(), "attnsel.attention: backend '", backend_name(sel.backend),
+              "' returned no log-sum-exp");
+  return {r.out, r.lse};
 }
 
-at::Tensor attention_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const std::optional<at::Tensor>& attn_mask, bool, std::optional<double>, std::int64_t) {
+std::tuple<at::Tensor, at::Tensor> attention_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                  const std::optional<at::Tensor>& attn_mask, bool,
+                                                  std::optional<double>, std::int64_t, bool return_lse) {
   check_inputs(q, k, v);
   if (attn_mask) broadcast_mask(*attn_mask, q, k);
-  return at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
+  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
+  at::Tensor lse = return_lse ? at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat))
+                              : at::empty({0}, q.options().dtype(at::kFloat));
+  return {out, lse};
 }
 
 kernels::AttentionParams make_params(const AttentionCall& c, at::Tensor& out) {

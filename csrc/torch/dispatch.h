@@ -18,23 +18,33 @@ struct AttentionCall {
   const at::Tensor& v;
   const std::optional<at::Tensor>& mask;  // bool or floating additive, 4-d
   bool causal;
-  double scale;  // resolved (1/sqrt(D) by default)
+  double scale;       // resolved (1/sqrt(D) by default)
+  bool return_lse;    // the caller needs the log-sum-exp (a kernel that cannot give it refuses)
 };
 
-using KernelFn = at::Tensor (*)(const AttentionCall& call);
+// out: [B, Hq, Sq, Dv]. lse: [B, Hq, Sq] fp32 (natural log; -inf for a row that sees no key) when the call asked
+// for it; otherwise whatever the kernel has for free (native fills it, others leave it undefined).
+struct AttentionResult {
+  at::Tensor out;
+  at::Tensor lse;
+};
+
+using KernelFn = AttentionResult (*)(const AttentionCall& call);
 
 void register_kernel(BackendId backend, DeviceType device, KernelFn fn);
 KernelFn find_kernel(BackendId backend, DeviceType device);
 
-// backend < 0: select with this thread's context. Validates everything with TORCH_CHECK.
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const std::optional<at::Tensor>& attn_mask, bool is_causal, std::optional<double> scale,
-                     std::int64_t backend);
+// backend < 0: select with this thread's context. Caller mistakes raise c10::ValueError (TORCH_CHECK_VALUE).
+// Returns (out, lse); lse is an empty tensor unless return_lse (the op's schema needs a defined tensor).
+std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             const std::optional<at::Tensor>& attn_mask, bool is_causal,
+                                             std::optional<double> scale, std::int64_t backend, bool return_lse);
 
-// Output shape for the fake (meta) implementation.
-at::Tensor attention_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const std::optional<at::Tensor>& attn_mask, bool is_causal, std::optional<double> scale,
-                          std::int64_t backend);
+// Output shapes for the fake (meta) implementation.
+std::tuple<at::Tensor, at::Tensor> attention_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                  const std::optional<at::Tensor>& attn_mask, bool is_causal,
+                                                  std::optional<double> scale, std::int64_t backend,
+                                                  bool return_lse);
 
 // Fills kernel parameters from tensors (no copies): shared by the CPU and CUDA glue.
 kernels::AttentionParams make_params(const AttentionCall& call, at::Tensor& out);

@@ -2,6 +2,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <limits>
+
 #include "dispatch.h"
 #include "kernels/cpu/attention_cpu.h"
 
@@ -12,16 +14,25 @@ void parallel_over_aten(std::int64_t n, void* ctx, void (*fn)(void*, std::int64_
   at::parallel_for(0, n, 1, [&](std::int64_t begin, std::int64_t end) { fn(ctx, begin, end); });
 }
 
-at::Tensor native_cpu(const AttentionCall& call) {
-  TORCH_CHECK(call.q.size(3) <= cpu::kMaxHeadDim && call.v.size(3) <= cpu::kMaxHeadDim,
+AttentionResult native_cpu(const AttentionCall& call) {
+  TORCH_CHECK_VALUE(call.q.size(3) <= cpu::kMaxHeadDim && call.v.size(3) <= cpu::kMaxHeadDim,
               "attnsel.attention: head_dim ", std::max(call.q.size(3), call.v.size(3)),
               " exceeds the limit ", cpu::kMaxHeadDim, " of the native CPU kernel");
   at::Tensor out = at::empty({call.q.size(0), call.q.size(1), call.q.size(2), call.v.size(3)}, call.q.options());
-  if (out.numel() == 0) return out;
+  // The log-sum-exp costs one float per query row: always filled, so a backward pass can reuse it.
+  at::Tensor lse = at::empty({call.q.size(0), call.q.size(1), call.q.size(2)}, call.q.options().dtype(at::kFloat));
+  if (out.numel() == 0) {
+    // Nothing to compute; with no keys every row's log-sum-exp is -inf. head_dim_v 0 with keys is not computed.
+    TORCH_CHECK_VALUE(!call.return_lse || call.v.size(3) > 0 || call.k.size(2) == 0,
+                      "attnsel.attention: the native CPU kernel gives no log-sum-exp when head_dim_v is 0");
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
   kernels::AttentionParams p = make_params(call, out);
+  p.lse = lse.data_ptr<float>();
   p.parallel_for = &parallel_over_aten;
   cpu::attention_forward(p);
-  return out;
+  return {out, lse};
 }
 
 }  // namespace

@@ -37,27 +37,28 @@ bool prefers_native(const SelectionRequest& r) {
   return at::cuda::device_count() > 0 && cuda::faster_than_sdpa(request_params(r));
 }
 
-at::Tensor native_cuda(const AttentionCall& call) {
+AttentionResult native_cuda(const AttentionCall& call) {
+  TORCH_CHECK_VALUE(!call.return_lse, "attnsel.attention: the native CUDA kernel does not return the log-sum-exp yet");
   c10::cuda::CUDAGuard guard(call.q.device());
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   at::Tensor out = at::empty({call.q.size(0), call.q.size(1), call.q.size(2), call.v.size(3)}, call.q.options());
-  if (out.numel() == 0) return out;
+  if (out.numel() == 0) return {out, {}};
   kernels::AttentionParams p = make_params(call, out);
   std::string why = cuda::refusal(p, prop->major, prop->minor);
   if (!why.empty() && !call.mask) {
     // Layouts the kernel cannot stream (inner stride != 1, unaligned rows): run on contiguous copies.
     const at::Tensor q = call.q.contiguous(), k = call.k.contiguous(), v = call.v.contiguous();
-    AttentionCall packed{q, k, v, call.mask, call.causal, call.scale};
+    AttentionCall packed{q, k, v, call.mask, call.causal, call.scale, call.return_lse};
     kernels::AttentionParams pp = make_params(packed, out);
     if (cuda::refusal(pp, prop->major, prop->minor).empty()) {
       cuda::attention_forward(pp, at::cuda::getCurrentCUDAStream().stream());
-      return out;
+      return {out, {}};
     }
   }
   TORCH_CHECK_VALUE(why.empty(), "attnsel.attention: the native CUDA kernel cannot run this input: ", why,
                     " (use torch_sdpa for masks and other head sizes)");
   cuda::attention_forward(p, at::cuda::getCurrentCUDAStream().stream());
-  return out;
+  return {out, {}};
 }
 
 }  // namespace

@@ -30,7 +30,7 @@ const bool g_registered = (register_all_kernels(), true);
 TORCH_LIBRARY(attnsel, m) {
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, bool is_causal=False, float? scale=None, "
-      "int backend=-1) -> Tensor");
+      "int backend=-1, bool return_lse=False) -> (Tensor out, Tensor lse)");
 }
 
 TORCH_LIBRARY_IMPL(attnsel, CPU, m) { m.impl("attention", &attnsel::torch_glue::attention); }

@@ -6,13 +6,14 @@
 namespace attnsel::torch_glue {
 namespace {
 
-at::Tensor torch_sdpa(const AttentionCall& call) {
+AttentionResult torch_sdpa(const AttentionCall& call) {
+  TORCH_CHECK_VALUE(!call.return_lse, "attnsel.attention: torch_sdpa does not return the log-sum-exp (use native)");
   std::optional<at::Tensor> mask = call.mask;
   // SDPA takes bool masks or masks of the query's dtype.
   if (mask && mask->scalar_type() != at::kBool && mask->scalar_type() != call.q.scalar_type())
     mask = mask->to(call.q.scalar_type());
   const bool gqa = call.q.size(1) != call.k.size(1);
-  return at::scaled_dot_product_attention(call.q, call.k, call.v, mask, 0.0, call.causal, call.scale, gqa);
+  return {at::scaled_dot_product_attention(call.q, call.k, call.v, mask, 0.0, call.causal, call.scale, gqa), {}};
 }
 
 }  // namespace

@@ -28,10 +28,10 @@ at::Tensor naive(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
 at::Tensor op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, std::int64_t backend) {
   static auto handle = c10::Dispatcher::singleton()
                            .findSchemaOrThrow("attnsel::attention", "")
-                           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                             const std::optional<at::Tensor>&, bool, std::optional<double>,
-                                             std::int64_t)>();
-  return handle.call(q, k, v, std::nullopt, causal, std::nullopt, backend);
+                           .typed<std::tuple<at::Tensor, at::Tensor>(
+                              const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const std::optional<at::Tensor>&, bool, std::optional<double>, std::int64_t, bool)>();
+  return std::get<0>(handle.call(q, k, v, std::nullopt, causal, std::nullopt, backend, false));
 }
 
 double max_diff(const at::Tensor& a, const at::Tensor& b) { return (a - b).abs().max().item<double>(); }

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <tuple>
 
 #include "attnsel/attnsel.h"
 
@@ -26,5 +27,10 @@ struct AttentionOptions {
 // malformed inputs.
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const AttentionOptions& opts = {});
+
+// The same, also returning the log-sum-exp [B, Hq, Sq] (fp32, natural log, -inf for a row that sees no key);
+// a backend that cannot produce it refuses with c10::ValueError.
+std::tuple<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const AttentionOptions& opts = {});
 
 }  // namespace attnsel

@@ -43,6 +43,7 @@ using i64 = std::int64_t;
 
 constexpr float kLog2e = 1.44269504088896340736f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kLn2 = 0.69314718055994530942f;
 
 // Own min/max: avoids instantiating std templates in a TU with ISA flags.
 inline i64 imin(i64 a, i64 b) { return a < b ? a : b; }
@@ -563,6 +564,13 @@ struct Kernel {
         const float lv = sc.l[pan * PW + c];
         inv[c] = lv == 0.f ? 0.f : 1.f / lv;
         keep[c] = lv == 0.f ? 0.f : 1.f;
+      }
+      if (p.lse) {  // m is in log2 units: lse = ln(2) * (m + log2(l))
+        float* lrow = p.lse + (b * p.heads_q + h) * p.seq_q + q0 + pan * PW;
+        for (i64 c = 0; c < PW && pan * PW + c < nq; ++c) {
+          const float lv = sc.l[pan * PW + c];
+          lrow[c] = lv == 0.f ? kNegInf : kLn2 * (sc.m[pan * PW + c] + std::log2(lv));
+        }
       }
       for (int v = 0; v < NV; ++v) {
         const V iv = Is::load(inv + v * W);
