@@ -85,33 +85,42 @@ KernelFn find_kernel(BackendId backend, DeviceType device) {
   return g_table[static_cast<int>(backend)][static_cast<int>(device)];
 }
 
-std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                             const std::optional<at::Tensor>& attn_mask, bool is_causal,
-                                             std::optional<double> scale, std::int64_t backend, bool return_lse) {
+std::optional<at::Tensor> validate_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                          const std::optional<at::Tensor>& attn_mask) {
   check_inputs(q, k, v);
+  if (!attn_mask) return std::nullopt;
+  return broadcast_mask(*attn_mask, q, k);
+}
+
+BackendId plan_backend(const at::Tensor& q, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                       bool, std::int64_t backend, bool) {
   TORCH_CHECK_VALUE(backend >= -1 && backend < kNumBackends, "attnsel.attention: backend id ", backend,
-              " out of range [-1, ", kNumBackends - 1, "]");
+                    " out of range [-1, ", kNumBackends - 1, "]");
   SelectionRequest request;
   request.head_size = static_cast<int>(q.size(3));
   request.dtype = selector_dtype(q);
   request.device = selector_device(q);
   if (backend >= 0) request.selected = static_cast<BackendId>(backend);
-  Selection sel;
   try {
-    sel = backend >= 0 ? select_backend_in(request, nullptr) : select_backend(request);
+    return (backend >= 0 ? select_backend_in(request, nullptr) : select_backend(request)).backend;
   } catch (const std::invalid_argument& e) {
     TORCH_CHECK_VALUE(false, "attnsel.attention: ", e.what());  // ValueError in Python, like the front's
   }
-  KernelFn fn = find_kernel(sel.backend, request.device);
-  TORCH_CHECK(fn != nullptr, "attnsel.attention: backend '", backend_name(sel.backend), "' has no native kernel on ",
-              device_name(request.device), " (bridged backends run through attnsel.attention in Python)");
-  std::optional<at::Tensor> mask;
-  if (attn_mask) mask = broadcast_mask(*attn_mask, q, k);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             const std::optional<at::Tensor>& attn_mask, bool is_causal,
+                                             std::optional<double> scale, std::int64_t backend, bool return_lse) {
+  const std::optional<at::Tensor> mask = validate_inputs(q, k, v, attn_mask);
+  const DeviceType device = selector_device(q);
+  const BackendId chosen = plan_backend(q, k, v, attn_mask, is_causal, backend, false);
+  KernelFn fn = find_kernel(chosen, device);
+  TORCH_CHECK(fn != nullptr, "attnsel.attention: backend '", backend_name(chosen), "' has no native kernel on ",
+              device_name(device), " (bridged backends run through attnsel.attention in Python)");
   const double resolved_scale = scale ? *scale : 1.0 / std::sqrt(static_cast<double>(q.size(3)));
   AttentionResult r = fn(AttentionCall{q, k, v, mask, is_causal, resolved_scale, return_lse});
   if (!return_lse) return {r.out, at::empty({0}, q.options().dtype(at::kFloat))};
-  TORCH_CHECK(r.lse.defined(), "attnsel.attention: backend '", backend_name(sel.backend),
-              "' returned no log-sum-exp");
+  TORCH_CHECK(r.lse.defined(), "attnsel.attention: backend '", backend_name(chosen), "' returned no log-sum-exp");
   return {r.out, r.lse};
 }
 
