@@ -60,6 +60,10 @@ struct MaskView {
     f32 = a.mask_f32;
   }
   __device__ __forceinline__ bool key_padding() const { return sq == 0; }
+  // Bool masks: whether key col is attended by query row.
+  __device__ __forceinline__ bool keep(int row, int col) const {
+    return __ldg(reinterpret_cast<const unsigned char*>(base) + (row * sq + col * sk)) != 0;
+  }
   __device__ __forceinline__ float at(int row, int col) const {
     const std::int64_t i = row * sq + col * sk;
     if (MM == kBoolMask) return __ldg(reinterpret_cast<const unsigned char*>(base) + i) ? 0.f : -INFINITY;

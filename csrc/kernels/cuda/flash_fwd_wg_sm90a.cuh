@@ -144,7 +144,12 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
     T* o = HeadPtrs<T>(a, b, h).o;
     const MaskView<T, MM> mask(a, b, h);
     const bool kp = MM != kNoMask && mask.key_padding();
-    float mv[MM != kNoMask ? BC / 4 : 1];  // key-padding mask of this thread's columns, loaded before S is ready
+    // The mask of the next tile is loaded before its S is ready (the loads overlap the wgmma): bool masks as bits
+    // (bit e of this thread's S fragment, or with key padding bit i of its BC/4 key columns), additive key-padding
+    // masks as BC/4 floats; additive full masks are read in the softmax.
+    static_assert(BC / 2 <= 64, "bool mask bits");
+    float mv[MM == kAddMask ? BC / 4 : 1];
+    std::uint32_t mb[2] = {0u, 0u};
 
     float acc[D / 2];
 #pragma unroll
@@ -169,17 +174,48 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
 #pragma unroll
       for (int kk = 0; kk < BC / 16; ++kk) Ops::pv(acc, pa[kk], dv0 + ((kk * 16 * 128) >> 4));
     };
-    auto load_key_mask = [&](int jt) {
-      if (MM == kNoMask || !kp) return;
+    auto load_mask = [&](int jt) {
+      const int n0 = jt * BC;
+      if (MM == kBoolMask) {
+        if (kp) {
+          std::uint32_t bits = 0u;
 #pragma unroll
-      for (int i = 0; i < BC / 4; ++i) {
-        const int col = jt * BC + (i >> 1) * 8 + t * 2 + (i & 1);
-        mv[i] = col < a.seq_kv ? mask.at(0, col) : -INFINITY;
+          for (int i = 0; i < BC / 4; ++i) {
+            const int col = n0 + (i >> 1) * 8 + t * 2 + (i & 1);
+            if (col < a.seq_kv && mask.keep(0, col)) bits |= 1u << i;
+          }
+          mb[0] = bits;
+        } else {
+          std::uint32_t bits[2] = {0u, 0u};
+#pragma unroll
+          for (int e = 0; e < BC / 2; ++e) {
+            const int row = min(m0 + row0 + ((e >> 1) & 1) * 8, a.seq_q - 1);
+            const int col = n0 + (e >> 2) * 8 + t * 2 + (e & 1);
+            if (col < a.seq_kv && mask.keep(row, col)) bits[e >> 5] |= 1u << (e & 31);
+          }
+          mb[0] = bits[0];
+          mb[1] = bits[1];
+        }
+      } else if (MM == kAddMask && kp) {
+#pragma unroll
+        for (int i = 0; i < BC / 4; ++i) {
+          const int col = n0 + (i >> 1) * 8 + t * 2 + (i & 1);
+          mv[i] = col < a.seq_kv ? mask.at(0, col) : -INFINITY;
+        }
       }
     };
     auto softmax = [&](int jt, float (&al)[2]) {
       const int n0 = jt * BC;
-      if (MM != kNoMask) {  // every tile: scale, add the mask, cut at the sequence end / causal diagonal
+      if (MM == kBoolMask) {  // every tile: bits from load_mask (sequence end included), causal diagonal
+#pragma unroll
+        for (int e = 0; e < BC / 2; ++e) {
+          const int row = m0 + row0 + ((e >> 1) & 1) * 8;
+          const int col = n0 + (e >> 2) * 8 + t * 2 + (e & 1);
+          const int bit = kp ? (e >> 2) * 2 + (e & 1) : e;
+          const bool keep = ((mb[bit >> 5] >> (bit & 31)) & 1u) != 0u && !(CAUSAL && col > row);
+          s[e] = keep ? s[e] * a.scale : -INFINITY;
+        }
+      } else if (MM == kAddMask) {  // every tile: scale, add the mask, cut at the sequence end / causal diagonal
         if (kp) {
 #pragma unroll
           for (int e = 0; e < BC / 2; ++e) {
@@ -243,7 +279,7 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
     wg_fence();
     issue_qk(0);
     wg_commit();
-    load_key_mask(0);
+    load_mask(0);
     wg_wait0();
     fence_regs(s);
     release(k_empty(0));
@@ -263,7 +299,7 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
       mbar_wait(v_full(ps), ((jt - 1) / STAGES) & 1);
       issue_pv(ps);
       wg_commit();
-      load_key_mask(jt);
+      load_mask(jt);
       wg_wait1();  // S_jt ready; P·V_{jt-1} may still run
       fence_regs(s);
       release(k_empty(st));
