@@ -242,6 +242,19 @@ def test_masks(form, D, causal, dtype):
     _check(B_, H_, 2, SQ, SK, D, causal, dtype, seed=len(form) * 31 + D, mask=make, lse=True)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("D", [40, 64, 96, 128, 200, 256, 512])
+def test_key_padding_many_tiles(D, causal):  # the key-padding path over many key tiles, bool and additive
+    def additive(gen):
+        m = torch.randn(3, 1, 1, 1500, generator=gen, device="cuda")
+        m[1, ..., 700:] = float("-inf")
+        return m
+
+    _check(3, 4, 2, 257, 1500, D, causal, torch.bfloat16, seed=D, mask=_key_padding(3, 1500, [1500, 1023, 129], "b11k"),
+           lse=True)
+    _check(3, 4, 4, 257, 1500, D, causal, torch.float16, seed=D + 1, mask=additive, lse=True)
+
+
 @pytest.mark.parametrize("D", [64, 128, 256, 512])
 def test_fully_masked_rows(D):  # rows with no key: zeros and LSE -inf (bool all-False, additive all -inf)
     def bool_mask(gen):
@@ -295,6 +308,6 @@ def test_mma_kernels_on_hopper():
         pytest.skip("only on sm_90, where the mma.sync kernels are otherwise unused")
     env = dict(os.environ, ATTNSEL_CUDA_KERNEL="mma")
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.abspath(__file__), "-k",
-           "head_sizes or masks or fully_masked or mask_layouts or lse or gqa or expanded"]
+           "head_sizes or masks or key_padding or fully_masked or mask_layouts or lse or gqa or expanded"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]

@@ -60,6 +60,10 @@ struct MaskView {
     f32 = a.mask_f32;
   }
   __device__ __forceinline__ bool key_padding() const { return sq == 0; }
+  // Bool masks: the bytes of one query row (index them with col * sk).
+  __device__ __forceinline__ const unsigned char* row_bytes(int row) const {
+    return reinterpret_cast<const unsigned char*>(base) + row * sq;
+  }
   // Bool masks: whether key col is attended by query row.
   __device__ __forceinline__ bool keep(int row, int col) const {
     return __ldg(reinterpret_cast<const unsigned char*>(base) + (row * sq + col * sk)) != 0;

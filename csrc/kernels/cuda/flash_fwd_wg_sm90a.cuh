@@ -46,6 +46,8 @@ ATTNSEL_WG_OPS(__half, f16, 64, 256)
 ATTNSEL_WG_OPS(__half, f16, 80, 256)
 #undef ATTNSEL_WG_OPS
 
+// Barrier among the `n` threads of one warpgroup (ids 1.. : 0 is __syncthreads).
+__device__ __forceinline__ void named_bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
 __device__ __forceinline__ void wg_wait1() { asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); }
 // Keeps the register A fragment of an in-flight wgmma alive (and unmoved) until after the wait.
 template <int N>
@@ -67,6 +69,9 @@ struct WsCfg {
   static constexpr int BR = 64 * NC, NT = 128 * (NC + 1);
   static constexpr std::uint32_t Q_BYTES = BR * D * 2, KV_BYTES = BC * D * 2;
   static constexpr int SMEM = Q_BYTES + 2 * STAGES * KV_BYTES + 1024 + 8 * (1 + 4 * STAGES);
+  // Masked kernels: a key-padding bias row per consumer, double-buffered by key tile (after the barriers).
+  static constexpr int BIAS_OFFSET = (Q_BYTES + 2 * STAGES * KV_BYTES + 8 * (1 + 4 * STAGES) + 15) / 16 * 16;
+  static constexpr int SMEM_MASKED = SMEM + 16 + NC * 2 * BC * 4;
   // Register split of the 64K-register file: the producer needs few, the consumers hold S, P and O.
   static constexpr int PRODUCER_REGS = NC == 2 ? 24 : 32;
   static constexpr int CONSUMER_REGS = NC == 2 ? 240 : 160;
@@ -143,13 +148,24 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
     const int row0 = cw * 64 + (warp & 3) * 16 + g;
     T* o = HeadPtrs<T>(a, b, h).o;
     const MaskView<T, MM> mask(a, b, h);
+    // Key-padding masks (one row of keys per batch and head): each thread of the warpgroup loads one key's value
+    // of the next tile while this one computes and publishes it as a float bias row in shared memory (0 or -inf
+    // for bool masks), so the softmax adds it with one shared load per two keys. Full bool masks are loaded as
+    // bits before S is ready (bit e of this thread's S fragment); full additive masks are read in the softmax.
     const bool kp = MM != kNoMask && mask.key_padding();
-    // The mask of the next tile is loaded before its S is ready (the loads overlap the wgmma): bool masks as bits
-    // (bit e of this thread's S fragment, or with key padding bit i of its BC/4 key columns), additive key-padding
-    // masks as BC/4 floats; additive full masks are read in the softmax.
+    const int tw = (warp & 3) * 32 + lane;  // thread index within the warpgroup
+    float* s_bias = reinterpret_cast<float*>(smem_raw + (sQ - smem_u32(smem_raw)) + C::BIAS_OFFSET) + cw * 2 * BC;
+    auto kp_fetch = [&](int jt) -> float {
+      const int col = jt * BC + tw;
+      return (tw < BC && col < a.seq_kv) ? mask.at(0, col) : -INFINITY;
+    };
+    auto kp_publish = [&](int jt, float v) {  // buffer jt&1 was last read in softmax(jt-2): every thread is past it
+      if (tw < BC) s_bias[(jt & 1) * BC + tw] = v;
+      named_bar_sync(1 + cw, 128);
+    };
     static_assert(BC / 2 <= 64, "bool mask bits");
-    float mv[MM == kAddMask ? BC / 4 : 1];
     std::uint32_t mb[2] = {0u, 0u};
+    float kp_next = 0.f;
 
     float acc[D / 2];
 #pragma unroll
@@ -174,62 +190,61 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
 #pragma unroll
       for (int kk = 0; kk < BC / 16; ++kk) Ops::pv(acc, pa[kk], dv0 + ((kk * 16 * 128) >> 4));
     };
-    auto load_mask = [&](int jt) {
+    auto load_mask = [&](int jt) {  // issued before S_jt is ready
       const int n0 = jt * BC;
-      if (MM == kBoolMask) {
-        if (kp) {
-          std::uint32_t bits = 0u;
+      if (MM != kNoMask && kp) {
+        if (jt + 1 < n_tiles) kp_next = kp_fetch(jt + 1);
+      } else if (MM == kBoolMask) {
+        std::uint32_t bits[2] = {0u, 0u};
+        if (mask.sk == 1 && n0 + BC <= a.seq_kv) {  // contiguous keys inside the sequence: one base per row
+          const unsigned char* r0 = mask.row_bytes(min(m0 + row0, a.seq_q - 1)) + n0 + t * 2;
+          const unsigned char* r1 = mask.row_bytes(min(m0 + row0 + 8, a.seq_q - 1)) + n0 + t * 2;
 #pragma unroll
-          for (int i = 0; i < BC / 4; ++i) {
-            const int col = n0 + (i >> 1) * 8 + t * 2 + (i & 1);
-            if (col < a.seq_kv && mask.keep(0, col)) bits |= 1u << i;
+          for (int e = 0; e < BC / 2; ++e) {
+            const unsigned char* r = ((e >> 1) & 1) ? r1 : r0;
+            if (__ldg(r + (e >> 2) * 8 + (e & 1)) != 0) bits[e >> 5] |= 1u << (e & 31);
           }
-          mb[0] = bits;
         } else {
-          std::uint32_t bits[2] = {0u, 0u};
 #pragma unroll
           for (int e = 0; e < BC / 2; ++e) {
             const int row = min(m0 + row0 + ((e >> 1) & 1) * 8, a.seq_q - 1);
             const int col = n0 + (e >> 2) * 8 + t * 2 + (e & 1);
             if (col < a.seq_kv && mask.keep(row, col)) bits[e >> 5] |= 1u << (e & 31);
           }
-          mb[0] = bits[0];
-          mb[1] = bits[1];
         }
-      } else if (MM == kAddMask && kp) {
-#pragma unroll
-        for (int i = 0; i < BC / 4; ++i) {
-          const int col = n0 + (i >> 1) * 8 + t * 2 + (i & 1);
-          mv[i] = col < a.seq_kv ? mask.at(0, col) : -INFINITY;
-        }
+        mb[0] = bits[0];
+        mb[1] = bits[1];
       }
     };
     auto softmax = [&](int jt, float (&al)[2]) {
       const int n0 = jt * BC;
-      if (MM == kBoolMask) {  // every tile: bits from load_mask (sequence end included), causal diagonal
+      if (MM != kNoMask && kp) {  // bias row of this tile (sequence end included), causal diagonal
+        const float* bias = s_bias + (jt & 1) * BC;
+#pragma unroll
+        for (int j = 0; j < BC / 8; ++j) {
+          const float2 bb = *reinterpret_cast<const float2*>(bias + j * 8 + t * 2);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int e = 4 * j + i;
+            const int row = m0 + row0 + ((e >> 1) & 1) * 8;
+            const int col = n0 + (e >> 2) * 8 + t * 2 + (e & 1);
+            s[e] = (CAUSAL && col > row) ? -INFINITY : fmaf(s[e], a.scale, (e & 1) ? bb.y : bb.x);
+          }
+        }
+      } else if (MM == kBoolMask) {  // every tile: bits from load_mask (sequence end included), causal diagonal
 #pragma unroll
         for (int e = 0; e < BC / 2; ++e) {
           const int row = m0 + row0 + ((e >> 1) & 1) * 8;
           const int col = n0 + (e >> 2) * 8 + t * 2 + (e & 1);
-          const int bit = kp ? (e >> 2) * 2 + (e & 1) : e;
-          const bool keep = ((mb[bit >> 5] >> (bit & 31)) & 1u) != 0u && !(CAUSAL && col > row);
+          const bool keep = ((mb[e >> 5] >> (e & 31)) & 1u) != 0u && !(CAUSAL && col > row);
           s[e] = keep ? s[e] * a.scale : -INFINITY;
         }
       } else if (MM == kAddMask) {  // every tile: scale, add the mask, cut at the sequence end / causal diagonal
-        if (kp) {
 #pragma unroll
-          for (int e = 0; e < BC / 2; ++e) {
-            const int row = m0 + row0 + ((e >> 1) & 1) * 8;
-            const int col = n0 + (e >> 2) * 8 + t * 2 + (e & 1);
-            s[e] = (CAUSAL && col > row) ? -INFINITY : fmaf(s[e], a.scale, mv[(e >> 2) * 2 + (e & 1)]);
-          }
-        } else {
-#pragma unroll
-          for (int e = 0; e < BC / 2; ++e) {
-            const int row = m0 + row0 + ((e >> 1) & 1) * 8;
-            const int col = n0 + (e >> 2) * 8 + t * 2 + (e & 1);
-            s[e] = mask.template apply<CAUSAL>(s[e], a.scale, row, col, a.seq_q, a.seq_kv);
-          }
+        for (int e = 0; e < BC / 2; ++e) {
+          const int row = m0 + row0 + ((e >> 1) & 1) * 8;
+          const int col = n0 + (e >> 2) * 8 + t * 2 + (e & 1);
+          s[e] = mask.template apply<CAUSAL>(s[e], a.scale, row, col, a.seq_q, a.seq_kv);
         }
       } else if (n0 + BC > a.seq_kv || (CAUSAL && n0 + BC - 1 > m0 + cw * 64)) {
 #pragma unroll
@@ -274,6 +289,7 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
       __syncwarp();
       if (lane == 0) mbar_arrive(bar);
     };
+    if (MM != kNoMask && kp) kp_publish(0, kp_fetch(0));
     mbar_wait(q_full, 0);
     mbar_wait(k_full(0), 0);
     wg_fence();
@@ -288,6 +304,7 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
       softmax(0, al);  // O is zero: no rescale needed
     }
     pack_p();
+    if (MM != kNoMask && kp && n_tiles > 1) kp_publish(1, kp_next);
 
     for (int jt = 1; jt < n_tiles; ++jt) {
       const int st = jt % STAGES, ps = (jt - 1) % STAGES;
@@ -317,6 +334,7 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
           acc[4 * j + 2 * r + 1] *= al[r];
         }
       pack_p();
+      if (MM != kNoMask && kp && jt + 1 < n_tiles) kp_publish(jt + 1, kp_next);
     }
     const int ls = (n_tiles - 1) % STAGES;
     mbar_wait(v_full(ls), ((n_tiles - 1) / STAGES) & 1);
@@ -358,10 +376,11 @@ cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, cudaStream_t strea
       !make_map(&tv, a.v, bf16, d, a.seq_kv, heads_kv, batch, a.v_ss, a.v_sh, a.v_sb, BC))
     return cudaErrorNotSupported;
   auto kern = flash_fwd_ws<T, D, BC, NC, STAGES, CAUSAL, MM>;
-  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
+  constexpr int smem = MM == kNoMask ? C::SMEM : C::SMEM_MASKED;
+  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;
   dim3 grid((a.seq_q + C::BR - 1) / C::BR, heads, batch);
-  kern<<<grid, C::NT, C::SMEM, stream>>>(a, tq, tk, tv);
+  kern<<<grid, C::NT, smem, stream>>>(a, tq, tk, tv);
   return cudaGetLastError();
 }
 
