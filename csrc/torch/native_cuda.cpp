@@ -61,27 +61,32 @@ bool prefers_native(const CallSignature& c) {
 }
 
 AttentionResult native_cuda(const AttentionCall& call) {
-  TORCH_CHECK_VALUE(!call.return_lse, "attnsel.attention: the native CUDA kernel does not return the log-sum-exp yet");
   c10::cuda::CUDAGuard guard(call.q.device());
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   at::Tensor out = at::empty({call.q.size(0), call.q.size(1), call.q.size(2), call.v.size(3)}, call.q.options());
-  if (out.numel() == 0) return {out, {}};
+  // Log-sum-exp, [B, Hq, Sq] fp32 (the kernels write it in the epilogue; -inf for rows that see no key).
+  at::Tensor lse = call.return_lse
+                       ? at::empty({call.q.size(0), call.q.size(1), call.q.size(2)}, call.q.options().dtype(at::kFloat))
+                       : at::Tensor();
+  if (out.numel() == 0) return {out, lse};
   kernels::AttentionParams p = make_params(call, out);
+  if (lse.defined()) p.lse = lse.data_ptr<float>();
   std::string why = cuda::refusal(p, prop->major, prop->minor);
-  if (!why.empty() && !call.mask) {
+  if (!why.empty()) {
     // Layouts the kernel cannot stream (inner stride != 1, unaligned rows): run on contiguous copies.
     const at::Tensor q = call.q.contiguous(), k = call.k.contiguous(), v = call.v.contiguous();
     AttentionCall packed{q, k, v, call.mask, call.causal, call.scale, call.return_lse};
     kernels::AttentionParams pp = make_params(packed, out);
+    pp.lse = p.lse;
     if (cuda::refusal(pp, prop->major, prop->minor).empty()) {
       cuda::attention_forward(pp, at::cuda::getCurrentCUDAStream().stream());
-      return {out, {}};
+      return {out, lse};
     }
   }
   TORCH_CHECK_VALUE(why.empty(), "attnsel.attention: the native CUDA kernel cannot run this input: ", why,
-                    " (use torch_sdpa for masks and other head sizes)");
+                    " (torch_sdpa runs it)");
   cuda::attention_forward(p, at::cuda::getCurrentCUDAStream().stream());
-  return {out, {}};
+  return {out, lse};
 }
 
 }  // namespace
