@@ -55,9 +55,11 @@ std::string call_check(const CallSignature& c) {
 }
 
 // Where `auto` without a tuning entry tries native ahead of PyTorch SDPA: head sizes PyTorch's fast kernels refuse,
-// and where the kernel layer measured it faster.
+// masked calls (1.01-2.0x PyTorch's best masked kernel on the H200, benchmarks/results/cuda_h200.json), and where
+// the kernel layer measured it faster.
 bool prefers_native(const CallSignature& c) {
-  return at::cuda::device_count() > 0 && (c.head_dim > 256 || cuda::faster_than_sdpa(signature_params(c)));
+  return at::cuda::device_count() > 0 &&
+         (c.head_dim > 256 || c.mask != MaskKind::None || cuda::faster_than_sdpa(signature_params(c)));
 }
 
 AttentionResult native_cuda(const AttentionCall& call) {
@@ -97,11 +99,13 @@ void register_native_cuda() {
   d.backend = BackendId::NATIVE;
   d.device = DeviceType::CUDA;
   d.f16 = d.bf16 = true;
-  d.max_head = 512;
+  d.min_head = 8;
+  d.max_head = 512;  // multiples of 8 up to 256, and 512: the kernel's own check (call_check) says which
   d.min_sm = 80;
   d.library = "attnsel's fused CUDA kernel";
   Features& f = d.features;
-  f.causal = f.causal_any_lengths = f.grouped_query = f.different_lengths = f.deterministic = true;
+  f.bool_mask = f.additive_mask = f.causal = f.causal_any_lengths = f.grouped_query = true;
+  f.different_lengths = f.lse = f.deterministic = true;
   d.check = &call_check;
   d.auto_rank = 40;        // behind torch_sdpa ...
   d.prefers = &prefers_native;

@@ -63,7 +63,7 @@ __device__ __forceinline__ void fence_frag(std::uint32_t (&r)[N][4]) {
 // wgmma reads), completion counted on mbarriers. Warpgroups 1..NC consume, 64 query rows each, with no
 // block-wide barrier in the loop. Within a warpgroup, S_j = Q·K_j^T and O += P_{j-1}·V_{j-1} are issued back
 // to back and the softmax of S_j overlaps the P·V. (Consumers taking turns through named barriers, FA3's
-// "ping-pong", measured within +-3% and was removed: tools/cuda_dev/NOTES.md.)
+// "ping-pong", measured within +-3% and was removed: docs/cuda-kernels.md.)
 template <int D, int BC, int NC, int STAGES>
 struct WsCfg {
   static constexpr int BR = 64 * NC, NT = 128 * (NC + 1);
@@ -384,7 +384,7 @@ cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, cudaStream_t strea
   return cudaGetLastError();
 }
 
-// Default tiles per padded head size; variants 16.. are alternatives kept for tuning (tools/cuda_dev), unmasked only.
+// Default tiles per padded head size; variants 16.. are alternatives kept for tuning (docs/cuda-kernels.md), unmasked only.
 template <typename T, bool C, int D>
 cudaError_t run_t(const FwdArgs& a, int batch, int heads, int mask_mode, int variant, cudaStream_t s) {
   constexpr int BC = D == 256 ? 80 : 128;  // 256: 80-key tiles, 3-7% over 64 (H200); two K/V stages fill 225 KB
