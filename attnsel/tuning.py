@@ -607,7 +607,10 @@ def tune_shape(shape: Shape, reps: int = 20, progress: Callable[[str], None] | N
     if shape.device_type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"shape {shape.label()} is on {shape.device}, but no CUDA GPU is visible here")
     sig = shape.signature()
-    q, k, v, mask = make_inputs(shape)
+    try:
+        q, k, v, mask = make_inputs(shape)
+    except torch.OutOfMemoryError as err:
+        raise ValueError(f"shape {shape.label()}: its inputs do not fit in {shape.device} memory ({err})") from None
     try:
         results = measure(sig, q, k, v, mask, shape.causal, reps=reps, progress=progress)
     finally:

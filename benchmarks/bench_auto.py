@@ -29,7 +29,7 @@ def parse_args():
     ap.add_argument("--reps", type=int, default=10, help="timed rounds per shape, at least (default %(default)s; "
                                                          "more for fast calls, to fill --budget)")
     ap.add_argument("--tune-reps", type=int, default=20, help="timed calls per backend while tuning")
-    ap.add_argument("--budget", type=float, default=3.0, help="seconds of timed calls per shape, at most")
+    ap.add_argument("--budget", type=float, default=2.0, help="seconds of timed calls per shape, at most")
     ap.add_argument("--cache-dir", default=None, help="tuning cache directory (default: a fresh temporary one)")
     ap.add_argument("--no-tune", action="store_true", help="use the table in --cache-dir as it is")
     ap.add_argument("--names", default="", help="comma list of preset shape names to keep (default all)")
