@@ -338,3 +338,29 @@ def test_online_tuning_in_process_measures_an_unseen_bucket_once():
     attnsel.attention(q, k, v)  # the bucket is known now: no second measurement
     assert json.loads(cpu_path().read_text())["entries"][bucket]["measured_at"] == first
     assert len(tuning.entries("cpu")) == 1
+
+
+def test_explain_plans_preset_shapes_without_running_them(capsys):
+    code, out, _ = run_main(capsys, "explain", "--preset", "diffusion", "--device", "cuda")
+    assert code == 0
+    plans = [l for l in out.splitlines() if l.startswith("  ")]
+    assert len(plans) == len(tuning.preset("diffusion", "cuda"))
+    assert all("measured: none" in l for l in plans)  # nothing tuned in this test's table
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", [
+    tuning.Shape(1, 4, 300, 300, 64, "bfloat16", device="cuda"),
+    tuning.Shape(2, 4, 256, 77, 128, "float16", device="cuda", mask="key_padding"),
+    tuning.Shape(1, 4, 200, 200, 64, "bfloat16", device="cuda", causal=True),
+])
+def test_cuda_backends_agree_and_auto_takes_the_winner(shape):
+    (_, bucket, entry), = tuning.tune([shape], reps=5)[0]
+    refused = {n: r["refused"] for n, r in entry["results"].items() if "refused" in r}
+    # A backend the descriptors let through must run and agree (sage quantises: it may legitimately disagree).
+    broken = {n: why for n, why in refused.items()
+              if not n.startswith("sage") and ("disagrees" in why or "raised" in why)}
+    assert not broken, broken
+    assert "ms" in entry["results"]["torch_sdpa"]
+    q, k, v, mask = tuning.make_inputs(shape)
+    assert explain_call(q, k, v, attn_mask=mask, is_causal=shape.causal).backend == Backend[entry["winner"].upper()]
