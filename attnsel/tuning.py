@@ -402,6 +402,7 @@ def save(device: str, new_entries: dict[str, dict]) -> Path | None:
                     f.write("\n")
                     f.flush()
                     os.fsync(f.fileno())
+                os.chmod(tmp, 0o644)  # mkstemp makes it private; the table is as readable as any cache file
                 os.replace(tmp, path)
             except BaseException:
                 with contextlib.suppress(OSError):
