@@ -439,7 +439,8 @@ def _explain_shapes(ns: argparse.Namespace, config, out: TextIO) -> int:
         except ValueError as err:
             plan, reasons = f"cannot run: {_one_line(err)}", []
         entry = _C.tuning_entry(sig.bucket())
-        times = "none" if entry is None else ", ".join(f"{Backend(i)} {ms:.4g}" for i, ms in sorted(entry, key=lambda e: e[1]))
+        times = "none" if entry is None else \
+            ", ".join(f"{Backend(i)} {ms:.4g}" for i, ms in sorted(entry, key=lambda e: e[1]))
         print(f"  {shape.label():<{width}}  {plan}; measured: {times}", file=out)
         if ns.reasons:
             for reason in reasons:
