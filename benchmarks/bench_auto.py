@@ -4,6 +4,8 @@ an untuned neighbour of each (lengths changed, same tuning bucket), in one run.
   python benchmarks/bench_auto.py --out benchmarks/results/auto_h200.json            # diffusion preset on the GPU
   python benchmarks/bench_auto.py --device cpu --out /tmp/auto_cpu.json               # the small CPU preset
 
+On an H200 the whole diffusion preset (36 shapes, 72 rows) takes several minutes; `--dtypes bfloat16` halves it.
+
 Tuning goes to a fresh temporary cache directory (not the user's table) unless --cache-dir is given; --no-tune
 then benchmarks against the table already there. Timing: per shape, `auto` and every backend that accepts the call
 are warmed up, then timed in interleaved rounds (CUDA events on the GPU, perf_counter on the CPU; at least --reps
@@ -33,6 +35,7 @@ def parse_args():
     ap.add_argument("--cache-dir", default=None, help="tuning cache directory (default: a fresh temporary one)")
     ap.add_argument("--no-tune", action="store_true", help="use the table in --cache-dir as it is")
     ap.add_argument("--names", default="", help="comma list of preset shape names to keep (default all)")
+    ap.add_argument("--dtypes", default="", help="comma list of dtypes to keep, e.g. bfloat16 (default all)")
     ap.add_argument("--out", default=None, help="JSON file to write")
     return ap.parse_args()
 
@@ -55,7 +58,7 @@ from attnsel.selection import explain_call  # noqa: E402
 def neighbour(shape):
     """The same call with lengths moved inside their tuning bucket (None when no nearby length stays in it)."""
     bucket = shape.signature().bucket()
-    for factor in (0.9, 0.95, 0.85, 0.8, 0.75, 0.7):
+    for factor in (0.9, 1.1, 0.95, 1.05, 0.85, 1.2, 0.8, 0.75, 0.7):
         q_len = max(1, round(shape.q_len * factor))
         kv_len = shape.kv_len if shape.kv_len != shape.q_len else q_len
         if (q_len, kv_len) == (shape.q_len, shape.kv_len):
@@ -171,6 +174,9 @@ def main():
     if ARGS.names:
         keep = set(ARGS.names.split(","))
         shapes = [s for s in shapes if s.name in keep]
+    if ARGS.dtypes:
+        keep = set(ARGS.dtypes.split(","))
+        shapes = [s for s in shapes if s.dtype in keep]
     start = time.perf_counter()
     if not ARGS.no_tune:
         def progress(i, shape, name):
