@@ -509,7 +509,6 @@ class _Timer:
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.pending: list = []
 
     def time(self, fn: Callable[[], object]):
         if self.cuda:
@@ -517,7 +516,6 @@ class _Timer:
             start.record()
             fn()
             end.record()
-            self.pending.append((start, end))
             return lambda s=start, e=end: s.elapsed_time(e)
         t0 = time.perf_counter()
         fn()
@@ -664,7 +662,7 @@ _TUNING = threading.local()  # guards against tuning from inside a tuning measur
 
 
 def _autotune_hook(q, k, v, attn_mask, is_causal, scale, backend) -> None:
-    if backend != _ops.AUTO or getattr(_TUNING, "active", False):
+    if backend != _ops.AUTO or getattr(_TUNING, "active", False) or q.numel() == 0 or k.numel() == 0:
         return
     if q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return  # a CUDA graph being captured must not see timing calls
