@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .backends import Backend
-from .ops import _OP, AUTO
+from .ops import _OP, AUTO, CALL_HOOKS, _call_hooks
 from .selection import Explanation, explain_attn_backend
 
 
@@ -63,6 +63,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         if q.shape[-1] != self.head_dim:
             raise ValueError(f"attnsel.nn.Attention: built for head_dim {self.head_dim}, got q of shape {tuple(q.shape)}")
+        if CALL_HOOKS:
+            _call_hooks(q, k, v, attn_mask, is_causal, self.scale, self._op_backend)
         return _OP(q, k, v, attn_mask, is_causal, self.scale, self._op_backend)[0]
 
     def extra_repr(self) -> str:
