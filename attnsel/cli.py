@@ -241,9 +241,14 @@ COMMANDS = {"run": cmd_run, "backends": cmd_backends, "explain": cmd_explain}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `attnsel` command; returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Entry point of the `attnsel` command; returns the exit code (0 ok, 2 usage/config error, 1 I/O failure).
+
+    Errors are one line on stderr, never a traceback.
+    """
     try:
+        from .config import check_argv
+
+        argv = check_argv(sys.argv[1:] if argv is None else argv)
         parser = build_parser()
         try:
             ns = parser.parse_args(argv)
@@ -252,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as err:  # the config's flag rewriter reports through ValueError
             raise UsageError(str(err)) from None
         return COMMANDS[ns.command](ns, sys.stdout)
-    except SystemExit as exc:  # --help
+    except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else 0
     except (UsageError, ValueError) as err:
         print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)

@@ -147,10 +147,11 @@ def _resolve_factory(factory: Any) -> Callable[..., Any]:
 
 def native_factory(component_name: str) -> Callable[..., Any]:
     """The embedded model for a component name; `text_encoder_2` builds another `text_encoder`."""
+    from .config import numbered_component_base
     from .models import NATIVE_COMPONENTS
 
     name = component_name.replace("-", "_")
-    base = re.sub(r"_\d+$", "", name)
+    base = numbered_component_base(name) or name
     if base not in NATIVE_COMPONENTS:
         raise ValueError(
             f"no embedded model for component {component_name!r}; embedded components: {', '.join(NATIVE_COMPONENTS)}"

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from .backends import Backend
+from .config import numbered_component_base
 from .loader import ComponentLoader, LoadedComponent, attention_layers, using_config
 from .selection import cuda_unavailable_reason
 
@@ -257,7 +258,7 @@ class ComposedPipeline:
             self.load_modules()
         for record in self.records.values():
             record.run_seconds = 0.0
-        encoders = [(n, m) for n, m in self.modules.items() if n == "text_encoder" or n.startswith("text_encoder_")]
+        encoders = [(n, m) for n, m in self.modules.items() if (numbered_component_base(n) or n) == "text_encoder"]
         if not encoders:
             raise ValueError(f"the pipeline has no text encoder (components: {', '.join(self.component_names)})")
         transformer, vae = self._require("transformer"), self._require("vae")

@@ -14,7 +14,10 @@ from attnsel.config import (
     ENV_ATTENTION_BACKEND,
     ENV_COMPONENT_ATTENTION_BACKENDS,
     AttentionConfig,
+    HelpRequested,
+    ROLES,
     get_config,
+    numbered_component_base,
     parse_component_backends,
     set_config,
 )
@@ -61,7 +64,7 @@ def test_component_lookup():
     # _2 falls back to the base name; no other suffix does
     assert cfg.resolve_component_backend("text_encoder_2") == (Backend.FA, "text_encoder")
     assert cfg.resolve_component_backend("text-encoder-2") == (Backend.FA, "text_encoder")
-    assert cfg.resolve_component_backend("text_encoder_3") == (None, None)
+    assert cfg.resolve_component_backend("text_encoder_3") == (Backend.FA, "text_encoder")  # SD3's third encoder
     # first name that matches wins; None names are skipped
     assert cfg.resolve_component_backend(None, "unknown", "vae", "text_encoder") == (Backend.TORCH_SDPA, "vae")
     assert cfg.resolve_component_backend("text_encoder", "vae") == (Backend.FA, "text_encoder")
@@ -102,6 +105,116 @@ def test_dynamic_dotted_cli_args():
     # a dotted value that looks like a list or JSON is kept whole, not split
     with pytest.raises(ValueError, match="unknown attention backend 'fa,vae=fa2'"):
         AttentionConfig.from_cli(["--component-attention-backends.dit=fa,vae=fa2"])
+
+
+# ---- roles ---------------------------------------------------------------------------------------------------
+
+ROLE_CONFIG = {"transformer": "fa2", "transformer.self": "fa", "transformer.cross": "torch_sdpa",
+               "text_encoder": "native", "text_encoder.cross": "sdpa_math", "vae.self": "fa"}
+
+
+def test_roles_resolve_in_order():
+    cfg = AttentionConfig(component_attention_backends=ROLE_CONFIG)
+    assert ROLES == ("cross", "self")
+    # component.role > component
+    assert cfg.resolve("transformer", "self") == (Backend.FA, "transformer.self")
+    assert cfg.resolve("transformer", "cross") == (Backend.TORCH_SDPA, "transformer.cross")
+    assert cfg.resolve("transformer") == (Backend.FA2, "transformer")
+    assert cfg.resolve(" transformer ", " CROSS ") == (Backend.TORCH_SDPA, "transformer.cross")
+    # a role key alone does not serve role-less or other-role layers
+    assert cfg.resolve("vae", "self") == (Backend.FA, "vae.self")
+    assert cfg.resolve("vae", "cross") == (None, None)
+    assert cfg.resolve("vae") == (None, None)
+    # numbered components: component.role > component > base.role > base
+    assert cfg.resolve("text_encoder_2", "cross") == (Backend.SDPA_MATH, "text_encoder.cross")
+    assert cfg.resolve("text-encoder-2", "self") == (Backend.NATIVE, "text_encoder")
+    both = AttentionConfig(component_attention_backends={"text_encoder_2": "fa2", "text_encoder.cross": "fa"})
+    assert both.resolve("text_encoder_2", "cross") == (Backend.FA2, "text_encoder_2")
+    assert both.resolve("text_encoder_2", "self") == (Backend.FA2, "text_encoder_2")
+    assert both.resolve("text_encoder", "cross") == (Backend.FA, "text_encoder.cross")
+    assert cfg.resolve("unet", "self") == (None, None)
+    # the role-less lookup used by the loader
+    assert cfg.resolve_component_backend(None, " ", "unet", "transformer") == (Backend.FA2, "transformer")
+
+
+@pytest.mark.parametrize(
+    "component, role, message",
+    [
+        ("transformer", "selfish", "role 'selfish' not in \\['cross', 'self'\\]"),
+        ("transformer", "", "role '' not in"),
+        ("transformer", 1, "role must be a string"),
+        ("transformer.cross", None, "without '.'"),
+        (None, None, "must be a string"),
+        ("  ", None, "must not be empty"),
+    ],
+)
+def test_resolve_errors(component, role, message):
+    with pytest.raises(ValueError, match=message):
+        AttentionConfig(component_attention_backends=ROLE_CONFIG).resolve(component, role)
+
+
+def test_component_keys():
+    cfg = AttentionConfig(component_attention_backends="Transformer.Cross=fa, text-encoder=fa2 ,vae . SELF=fa")
+    assert cfg.component_attention_backends == {"Transformer.cross": "fa", "text_encoder": "fa2", "vae.self": "fa"}
+    assert cfg.component_keys() == [("Transformer", "cross"), ("text_encoder", None), ("vae", "self")]
+    assert AttentionConfig().component_keys() == []
+
+
+def test_numbered_component_base():
+    assert numbered_component_base("text_encoder_2") == "text_encoder"
+    assert numbered_component_base("text_encoder_10") == "text_encoder"
+    assert numbered_component_base("a_2_3") == "a_2"
+    for name in ("text_encoder", "_2", "vae2", "text_encoder_x"):
+        assert numbered_component_base(name) is None
+
+
+def test_roles_in_every_form(tmp_path, monkeypatch):
+    expected = {"transformer.self": "fa", "transformer.cross": "torch_sdpa", "vae": "fa2"}
+    forms = [
+        ["--component-attention-backends", "transformer.self=fa3,transformer.cross=torch_sdpa,vae=fa2"],
+        ["--component-attention-backends", json.dumps({"transformer.self": "fa", "transformer": {"cross": "torch_sdpa"},
+                                                        "vae": "fa2"})],
+        ["--component-attention-backends.transformer.self", "fa", "--component-attention-backends.transformer.cross=torch_sdpa",
+         "--component-attention-backends.vae", "fa2"],
+        ["--component_attention_backends.transformer.self", "fa", "--component_attention_backends.transformer.cross=torch_sdpa",
+         "--component_attention_backends=vae=fa2"],
+        ["--config", write(tmp_path, "roles.toml", '[component_attention_backends]\nvae = "fa2"\n'
+                           '[component_attention_backends.transformer]\nself = "fa"\ncross = "torch_sdpa"\n')],
+        ["--config", write(tmp_path, "dotted.toml", '[component_attention_backends]\n"transformer.self" = "fa"\n'
+                           'transformer.cross = "torch_sdpa"\nvae = "fa2"\n')],
+        ["--config", write(tmp_path, "roles.json", json.dumps({"component_attention_backends": expected}))],
+    ]
+    for argv in forms:
+        assert AttentionConfig.from_cli(argv).component_attention_backends == expected, argv
+    monkeypatch.setenv(ENV_COMPONENT_ATTENTION_BACKENDS, "transformer.self=fa,transformer.cross=torch_sdpa,vae=fa2")
+    assert AttentionConfig.from_cli([]).component_attention_backends == expected
+    assert AttentionConfig.from_cli(["--attention_backend", "fa2"]).attention_backend == "fa2"
+    assert AttentionConfig.from_cli(["--attention_backend=fa2"]).attention_backend == "fa2"
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("transformer.selfish=fa", "component key 'transformer.selfish': role 'selfish' not in ['cross', 'self']"),
+        ("transformer.=fa", "role '' not in ['cross', 'self']"),
+        ("transformer.self.x=fa", "role 'self.x' not in"),
+        (".self=fa", "key must not be empty"),
+        ("transformer.self=fa,Transformer.self=fa", None),  # case of the component is kept: two keys
+        ("transformer.self=fa,transformer.SELF=fa2", "component 'transformer.self' is given twice"),
+        ({"transformer": {"self": "fa"}, "transformer.self": "fa"}, "'transformer.self' is given twice"),
+        ({"transformer.self": {"cross": "fa"}}, "already names a role"),
+        ({"transformer": {"self": {"x": "fa"}}}, "component 'transformer.self': attention backend name must be a string"),
+        ({"transformer": {1: "fa"}}, "role must be a string"),
+        ({"transformer": {"middle": "fa"}}, "component key 'transformer.middle': role 'middle' not in"),
+    ],
+)
+def test_role_errors(value, message):
+    if message is None:
+        assert len(parse_component_backends(value)) == 2
+        return
+    with pytest.raises(ValueError, match=message.replace("[", "\\[").replace("(", "\\(")) as info:
+        parse_component_backends(value)
+    assert "\n" not in str(info.value)
 
 
 # ---- parse_component_backends ---------------------------------------------------------------------------------
@@ -146,7 +259,7 @@ def test_parse_component_backends_forms(value, expected):
         ('"vae=fa"', "must be an object"),
         ('{"vae": ', "invalid JSON"),
         ('{"vae": null}', "component 'vae': attention backend name must be a string"),
-        ('{"vae": {"x": "fa"}}', "component 'vae'"),
+        ('{"vae": {"x": "fa"}}', "component key 'vae.x': role 'x' not in ['cross', 'self']"),
         ("vae=", "component 'vae': unknown attention backend ''"),
         ("vae=bogus", "component 'vae': unknown attention backend 'bogus'; valid options"),
         ({3: "fa"}, "key must be a string"),
