@@ -54,7 +54,7 @@ def build_parser() -> _Parser:
                          description="Run the embedded tiny pipeline (text encoder, DiT, VAE) and write a PNG.")
     run.add_argument("--prompt", default="a tiny red fox", help="text prompt (default: %(default)r)")
     run.add_argument("--steps", type=_positive_int, default=4, help="denoising steps (default: %(default)s)")
-    run.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
+    run.add_argument("--seed", type=_seed, default=0, help="noise seed (default: %(default)s)")
     run.add_argument("--output", "-o", default="out.png", help="PNG file to write (default: %(default)s)")
     _add_placement_args(run)
     AttentionConfig.add_cli_args(run)
@@ -121,6 +121,17 @@ def _positive_int(value: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def _seed(value: str) -> int:
+    # The range torch.Generator.manual_seed takes (beyond it torch raises a RuntimeError-like overflow error).
+    try:
+        n = int(value)
+    except ValueError:
+        n = None
+    if n is None or not -(2 ** 63) <= n < 2 ** 64:
+        raise argparse.ArgumentTypeError(f"expected an integer that fits 64 bits, got {value!r}")
     return n
 
 

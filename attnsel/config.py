@@ -162,7 +162,7 @@ def _normalize_entries(pairs: Iterable[tuple[object, object]]) -> dict[str, str]
                 f"component {normalized!r} is given twice: as {_short(spelled[normalized])} and as {_short(key)}"
             )
         try:
-            result[normalized] = normalize_backend_name(value)
+            result[normalized] = _backend_name(value)
         except ValueError as err:
             raise ValueError(f"component {_short(key)}: {err}") from None
         spelled[normalized] = key
@@ -232,10 +232,14 @@ def parse_component_backends(value: object) -> dict[str, str]:
     return _normalize_entries(pairs)
 
 
-def _normalize_global(value: object) -> str | None:
-    if value is None:
-        return None
+def _backend_name(value: object) -> str:
+    if not isinstance(value, (str, Backend)):  # checked here so that the error quotes a bounded repr
+        raise ValueError(f"attention backend name must be a string, got {type(value).__name__}: {_short(value)}")
     return normalize_backend_name(value)
+
+
+def _normalize_global(value: object) -> str | None:
+    return None if value is None else _backend_name(value)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import pytest
 
@@ -561,3 +562,87 @@ def test_user_parser_without_exit_on_error_raises_argument_error():
     with pytest.raises(argparse.ArgumentError, match="component 'vae': unknown attention backend"):
         parser.parse_args(["--component-attention-backends.vae=nope"])
     assert parser.parse_args(["--component-attention-backends.vae=fa3"]).component_attention_backends == {"vae": "fa"}
+
+
+# ---- issue 13: every bad input is a ValueError with one line, and the API never exits --------------------------
+
+
+def test_help_does_not_exit():
+    for flag in ("-h", "--help"):
+        with pytest.raises(HelpRequested) as info:
+            AttentionConfig.from_cli(["--attention-backend", "fa", flag])
+        assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
+        assert "--component-attention-backends" in info.value.help and "--config" in info.value.help
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([None], "argv[0] must be a string, got NoneType"),
+    (["--attention-backend", 3], "argv[1] must be a string, got int"),
+    ([b"--attention-backend"], "argv[0] must be a string, got bytes"),
+    ("--attention-backend fa", "argv must be a list of strings, not one str"),
+    (7, "argv must be a list of strings, got int"),
+])
+def test_non_string_argv_is_value_error(argv, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        AttentionConfig.from_cli(argv)
+
+
+@pytest.mark.parametrize("value", [
+    "[" * 1200,
+    '{"a":' * 1200,
+    '{"vae": ' + "[" * 1200,
+    json.dumps({"vae": "fa"})[:-1] + ', "x": ' + "[" * 5000 + "]" * 5000 + "}",
+])
+def test_deep_json_value_is_value_error(value):
+    with pytest.raises(ValueError) as info:
+        parse_component_backends(value)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 1000
+    with pytest.raises(ValueError):
+        AttentionConfig.from_cli(["--component-attention-backends", value])
+
+
+@pytest.mark.parametrize("name, text", [
+    ("deep.json", "[" * 1200),
+    ("deep.toml", "d = " + "[" * 1200),
+    ("deep_inline.toml", "component_attention_backends = " + "{a = " * 1200),
+    ("deep_value.json", '{"component_attention_backends": {"vae": ' + "[" * 900 + "]" * 900 + "}}"),
+])
+def test_deep_config_file_is_value_error(tmp_path, name, text):
+    path = write(tmp_path, name, text)
+    with pytest.raises(ValueError, match=f"config file '.*{name}'") as info:
+        AttentionConfig.from_cli(["--config", path])
+    assert "\n" not in str(info.value) and len(str(info.value)) < 1000
+
+
+@pytest.mark.parametrize("value, message", [
+    (0, "--config: expected a file path, got int: 0"),
+    (1.5, "expected a file path, got float"),
+    (["a.toml"], "expected a file path, got list"),
+    ("nul\0byte.toml", "cannot read: embedded null byte"),
+    ("", "cannot read"),
+    ("/dev/zero", "larger than 1048576 bytes"),
+])
+def test_bad_config_values_are_value_errors(value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        AttentionConfig.from_cli_args(argparse.Namespace(config=value))
+
+
+def test_config_path_forms(tmp_path):
+    path = write(tmp_path, "a.json", '{"attention_backend": "fa2"}')
+    from pathlib import Path
+
+    for value in (path, Path(path), path.encode()):
+        assert AttentionConfig.from_cli_args(argparse.Namespace(config=value)).attention_backend == "fa2"
+    binary = tmp_path / "bin.json"
+    binary.write_bytes(b'{"attention_backend": "\xff"}')
+    with pytest.raises(ValueError, match="bin.json': not UTF-8 text"):
+        AttentionConfig.from_cli(["--config", str(binary)])
+
+
+def test_huge_values_give_bounded_one_line_errors():
+    with pytest.raises(ValueError) as info:
+        parse_component_backends({"x" * 100000: ["nested"] * 100000})
+    assert len(str(info.value)) < 1000 and "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="entries must be 'component=backend'") as info:
+        parse_component_backends("v\nae" * 10000)
+    assert "\n" not in str(info.value)

@@ -1,6 +1,8 @@
 // Bridge to PyTorch's scaled_dot_product_attention (backend `torch_sdpa`, any device).
 #include <ATen/ATen.h>
 
+#include <limits>
+
 #include "dispatch.h"
 
 namespace attnsel::torch_glue {
@@ -12,8 +14,16 @@ AttentionResult torch_sdpa(const AttentionCall& call) {
   // SDPA takes bool masks or masks of the query's dtype.
   if (mask && mask->scalar_type() != at::kBool && mask->scalar_type() != call.q.scalar_type())
     mask = mask->to(call.q.scalar_type());
+  bool causal = call.causal;
+  if (mask && causal) {  // SDPA refuses a mask with is_causal (RuntimeError): fold the top-left triangle into it
+    const at::Tensor keep =
+        at::ones({call.q.size(2), call.k.size(2)}, call.q.options().dtype(at::kBool)).tril();
+    mask = mask->scalar_type() == at::kBool ? mask->logical_and(keep)
+                                            : mask->masked_fill(keep.logical_not(), -std::numeric_limits<double>::infinity());
+    causal = false;
+  }
   const bool gqa = call.q.size(1) != call.k.size(1);
-  return {at::scaled_dot_product_attention(call.q, call.k, call.v, mask, 0.0, call.causal, call.scale, gqa), {}};
+  return {at::scaled_dot_product_attention(call.q, call.k, call.v, mask, 0.0, causal, call.scale, gqa), {}};
 }
 
 }  // namespace

@@ -354,6 +354,13 @@ struct Kernel {
     if (r0 < rows) pv_tail<R - 1>(int(rows - r0), K, A + r0, lda, B, C + r0 * PW, alpha);
   }
 
+  // S[j * PW] *= cs for one vector column. Out of line on purpose: inlined, GCC's default -ffp-contract=fast may
+  // fuse this product with the later subtraction of the max into an fma, which keeps the residue it must drop.
+  __attribute__((noinline)) static void scale_column(float* S, i64 nk, float cs_scalar) {
+    const V cs = Is::set1(cs_scalar);
+    for (i64 j = 0; j < nk; ++j) Is::store(S + j * PW, Is::mul(Is::load(S + j * PW), cs));
+  }
+
   // Online softmax on one panel's score tile S[nk][PW], vertically: lane = query. Turns S into P in place;
   // updates m (running max, log2 units), l; writes the rescale factor of the old accumulator to alpha.
   // RAW: S holds raw q·k and cs = scale*log2(e) > 0; the exponent is then fma(s, cs, -max) with a single rounding
@@ -391,7 +398,17 @@ struct Kernel {
       const V mu = Is::select(Is::eq(mn, ninf), zero, mn);
       const V nmu = Is::sub(zero, mu);
       const V al = Is::template exp2<kExpDeg>(Is::sub(mo, mu));
-      auto arg = [&](V x) { return RAW ? Is::fma(x, cs, nmu) : Is::add(x, nmu); };
+      // The fma keeps the max's own rounding residue, up to half an ulp of mu: beyond 2^24 (scale * |q·k| of ~1e7,
+      // e.g. scale 1e10) that leaves exp2's range and zeroed or garbled the whole row. There, round the products
+      // first (in S), so the max's exponent is exactly 0 and every other one <= 0.
+      bool huge = false;
+      if constexpr (RAW) {
+        alignas(64) float mus[W];
+        Is::store(mus, mu);
+        for (int i = 0; i < W; ++i) huge |= std::fabs(mus[i]) >= 16777216.f;
+        if (huge) scale_column(S + v * W, nk, cs_scalar);
+      }
+      auto arg = [&](V x) { return RAW && !huge ? Is::fma(x, cs, nmu) : Is::add(x, nmu); };
       // One running sum, fed pairwise: two sums plus the exp constants spilled a sum to the stack (AVX2 has 16
       // registers), and the store/reload then set the pace of the loop.
       V sum = zero;
