@@ -174,7 +174,7 @@ def _unique_keys_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     seen: dict[str, Any] = {}
     for key, value in pairs:
         if key in seen:
-            raise ValueError(f"key {key!r} is given twice in a JSON object")
+            raise ValueError(f"key {_short(key)} is given twice in a JSON object")
         seen[key] = value
     return seen
 

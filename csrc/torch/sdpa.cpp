@@ -16,10 +16,9 @@ AttentionResult torch_sdpa(const AttentionCall& call) {
     mask = mask->to(call.q.scalar_type());
   bool causal = call.causal;
   if (mask && causal) {  // SDPA refuses a mask with is_causal (RuntimeError): fold the top-left triangle into it
-    const at::Tensor keep =
-        at::ones({call.q.size(2), call.k.size(2)}, call.q.options().dtype(at::kBool)).tril();
-    mask = mask->scalar_type() == at::kBool ? mask->logical_and(keep)
-                                            : mask->masked_fill(keep.logical_not(), -std::numeric_limits<double>::infinity());
+    const at::Tensor keep = at::ones({call.q.size(2), call.k.size(2)}, call.q.options().dtype(at::kBool)).tril();
+    const double hidden = -std::numeric_limits<double>::infinity();
+    mask = mask->scalar_type() == at::kBool ? mask->logical_and(keep) : mask->masked_fill(keep.logical_not(), hidden);
     causal = false;
   }
   const bool gqa = call.q.size(1) != call.k.size(1);
