@@ -5,8 +5,10 @@
     attnsel explain [backend flags]
 
 Backend flags (from `AttentionConfig.add_cli_args`): --attention-backend NAME, --component-attention-backends
-VALUE (string or JSON), --component-attention-backends.<component> NAME, --config FILE.
-Exit codes: 0 success; 2 usage or configuration error (one line on stderr); 1 I/O failure.
+VALUE (string or JSON; keys `component` or `component.role`), --component-attention-backends.<key> NAME,
+--config FILE; also spelled with underscores.
+Exit codes: 0 success (and -h); 2 usage or configuration error, for any argv (one line on stderr, never a
+traceback); 1 I/O failure writing the output.
 """
 
 from __future__ import annotations

@@ -186,7 +186,8 @@ def test_seed_range_is_torchs(tmp_path, capsys):
 
     assert _seed(str(-(2 ** 63))) == -(2 ** 63) and _seed("-1") == -1
     torch.Generator().manual_seed(-(2 ** 63))  # the lower end is torch's too
-    assert run_main(capsys, "run", "--steps", "1", "--seed", str(2 ** 64 - 1), "--output", str(tmp_path / "x.png"))[0] == 0
+    argv = ["run", "--steps", "1", "--seed", str(2 ** 64 - 1), "--output", str(tmp_path / "x.png")]
+    assert run_main(capsys, *argv)[0] == 0
 
 
 def test_underscore_and_role_flags_reach_the_layers(capsys):

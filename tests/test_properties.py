@@ -383,7 +383,7 @@ def test_precedence_matches_reference(file, env_backend, env_components, cli_bac
         assert got == expected, (argv, env_backend, env_components)
 
 
-@fuzz(200)
+@fuzz(120)
 @given(config=st.dictionaries(keys, backend_names, max_size=4), component=components, role=st.none() | role_names)
 def test_resolve_matches_reference(config, component, role):
     """component.role > component > base.role > base (text_encoder_2 -> text_encoder), else (None, None)."""
