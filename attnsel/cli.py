@@ -6,8 +6,10 @@
     attnsel tune (--preset diffusion | --shapes FILE) [--device D] [--reps N] [--dry-run]
 
 Backend flags (from `AttentionConfig.add_cli_args`): --attention-backend NAME, --component-attention-backends
-VALUE (string or JSON), --component-attention-backends.<component> NAME, --config FILE.
-Exit codes: 0 success; 2 usage or configuration error (one line on stderr); 1 I/O failure.
+VALUE (string or JSON; keys `component` or `component.role`), --component-attention-backends.<key> NAME,
+--config FILE; also spelled with underscores.
+Exit codes: 0 success (and -h); 2 usage or configuration error, for any argv (one line on stderr, never a
+traceback); 1 I/O failure writing the output.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def build_parser() -> _Parser:
                          description="Run the embedded tiny pipeline (text encoder, DiT, VAE) and write a PNG.")
     run.add_argument("--prompt", default="a tiny red fox", help="text prompt (default: %(default)r)")
     run.add_argument("--steps", type=_positive_int, default=4, help="denoising steps (default: %(default)s)")
-    run.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
+    run.add_argument("--seed", type=_seed, default=0, help="noise seed (default: %(default)s)")
     run.add_argument("--output", "-o", default="out.png", help="PNG file to write (default: %(default)s)")
     run.add_argument("--record-shapes", metavar="FILE",
                      help="write the distinct attention call shapes of the run to FILE (JSON, the format of "
@@ -128,6 +130,17 @@ def _positive_int(value: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def _seed(value: str) -> int:
+    # The range torch.Generator.manual_seed takes (beyond it torch raises a RuntimeError-like overflow error).
+    try:
+        n = int(value)
+    except ValueError:
+        n = None
+    if n is None or not -(2 ** 63) <= n < 2 ** 64:
+        raise argparse.ArgumentTypeError(f"expected an integer that fits 64 bits, got {value!r}")
     return n
 
 
@@ -452,9 +465,14 @@ COMMANDS = {"run": cmd_run, "backends": cmd_backends, "explain": cmd_explain, "t
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `attnsel` command; returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Entry point of the `attnsel` command; returns the exit code (0 ok, 2 usage/config error, 1 I/O failure).
+
+    Errors are one line on stderr, never a traceback.
+    """
     try:
+        from .config import check_argv
+
+        argv = check_argv(sys.argv[1:] if argv is None else argv)
         parser = build_parser()
         try:
             ns = parser.parse_args(argv)
@@ -463,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as err:  # the config's flag rewriter reports through ValueError
             raise UsageError(str(err)) from None
         return COMMANDS[ns.command](ns, sys.stdout)
-    except SystemExit as exc:  # --help
+    except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else 0
     except (UsageError, ValueError) as err:
         print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)

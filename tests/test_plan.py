@@ -202,3 +202,18 @@ def test_backends_command_prints_features(capsys):
     native = out[out.index("\nnative\n"):]
     assert "masks bool+additive" in native and "lse" in native.split("\n")[3]
     assert "runs only on cuda" in out  # e.g. the pinned SDPA kernels on CPU
+
+
+def test_embedded_pipeline_takes_role_keys_and_refuses_roles_without_layers(capsys):
+    from attnsel.cli import main
+
+    assert main(["explain", "--component-attention-backends", "transformer.cross=torch_sdpa,transformer=native"]) == 0
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.strip().startswith("transformer "))
+    assert "native (4 self layers)" in line and "torch_sdpa (4 cross layers)" in line
+    assert "transformer.cross=torch_sdpa" in line
+    assert main(["explain", "--component-attention-backends.vae.cross", "torch_sdpa"]) == 2
+    err = capsys.readouterr().err
+    assert "vae.cross=torch_sdpa matches no attention layer" in err and "roles: self" in err
+    assert main(["explain", "--component-attention-backends", "transformer.joint=native"]) == 2
+    assert "['cross', 'self']" in capsys.readouterr().err

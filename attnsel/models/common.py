@@ -32,7 +32,7 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
         self.qkv = nn.Linear(dim, 3 * heads * head_dim)
-        self.attn = Attention(heads, head_dim, backend=backend, **placement)
+        self.attn = Attention(heads, head_dim, backend=backend, role="self", **placement)
         self.out = nn.Linear(heads * head_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,7 +49,7 @@ class CrossAttention(nn.Module):
         self.heads, self.head_dim = heads, head_dim
         self.q = nn.Linear(dim, heads * head_dim)
         self.kv = nn.Linear(context_dim, 2 * heads * head_dim)
-        self.attn = Attention(heads, head_dim, backend=backend, **placement)
+        self.attn = Attention(heads, head_dim, backend=backend, role="cross", **placement)
         self.out = nn.Linear(heads * head_dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
