@@ -7,6 +7,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from . import tracing as _tracing
 from .backends import Backend
 from .ops import attention
 from .selection import Explanation, explain_attn_backend
@@ -55,6 +56,9 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         if q.shape[-1] != self.head_dim:
             raise ValueError(f"attnsel.nn.Attention: built for head_dim {self.head_dim}, got q of shape {tuple(q.shape)}")
+        if _tracing.ACTIVE:  # an attnsel.trace() is open: record this call
+            return _tracing.run(self.selection.component, getattr(self, "role", None), self.backend, attention, q, k,
+                                v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale)
         return attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale, backend=self.backend)
 
     def extra_repr(self) -> str:
