@@ -14,7 +14,8 @@ fallback (`text_encoder_2` -> `text_encoder`) > the config's `--attention-backen
 How the calls are routed (public extension points only):
 * diffusers models: a forward pre-hook and an always-called forward hook (torch's module hooks) on every diffusers
   attention module (`Attention`, `MochiAttention`, `AttentionModuleMixin`, the classes diffusers'
-  `set_attention_backend` visits) open a `torch.overrides.TorchFunctionMode` for the processor's call, which sends its
+  `set_attention_backend` visits) and on every other module whose own forward calls SDPA (the attention blocks of
+  Wan's and other video VAEs) open a `torch.overrides.TorchFunctionMode` for the call, which sends its
   `scaled_dot_product_attention` to attnsel. Processors that use diffusers' attention dispatch are pinned to its
   `native` backend -- the `_attention_backend` attribute `ModelMixin.set_attention_backend` writes -- so that they
   end in that call. A layer whose call runs no attention through attnsel (a custom processor, context parallelism)
@@ -111,11 +112,20 @@ def _diffusers_attention_classes() -> tuple[type, ...]:
     return (Attention, MochiAttention, AttentionModuleMixin)
 
 
-def _is_transformers_attention(module: nn.Module) -> bool:
-    # A transformers attention layer is one whose forward looks its attention function up in the registry.
+def _forward_names(module: nn.Module) -> tuple[str, ...]:
     forward = getattr(type(module).forward, "__wrapped__", type(module).forward)
     code = getattr(forward, "__code__", None)
-    return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
+    return () if code is None else code.co_names
+
+
+def _is_transformers_attention(module: nn.Module) -> bool:
+    # A transformers attention layer is one whose forward looks its attention function up in the registry.
+    return "ALL_ATTENTION_FUNCTIONS" in _forward_names(module)
+
+
+def _calls_sdpa(module: nn.Module) -> bool:
+    # Blocks outside diffusers' attention classes that call SDPA in their own forward (Wan's VAE attention block).
+    return "scaled_dot_product_attention" in _forward_names(module)
 
 
 def _role(name: str, module: nn.Module) -> str:
@@ -139,10 +149,10 @@ def _find_layers(component: nn.Module) -> tuple[list[tuple[str, nn.Module, str]]
     diffusers_layers, transformers_layers = [], []
     in_transformers = bool(_pretrained_models(component))
     for name, module in component.named_modules():
-        if isinstance(module, ours):
-            diffusers_layers.append((name, module, _role(name, module)))
-        elif in_transformers and _is_transformers_attention(module):
+        if in_transformers and _is_transformers_attention(module):
             transformers_layers.append((name, module, _role(name, module)))
+        elif isinstance(module, ours) or _calls_sdpa(module):
+            diffusers_layers.append((name, module, _role(name, module)))
     return diffusers_layers, transformers_layers
 
 
