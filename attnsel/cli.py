@@ -234,16 +234,20 @@ def _run_model(ns: argparse.Namespace, out: TextIO) -> int:
         raise UsageError(f"argument --device: {ns.device}: {cuda_unavailable_reason()}")
     try:
         import diffusers
+        import transformers  # noqa: F401  (the text encoders)
 
         from . import diffusers as adapter
     except ImportError as err:
         raise UsageError(f"argument --model needs diffusers and transformers ({err}): "
                          "pip install 'attnsel[diffusers]'") from None
     config = _config_from(ns)
+    for library in (diffusers, sys.modules["transformers"]):  # our lines only: no loading bars or library warnings
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()  # the denoising loop's bar stays
     start = time.perf_counter()
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(str(model), local_files_only=True,
-                                                           torch_dtype=PIPELINE_DTYPES[ns.dtype])
+                                                           dtype=PIPELINE_DTYPES[ns.dtype])
         pipe.to(ns.device)
     except (OSError, ValueError, TypeError, ImportError) as err:
         raise UsageError(f"argument --model: cannot load {ns.model!r}: {err}") from None
