@@ -68,7 +68,7 @@ def pipes(folders):
 
 
 def run(pipe, name: str) -> torch.Tensor:
-    result = pipe("a red fox", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt",
+    result = pipe("a red fox", num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="pt",
                   **CASES[name][0])
     return result.frames if hasattr(result, "frames") else result.images
 
@@ -138,8 +138,7 @@ def test_global_backend_applies_where_no_component_key_does(pipes):
 def test_keys_that_match_nothing_are_errors(pipes, value, needle):
     with pytest.raises(ValueError, match=re.escape(needle)):
         adapter.apply(pipes["flux"], config(value))
-    assert torch.equal(run(pipes["flux"], "flux"), run(pipes["flux"], "flux"))  # nothing was left applied
-    adapter.apply(pipes["flux"], config("transformer=native"))  # and it can be applied afterwards
+    adapter.apply(pipes["flux"], config("transformer=native"))  # nothing was left applied: this is no "twice"
     adapter.remove(pipes["flux"])
 
 
