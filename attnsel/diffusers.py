@@ -43,7 +43,21 @@ from .ops import attention
 
 __all__ = ["ROLES", "Report", "apply", "remove"]
 
-ROLES = ("cross", "self")
+try:  # the config parser's key rules (roles, numbered components)
+    from .config import ROLES, numbered_component_base, split_component_key
+except ImportError:  # stand-in until the role-aware parser is merged; same rules
+    ROLES = ("cross", "self")
+
+    def numbered_component_base(name: str) -> str | None:
+        match = re.fullmatch(r"(.+)_[0-9]+", name)
+        return match.group(1) if match else None
+
+    def split_component_key(key: str) -> tuple[str, str | None]:
+        component, dot, role = key.partition(".")
+        if dot and role not in ROLES:
+            raise ValueError(f"component key {key!r}: unknown role {role!r}; roles: {list(ROLES)}")
+        return component, (role if dot else None)
+
 IMPLEMENTATION = "attnsel"  # the name of our attention function in transformers' registry
 
 _SDPA = torch.nn.functional.scaled_dot_product_attention
@@ -159,16 +173,7 @@ def _find_layers(component: nn.Module) -> tuple[list[tuple[str, nn.Module, str]]
 # -- resolution -------------------------------------------------------------------------------------------------
 
 def _base(component: str) -> str:
-    return re.sub(r"_\d+$", "", component)
-
-
-def _split_key(key: str) -> tuple[str, str | None]:
-    if "." not in key:
-        return key, None
-    component, role = key.rsplit(".", 1)
-    if role not in ROLES:
-        raise ValueError(f"attnsel.diffusers: component key {key!r}: unknown role {role!r}; roles: {list(ROLES)}")
-    return component, role
+    return numbered_component_base(component) or component
 
 
 def _resolve(config, component: str, role: str) -> tuple[Backend | None, str | None]:
@@ -187,7 +192,10 @@ def _check_keys(config, found: dict[str, set[str]]) -> None:
     """Every configured key must name a component with attention layers, and its role a layer of that component."""
     names = sorted(found)
     for key in config.component_attention_backends:
-        component, role = _split_key(key)
+        try:
+            component, role = split_component_key(key)
+        except ValueError as err:
+            raise ValueError(f"attnsel.diffusers: {err}") from None
         matched = [c for c in names if c == component or _base(c) == component]
         if not matched:
             close = difflib.get_close_matches(component, sorted({*names, *map(_base, names)}), n=1)

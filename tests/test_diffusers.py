@@ -128,15 +128,15 @@ def test_global_backend_applies_where_no_component_key_does(pipes):
     assert {r["source"] for r in report.rows() if r["component"] == "vae"} == {"--attention-backend"}
 
 
-@pytest.mark.parametrize("value, needle", [
-    ("transfomer=native", "'transfomer' matches no component of this pipeline; did you mean 'transformer'?"),
-    ("text-encdoer=native", "did you mean 'text_encoder'?"),
-    ("scheduler=native", "'scheduler' matches no component"),
-    ("transformer.cross=native", "transformer has no cross-attention layers (roles found: ['self'])"),
-    ("transformer.crosss=native", "unknown role 'crosss'; roles: ['cross', 'self']"),
+@pytest.mark.parametrize("value, needles", [
+    ("transfomer=native", ["'transfomer' matches no component of this pipeline; did you mean 'transformer'?"]),
+    ("text-encdoer=native", ["did you mean 'text_encoder'?"]),
+    ("scheduler=native", ["'scheduler' matches no component"]),
+    ("transformer.cross=native", ["transformer has no cross-attention layers (roles found: ['self'])"]),
+    ("transformer.crosss=native", ["'crosss'", "['cross', 'self']"]),  # refused when parsed, or else by apply
 ])
-def test_keys_that_match_nothing_are_errors(pipes, value, needle):
-    with pytest.raises(ValueError, match=re.escape(needle)):
+def test_keys_that_match_nothing_are_errors(pipes, value, needles):
+    with pytest.raises(ValueError, match=".*".join(map(re.escape, needles))):
         adapter.apply(pipes["flux"], config(value))
     adapter.apply(pipes["flux"], config("transformer=native"))  # nothing was left applied: this is no "twice"
     adapter.remove(pipes["flux"])
