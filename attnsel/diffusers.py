@@ -317,8 +317,9 @@ def _transformers_attention(module, query, key, value, attention_mask, dropout=0
     if layer is None:
         raise ValueError(f"attnsel.diffusers: {type(module).__name__} uses attn_implementation={IMPLEMENTATION!r} "
                          "but was not set up by attnsel.diffusers.apply")
-    if kwargs.get("softcap") is not None:
-        raise ValueError(f"attnsel.diffusers: {layer.component}.{layer.name}: softcap is not supported")
+    if kwargs.get("softcap") is not None or kwargs.get("output_attentions"):
+        raise ValueError(f"attnsel.diffusers: {layer.component}.{layer.name}: softcap and output_attentions are not "
+                         "supported")
     if dropout:
         raise ValueError(f"attnsel.diffusers: {layer.component}.{layer.name}: attention dropout ({dropout}) is not "
                          "supported (put the model in eval mode)")

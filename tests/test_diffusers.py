@@ -320,3 +320,41 @@ def test_bad_inputs_are_value_errors():
         adapter.apply(object())
     with pytest.raises(ValueError, match="mapping of component name -> torch module"):
         adapter.apply({"vae": "not a module"})
+
+
+class _SdpaBlock(torch.nn.Module):
+    """A block that calls SDPA in its own forward (like Wan's VAE attention): grouped-query heads, a mask, a scale."""
+
+    def forward(self, q, k, v, mask=None, causal=False):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                                scale=0.3, enable_gqa=True)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool_2d", "additive_4d", "causal", "no_batch"])
+def test_sdpa_calls_carry_layout_masks_gqa_and_scale(mask_kind):
+    torch.manual_seed(0)
+    block = _SdpaBlock()
+    q, k, v = torch.randn(2, 4, 7, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    args = {"none": (), "bool_2d": (torch.rand(7, 9) > 0.3,), "additive_4d": (torch.randn(2, 1, 7, 9),),
+            "causal": (None, True), "no_batch": ()}[mask_kind]
+    if mask_kind == "no_batch":
+        q, k, v = q[0], k[0], v[0]
+    reference = block(q, k, v, *args)
+    adapter.apply({"vae": block}, config("vae=native"))
+    try:
+        with attnsel.trace() as calls:
+            out = block(q, k, v, *args)
+    finally:
+        adapter.remove({"vae": block})
+    assert [(r.component, r.role, r.backend) for r in calls.records] == [("vae", "self", "native")]
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_output_attentions_is_refused():
+    model = tiny_pipelines.clip_text_model(vocab_size=40).eval()
+    adapter.apply({"text_encoder": model})
+    try:
+        with pytest.raises(ValueError, match="output_attentions are not supported"):
+            model(input_ids=torch.randint(3, 40, (1, 5)), output_attentions=True)
+    finally:
+        adapter.remove({"text_encoder": model})
