@@ -1,6 +1,7 @@
 """The `attnsel` command: run the embedded tiny pipeline, list backends, explain per-component choices.
 
     attnsel run --prompt "a red fox" --steps 4 --output out.png [--seed N] [backend flags]
+    attnsel run --model PATH [...]      # a local diffusers pipeline, through attnsel.diffusers
     attnsel backends
     attnsel explain [backend flags]
 

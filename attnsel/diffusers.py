@@ -96,9 +96,11 @@ class Report:
         if not rows:
             return "attnsel.diffusers: no attention layers"
         width = max(len(r["component"]) for r in rows)
+        backend_width = max(len(r["backend"]) for r in rows)
         return "\n".join(
             f"  {r['component']:<{width}}  {r['role']:<5}  {r['layers']:>3} layer{'s' if r['layers'] != 1 else ' '}"
-            f"  {r['backend']}  ({'by ' + r['source'] if r['source'] != 'auto' else 'automatic per call'})"
+            f"  {r['backend']:<{backend_width}}  "
+            f"({'by ' + r['source'] if r['source'] != 'auto' else 'automatic per call'})"
             for r in rows)
 
 
