@@ -256,6 +256,7 @@ def _run_model(ns: argparse.Namespace, out: TextIO) -> int:
           f"device={ns.device} dtype={ns.dtype} ({_describe_config(config)}); loaded in "
           f"{time.perf_counter() - start:.2f}s", file=out, flush=True)
     report = adapter.apply(pipe, config)
+    adapter.check_runnable(report, ns.device, PIPELINE_DTYPES[ns.dtype])
     print("attention layers:", file=out)
     print(report, file=out, flush=True)
 

@@ -41,7 +41,7 @@ from . import tracing as _trace
 from .backends import Backend, to_backend
 from .ops import attention
 
-__all__ = ["ROLES", "Report", "apply", "remove"]
+__all__ = ["ROLES", "Layer", "Report", "apply", "check_runnable", "remove"]
 
 try:  # the config parser's key rules (roles, numbered components)
     from .config import ROLES, numbered_component_base, split_component_key
@@ -72,6 +72,7 @@ class Layer:
     role: str
     backend: Backend | None
     source: str  # the config key that chose the backend, "--attention-backend", or "auto"
+    head_dim: int | None = None  # where the module says (for checks before a run)
 
 
 @dataclass
@@ -149,6 +150,17 @@ def _role(name: str, module: nn.Module) -> str:
         return "cross"
     last = name.rsplit(".", 1)[-1].lower()
     return "cross" if "cross" in last or last == "encdecattention" else "self"
+
+
+def _head_dim(module: nn.Module) -> int | None:
+    for attr in ("head_dim", "key_value_proj_dim"):  # transformers (T5: key_value_proj_dim), newer diffusers
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    inner, heads = getattr(module, "inner_dim", None), getattr(module, "heads", None)  # diffusers' Attention
+    if isinstance(inner, int) and isinstance(heads, int) and heads > 0 and inner % heads == 0:
+        return inner // heads
+    return None
 
 
 def _pretrained_models(component: nn.Module) -> list[nn.Module]:
@@ -368,11 +380,11 @@ def apply(pipe: Any, config=None) -> Report:
     _check_keys(config, {name: {role for *_, role in d + t} for name, (d, t) in found.items()})
     global_backend = None if config.attention_backend is None else to_backend(config.attention_backend)
 
-    def layer(component: str, name: str, role: str) -> Layer:
+    def layer(component: str, name: str, attn: nn.Module, role: str) -> Layer:
         backend, key = _resolve(config, component, role)
         if backend is None and global_backend is not None:
             backend, key = global_backend, "--attention-backend"
-        return Layer(component, name, role, backend, key or "auto")
+        return Layer(component, name, role, backend, key or "auto", _head_dim(attn))
 
     report = Report()
     for component, (diffusers_layers, transformers_layers) in found.items():
@@ -380,7 +392,7 @@ def apply(pipe: Any, config=None) -> Report:
         state = _APPLIED[module] = _Applied()
         try:
             for name, attn, role in diffusers_layers:
-                site = layer(component, name, role)
+                site = layer(component, name, attn, role)
                 processor = getattr(attn, "processor", None)
                 if hasattr(processor, "_attention_backend"):  # diffusers' dispatch: pin it to native SDPA
                     state.dispatch_backends.append((processor, processor._attention_backend))
@@ -391,7 +403,7 @@ def apply(pipe: Any, config=None) -> Report:
             if transformers_layers:
                 _register_transformers()
                 for name, attn, role in transformers_layers:
-                    site = layer(component, name, role)
+                    site = layer(component, name, attn, role)
                     _TRANSFORMERS_LAYERS[attn] = site
                     state.transformers_layers.append(attn)
                     report.layers.append(site)
@@ -406,6 +418,22 @@ def apply(pipe: Any, config=None) -> Report:
             remove({component: module})
             raise
     return report
+
+
+def check_runnable(report: Report, device, dtype) -> None:
+    """Raise ValueError now if a layer's chosen backend cannot run on `device`/`dtype` (where its head size is known).
+
+    The calls check this anyway; checking before a run gives the reason before any work is done.
+    """
+    from .selection import explain_attn_backend
+
+    for layer in report.layers:
+        if layer.backend is not None and layer.head_dim is not None:
+            try:
+                explain_attn_backend(layer.head_dim, dtype, device, selected=layer.backend)
+            except ValueError as err:
+                reason = str(err).removeprefix("attnsel: ")
+                raise ValueError(f"attnsel.diffusers: {layer.component} ({layer.role}): {reason}") from None
 
 
 def remove(pipe: Any) -> None:

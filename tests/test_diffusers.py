@@ -210,6 +210,9 @@ def test_cli_video_pipeline_writes_an_animated_gif(folders, tmp_path, capsys):
     ("{tmp}", [], "has no model_index.json"),
     ("{flux}", ["--component-attention-backends", "vea=native"], "did you mean 'vae'?"),
     ("{flux}", ["--frames", "3"], "argument --frames: FluxPipeline takes no num_frames"),
+    ("{flux}", ["--component-attention-backends", "transformer=sdpa_flash"],
+     "transformer (self): backend 'sdpa_flash' (chosen explicitly by the caller) cannot run head_size=16"),
+    ("{flux}", ["--attention-backend", "fa"], "(self): backend 'fa' (chosen explicitly by the caller) cannot run"),
 ])
 def test_cli_model_errors_exit_2_with_one_line(folders, tmp_path, capsys, model, extra, needle):
     model = model.format(tmp=tmp_path, flux=folders["flux"])
@@ -217,6 +220,11 @@ def test_cli_model_errors_exit_2_with_one_line(folders, tmp_path, capsys, model,
     err = capsys.readouterr().err
     assert rc == 2
     assert needle in err and err.count("\n") == 1 and err.startswith("attnsel: error: ")
+
+
+def test_cli_size_flags_need_a_model(tmp_path, capsys):
+    assert main(["run", "--height", "16", "--output", str(tmp_path / "x.png")]) == 2
+    assert "--height/--width/--frames need --model" in capsys.readouterr().err
 
 
 # -- masks, grouped-query heads, causal encoders, T5's position bias ------------------------------------------------
