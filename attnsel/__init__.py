@@ -15,7 +15,7 @@ from .context import (
     run_with_context,
 )
 from .ops import attention
-from .selection import Explanation, explain_attn_backend, get_attn_backend
+from .selection import Explanation, explain_attn_backend, explain_call, get_attn_backend
 
 _bridges.detect()
 
@@ -41,6 +41,7 @@ __all__ = [
     "backend_names",
     "component_attention_backend",
     "explain_attn_backend",
+    "explain_call",
     "force_attention_backend",
     "get_attn_backend",
     "get_component_attn_backend_name",

@@ -229,7 +229,7 @@ def _check_keys(config, found: dict[str, set[str]]) -> None:
 def _call(layer: Layer, q, k, v, attn_mask, is_causal: bool, scale):
     if _trace.ACTIVE:
         return _trace.run(layer.component, layer.role, layer.backend, attention, q, k, v, attn_mask=attn_mask,
-                          is_causal=is_causal, scale=scale)
+                          is_causal=is_causal, scale=scale, backend=layer.backend)
     return attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, backend=layer.backend)
 
 

@@ -126,35 +126,36 @@ def trace() -> Trace:
     return Trace()
 
 
-def _backend_that_runs(backend, q: torch.Tensor) -> str:
+def _backend_that_runs(backend, q, k, v, attn_mask, is_causal) -> str:
+    from .backends import to_backend
+
     if backend is not None:
-        from .backends import to_backend
-
         return str(to_backend(backend))
-    from .selection import get_attn_backend  # automatic: the selector's answer for this call
+    from .selection import explain_call  # a policy of `auto` (or the task's): the planner's choice for this call
 
-    return str(get_attn_backend(q.shape[-1], q.dtype, q.device))
+    return str(explain_call(q, k, v, attn_mask, is_causal).backend)
 
 
 def run(component: str | None, role: str | None, backend, fn: Callable, q: torch.Tensor, k: torch.Tensor,
         v: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False, **kwargs):
-    """`fn(q, k, v, attn_mask=..., is_causal=..., backend=backend, **kwargs)`, timed and recorded in every open trace.
+    """`fn(q, k, v, attn_mask=..., is_causal=..., **kwargs)`, timed and recorded in every open trace.
 
-    Call it only when `ACTIVE` is non-empty (the caller's one cheap check).
+    `backend` is the caller's named backend, or None where the call is planned (`auto`, or the task's policy): the
+    record then names the planner's choice. Call this only when `ACTIVE` is non-empty (the caller's cheap check).
     """
     traces = ACTIVE
-    record = CallRecord(component, role, _backend_that_runs(backend, q), tuple(q.shape), tuple(k.shape),
-                        tuple(v.shape), str(q.dtype).removeprefix("torch."), str(q.device), attn_mask is not None,
-                        bool(is_causal))
+    record = CallRecord(component, role, _backend_that_runs(backend, q, k, v, attn_mask, is_causal),
+                        tuple(q.shape), tuple(k.shape), tuple(v.shape), str(q.dtype).removeprefix("torch."),
+                        str(q.device), attn_mask is not None, bool(is_causal))
     if q.is_cuda:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        out = fn(q, k, v, attn_mask=attn_mask, is_causal=is_causal, backend=backend, **kwargs)
+        out = fn(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
         end.record()
         record._events = (start, end)
     else:
         begin = time.perf_counter()
-        out = fn(q, k, v, attn_mask=attn_mask, is_causal=is_causal, backend=backend, **kwargs)
+        out = fn(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
         record._seconds = time.perf_counter() - begin
     for t in traces:
         t._add(record)
