@@ -136,15 +136,15 @@ def _backend_that_runs(backend, q, k, v, attn_mask, is_causal) -> str:
     return str(explain_call(q, k, v, attn_mask, is_causal).backend)
 
 
-def run(component: str | None, role: str | None, backend, fn: Callable, q: torch.Tensor, k: torch.Tensor,
+def run(component: str | None, role: str | None, named_backend, fn: Callable, q: torch.Tensor, k: torch.Tensor,
         v: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False, **kwargs):
     """`fn(q, k, v, attn_mask=..., is_causal=..., **kwargs)`, timed and recorded in every open trace.
 
-    `backend` is the caller's named backend, or None where the call is planned (`auto`, or the task's policy): the
+    `named_backend` is the caller's named backend, or None where the call is planned (`auto`, or the task's policy): the
     record then names the planner's choice. Call this only when `ACTIVE` is non-empty (the caller's cheap check).
     """
     traces = ACTIVE
-    record = CallRecord(component, role, _backend_that_runs(backend, q, k, v, attn_mask, is_causal),
+    record = CallRecord(component, role, _backend_that_runs(named_backend, q, k, v, attn_mask, is_causal),
                         tuple(q.shape), tuple(k.shape), tuple(v.shape), str(q.dtype).removeprefix("torch."),
                         str(q.device), attn_mask is not None, bool(is_causal))
     if q.is_cuda:
