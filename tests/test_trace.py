@@ -33,11 +33,24 @@ def test_records_component_backend_shapes_and_time():
                          "total_ms": pytest.approx(first.milliseconds + second.milliseconds)}]
 
 
-def test_automatic_selection_records_the_backend_that_ran():
-    layer = attnsel.nn.Attention(2, 16)  # no component, no flag: automatic
+def test_records_the_layer_role():
+    with attnsel.component_attention_backend("transformer", "native", roles={"cross": "torch_sdpa"}):
+        cross = attnsel.nn.Attention(2, 16, role="cross")
+        self_attn = attnsel.nn.Attention(2, 16, role="self")
     with attnsel.trace() as t:
-        layer(*qkv())
-    assert [r.backend for r in t.records] == [str(layer.backend)]
+        cross(*qkv())
+        self_attn(*qkv())
+    assert [(r["component"], r["role"], r["backend"]) for r in t.rows()] == [
+        ("transformer", "cross", "torch_sdpa"), ("transformer", "self", "native")]
+
+
+def test_automatic_selection_records_the_backend_that_ran():
+    layer = attnsel.nn.Attention(2, 16)  # no component, no flag: automatic, planned per call
+    q, k, v = qkv()
+    with attnsel.trace() as t:
+        layer(q, k, v)
+    assert layer.policy is None
+    assert [r.backend for r in t.records] == [str(attnsel.explain_call(q, k, v).backend)]
     assert t.records[0].component is None
 
 
