@@ -58,3 +58,8 @@ __all__ = [
     "trace",
 ]
 __version__ = "0.1.0"
+
+from . import tuning as _tuning  # noqa: E402
+
+_tuning.load()  # this machine's tuning table into the planner (nothing to do when no file exists)
+_tuning.autotune_from_env()

@@ -3,7 +3,8 @@
     attnsel run --prompt "a red fox" --steps 4 --output out.png [--seed N] [backend flags]
     attnsel run --model PATH [...]      # a local diffusers pipeline, through attnsel.diffusers
     attnsel backends
-    attnsel explain [backend flags]
+    attnsel explain [backend flags] [--preset diffusion | --shapes FILE]
+    attnsel tune (--preset diffusion | --shapes FILE) [--device D] [--reps N] [--dry-run]
 
 Backend flags (from `AttentionConfig.add_cli_args`): --attention-backend NAME, --component-attention-backends
 VALUE (string or JSON), --component-attention-backends.<component> NAME, --config FILE.
@@ -48,7 +49,7 @@ def build_parser() -> _Parser:
                         help="print the directory of attnsel's CMake package (for attnsel_DIR) and exit")
     parser.add_argument("--include-dir", action=_PrintPath, nargs=0, what="get_include",
                         help="print the directory of attnsel's C++ headers and exit")
-    sub = parser.add_subparsers(dest="command", metavar="{run,backends,explain}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{run,backends,explain,tune}", parser_class=_Parser)
     sub.required = True
 
     run = sub.add_parser("run", allow_abbrev=False, help="run the embedded tiny text-to-image pipeline",
@@ -57,6 +58,9 @@ def build_parser() -> _Parser:
     run.add_argument("--steps", type=_positive_int, default=4, help="denoising steps (default: %(default)s)")
     run.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     run.add_argument("--output", "-o", default="out.png", help="PNG file to write (default: %(default)s)")
+    run.add_argument("--record-shapes", metavar="FILE",
+                     help="write the distinct attention call shapes of the run to FILE (JSON, the format of "
+                          "`attnsel tune --shapes`)")
     _add_placement_args(run)
     _add_model_args(run)
     AttentionConfig.add_cli_args(run)
@@ -72,8 +76,11 @@ def build_parser() -> _Parser:
                                          "component, the backend and the level that chose it: explicit > forced > "
                                          "component > global > auto.")
     explain.add_argument("--reasons", action="store_true", help="also print every selection reason")
+    _add_shape_args(explain, required=False, what="instead, show the plan (backend, source, tuned times) of each "
+                                                  "call of")
     _add_placement_args(explain)
     AttentionConfig.add_cli_args(explain)
+    _add_tune_parser(sub)
     return parser
 
 
@@ -179,6 +186,23 @@ def _component_lines(pipeline, with_times: bool) -> list[str]:
     return lines
 
 
+def _recording(path: str | None):
+    """Records the run's attention call shapes when --record-shapes is given."""
+    import contextlib
+
+    from .tuning import record_shapes
+
+    return record_shapes() if path is not None else contextlib.nullcontext([])
+
+
+def _write_recorded(path: str | None, recorded, out: TextIO) -> None:
+    if path:
+        from .tuning import write_shapes
+
+        write_shapes(path, recorded)
+        print(f"recorded {len(recorded)} attention call shapes to {path}", file=out)
+
+
 def cmd_run(ns: argparse.Namespace, out: TextIO) -> int:
     from .pipeline import DenoisingStage
     from .png import write_png
@@ -187,6 +211,8 @@ def cmd_run(ns: argparse.Namespace, out: TextIO) -> int:
     output = Path(ns.output)
     if not output.parent.is_dir():
         raise UsageError(f"argument --output: directory {str(output.parent)!r} does not exist")
+    if ns.record_shapes is not None and not Path(ns.record_shapes).parent.is_dir():
+        raise UsageError(f"argument --record-shapes: directory {str(Path(ns.record_shapes).parent)!r} does not exist")
     if ns.model is not None:
         return _run_model(ns, out)
     if (ns.height, ns.width, ns.frames) != (None, None, None):
@@ -203,8 +229,9 @@ def cmd_run(ns: argparse.Namespace, out: TextIO) -> int:
         label = f"denoising step {step}/{total}" if stage == "denoise" else f"{stage} {step}/{total}"
         print(f"  [{label}] {seconds:.2f}s", file=out, flush=True)
 
-    with trace() as calls:
+    with _recording(ns.record_shapes) as recorded, trace() as calls:
         image = pipeline(ns.prompt, steps=ns.steps, seed=ns.seed, progress=progress)
+    _write_recorded(ns.record_shapes, recorded, out)
     path = write_png(ns.output, image)
     print("components:", file=out)
     for line in _component_lines(pipeline, with_times=True):
@@ -269,8 +296,9 @@ def _run_model(ns: argparse.Namespace, out: TextIO) -> int:
             if name not in accepted:
                 raise UsageError(f"argument --{flag}: {type(pipe).__name__} takes no {name}")
             kwargs[name] = value
-    with trace() as calls:
+    with _recording(ns.record_shapes) as recorded, trace() as calls:
         result = pipe(ns.prompt, **kwargs)
+    _write_recorded(ns.record_shapes, recorded, out)
     frames = getattr(result, "frames", None)
     if frames is not None:  # video pipelines: a batch of frame lists
         path = _write_gif(Path(ns.output), list(frames[0]))
@@ -358,6 +386,8 @@ def cmd_explain(ns: argparse.Namespace, out: TextIO) -> int:
     from .pipeline import DenoisingStage
 
     config = _config_from(ns)
+    if ns.preset or ns.shapes:
+        return _explain_shapes(ns, config, out)
     pipeline = _pipeline(ns, config)
     pipeline.load_modules()  # builds the layers (which pick their backends); runs nothing
     print(f"attnsel explain ({_describe_config(config)}; device={pipeline.device} dtype={ns.dtype}); "
@@ -372,7 +402,163 @@ def cmd_explain(ns: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "backends": cmd_backends, "explain": cmd_explain}
+# -- tune (and the shape plans of explain) ----------------------------------------------------------------------
+def _add_shape_args(parser: argparse.ArgumentParser, required: bool, what: str) -> None:
+    from .tuning import PRESETS
+
+    group = parser.add_mutually_exclusive_group(required=required)
+    group.add_argument("--preset", choices=PRESETS,
+                       help=f"{what} a preset: diffusion = Flux, SD3, SDXL, Wan, HunyuanVideo, CogVideoX, VAE "
+                            f"mid-blocks, CLIP/T5 (bf16 and fp16 on CUDA; small stand-ins on CPU)")
+    group.add_argument("--shapes", metavar="FILE",
+                       help=f"{what} the shapes in FILE: a JSON list of objects with batch, heads, q_len, kv_len, "
+                            f"head_dim, dtype and optional kv_heads, head_dim_v, causal, mask "
+                            f"(none/bool/additive/key_padding/additive_key_padding), device, name")
+
+
+def _add_tune_parser(sub) -> None:
+    tune = sub.add_parser("tune", allow_abbrev=False, help="measure the fastest backend per call shape for `auto`",
+                          description="Time every backend that accepts each call (after checking its output "
+                                      "against a float32 reference) and write the tuning table `auto` reads.")
+    _add_shape_args(tune, required=True, what="tune")
+    tune.add_argument("--device", default=None,
+                      help="cpu, cuda or cuda:N: where to tune (default: cuda when a GPU is visible, else cpu; a "
+                           "shapes file's own device keys win)")
+    tune.add_argument("--reps", type=_positive_int, default=None,
+                      help="timed calls per backend, at most (default: 20 on CUDA, 10 on CPU; fewer when calls "
+                           "are slow)")
+    tune.add_argument("--dry-run", action="store_true", help="list the shapes and their buckets; time nothing")
+
+
+def _shapes_from(ns: argparse.Namespace, device: str) -> list:
+    from . import tuning
+
+    try:
+        if ns.preset:
+            return tuning.preset(ns.preset, device)
+        return tuning.read_shapes(ns.shapes, default_device=device)
+    except ValueError as err:
+        raise UsageError(f"argument --{'preset' if ns.preset else 'shapes'}: {err}") from None
+
+
+def _tune_device(value: str | None) -> str:
+    import re
+
+    from .selection import cuda_unavailable_reason
+
+    if value is None:
+        return "cpu" if cuda_unavailable_reason() else "cuda"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        raise UsageError(f"argument --device: expected cpu, cuda or cuda:N, got {value!r}")
+    return value
+
+
+class _Progress:
+    """A text progress bar on stderr (one line per step when stderr is not a terminal)."""
+
+    def __init__(self, total: int, width: int = 24):
+        self.total, self.stream, self.width = total, sys.stderr, width
+        self.tty = self.stream.isatty()
+
+    def show(self, done: int, text: str) -> None:
+        filled = self.width * done // max(self.total, 1)
+        line = f"[{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} {text}"
+        if self.tty:
+            print(f"\r\033[K{line[:160]}", end="", file=self.stream, flush=True)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            print(file=self.stream, flush=True)
+
+
+def _result_table(rows: list) -> list[str]:
+    """rows: [(label, entry)] -> the lines of a table: shape, each backend's ms (or '-' refused), winner."""
+    names: list[str] = []
+    for _, entry in rows:
+        names += [n for n, r in entry["results"].items() if "ms" in r and n not in names]
+    width = max([len("shape")] + [len(label) for label, _ in rows])
+    head = f"{'shape':<{width}}  " + "  ".join(f"{n:>10}" for n in names) + "  winner"
+    lines = [head]
+    for label, entry in rows:
+        cells = []
+        for n in names:
+            r = entry["results"].get(n, {})
+            cells.append(f"{r['ms']:>10.4g}" if "ms" in r else f"{'-':>10}")
+        lines.append(f"{label:<{width}}  " + "  ".join(cells) + f"  {entry['winner'] or 'none (all refused)'}")
+    return lines
+
+
+def cmd_tune(ns: argparse.Namespace, out: TextIO) -> int:
+    from . import tuning
+
+    device = _tune_device(ns.device)
+    shapes = _shapes_from(ns, device)
+    for i, shape in enumerate(shapes):
+        if shape.device_type == "cuda" and not ns.dry_run:
+            from .selection import cuda_unavailable_reason
+
+            if cuda_unavailable_reason():
+                raise UsageError(f"shape {i} ({shape.label()}) is on {shape.device}: {cuda_unavailable_reason()}")
+    if ns.dry_run:
+        print(f"attnsel tune --dry-run: {len(shapes)} shapes", file=out)
+        for shape in shapes:
+            print(f"  {shape.label()}  ({shape.device}, bucket {shape.signature().bucket()})", file=out)
+        return 0
+    reps = ns.reps or (20 if any(s.device_type == "cuda" for s in shapes) else 10)
+    bar = _Progress(len(shapes))
+    try:
+        done, paths = tuning.tune(shapes, reps=reps, progress=lambda i, s, name: bar.show(i, f"{s.label()}: {name}"))
+        bar.show(len(shapes), "done")
+    finally:
+        bar.close()
+    print(f"attnsel tune: {len(done)} shapes, median ms of up to {reps} calls per backend "
+          f"('-': refused or disagreed, see the table file)", file=out)
+    for line in _result_table([(shape.label(), entry) for shape, _, entry in done]):
+        print(line, file=out)
+    buckets: dict[str, list[str]] = {}
+    for shape, bucket, _ in done:
+        buckets.setdefault(bucket, []).append(shape.label())
+    for labels in buckets.values():
+        if len(labels) > 1:
+            print(f"note: {', '.join(labels)} share one bucket; the table keeps the last measurement", file=out)
+    for kind, path in paths.items():
+        if path is None:
+            print(f"{kind} results kept in memory only (the cache directory is not writable)", file=out)
+        else:
+            print(f"wrote the {kind} tuning table: {path}", file=out)
+    return 0
+
+
+def _explain_shapes(ns: argparse.Namespace, config, out: TextIO) -> int:
+    from . import _C
+    from .backends import Backend, to_backend
+
+    device = _tune_device(ns.device)
+    shapes = _shapes_from(ns, device)
+    backend = None if config.attention_backend is None else int(to_backend(config.attention_backend))
+    print(f"attnsel explain: the plan of each call ({_describe_config(config)}; measured = tuning table ms)",
+          file=out)
+    width = max(len(s.label()) for s in shapes)
+    for shape in shapes:
+        sig = shape.signature()
+        try:
+            chosen, source, _, reasons, measured = _C.explain_call(sig, backend, None)
+            plan = f"{Backend(chosen)} ({source}{', measured' if measured else ''})"
+        except ValueError as err:
+            plan, reasons = f"cannot run: {_one_line(err)}", []
+        entry = _C.tuning_entry(sig.bucket())
+        times = "none" if entry is None else \
+            ", ".join(f"{Backend(i)} {ms:.4g}" for i, ms in sorted(entry, key=lambda e: e[1]))
+        print(f"  {shape.label():<{width}}  {plan}; measured: {times}", file=out)
+        if ns.reasons:
+            for reason in reasons:
+                print(f"      - {reason}", file=out)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "backends": cmd_backends, "explain": cmd_explain, "tune": cmd_tune}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

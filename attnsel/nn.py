@@ -9,7 +9,7 @@ from torch import nn
 
 from . import tracing as _tracing
 from .backends import Backend
-from .ops import _OP, AUTO
+from .ops import _OP, AUTO, CALL_HOOKS, _call_hooks
 from .selection import Explanation, explain_attn_backend
 
 
@@ -64,6 +64,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         if q.shape[-1] != self.head_dim:
             raise ValueError(f"attnsel.nn.Attention: built for head_dim {self.head_dim}, got q of shape {tuple(q.shape)}")
+        if CALL_HOOKS:
+            _call_hooks(q, k, v, attn_mask, is_causal, self.scale, self._op_backend)
         if _tracing.ACTIVE:  # an attnsel.trace() is open: record this call
             return _tracing.run(self.selection.component, self.role, self.policy, self._attend, q, k, v,
                                 attn_mask=attn_mask, is_causal=is_causal)

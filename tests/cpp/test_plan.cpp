@@ -54,8 +54,9 @@ TEST(a_named_backend_that_refuses_the_call_throws_naming_the_feature) {
   CHECK_EQ(plan_call(c, BackendId::TORCH_SDPA).backend, BackendId::TORCH_SDPA);
   CHECK_THROWS_WITH(plan_call(c, BackendId::NATIVE), std::invalid_argument, "native: cannot take an additive mask");
   ComponentScope scope("transformer", BackendId::NATIVE);  // the same under a component policy: no silent switch
-  CHECK_THROWS_WITH(select_for_call(c, &*current_component()), std::invalid_argument, "component 'transformer'");
-  CHECK_THROWS_WITH(select_for_call(c, &*current_component()), std::invalid_argument, "additive mask");
+  const std::optional<ComponentContext> ctx = current_component();
+  CHECK_THROWS_WITH(select_for_call(c, &*ctx), std::invalid_argument, "component 'transformer'");
+  CHECK_THROWS_WITH(select_for_call(c, &*ctx), std::invalid_argument, "additive mask");
 }
 
 TEST(auto_takes_the_first_backend_in_rank_that_accepts_the_call) {
