@@ -193,10 +193,13 @@ def test_cli_done_when_flux(folders, tmp_path, capsys):
 def test_cli_video_pipeline_writes_an_animated_gif(folders, tmp_path, capsys):
     from PIL import Image
 
+    shapes = tmp_path / "shapes.json"
     rc = main(["run", "--model", str(folders["wan"]), "--steps", "1", "--height", "16", "--width", "16",
-               "--frames", "5", "--output", str(tmp_path / "wan.png"), "--attention-backend", "native"])
+               "--frames", "5", "--output", str(tmp_path / "wan.png"), "--attention-backend", "native",
+               "--record-shapes", str(shapes)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
+    assert shapes.is_file() and "attention call shapes to" in captured.out
     with Image.open(tmp_path / "wan.gif") as gif:
         assert gif.n_frames == 5 and gif.size == (16, 16)
     assert {backend for _, _, backend in trace_rows(captured.out)} == {"native"}
