@@ -25,6 +25,7 @@ from .config import AttentionConfig, get_config, parse_component_backends, set_c
 from .loader import ComponentLoader  # noqa: E402
 from .pipeline import ComposedPipeline, DenoisingStage  # noqa: E402
 from .sdk import get_cmake_dir, get_include  # noqa: E402
+from .tracing import Trace, trace  # noqa: E402
 
 __all__ = [
     "AttentionConfig",
@@ -34,6 +35,7 @@ __all__ = [
     "DenoisingStage",
     "ContextThreadPoolExecutor",
     "Explanation",
+    "Trace",
     "attention",
     "backend_aliases",
     "backend_names",
@@ -53,6 +55,7 @@ __all__ = [
     "parse_component_backends",
     "run_with_context",
     "set_config",
+    "trace",
 ]
 __version__ = "0.1.0"
 

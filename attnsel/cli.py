@@ -1,6 +1,7 @@
 """The `attnsel` command: run the embedded tiny pipeline, list backends, explain per-component choices.
 
     attnsel run --prompt "a red fox" --steps 4 --output out.png [--seed N] [backend flags]
+    attnsel run --model PATH [...]      # a local diffusers pipeline, through attnsel.diffusers
     attnsel backends
     attnsel explain [backend flags] [--preset diffusion | --shapes FILE]
     attnsel tune (--preset diffusion | --shapes FILE) [--device D] [--reps N] [--dry-run]
@@ -63,6 +64,7 @@ def build_parser() -> _Parser:
                      help="write the distinct attention call shapes of the run to FILE (JSON, the format of "
                           "`attnsel tune --shapes`)")
     _add_placement_args(run)
+    _add_model_args(run)
     AttentionConfig.add_cli_args(run)
 
     sub.add_parser("backends", allow_abbrev=False, help="list every backend, its aliases and where it can run",
@@ -92,6 +94,17 @@ def _add_placement_args(parser: argparse.ArgumentParser) -> None:
                              "(default: %(default)s)")
     parser.add_argument("--dtype", default="float32", choices=list(PIPELINE_DTYPES),
                         help="weights and activations (default: %(default)s)")
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("diffusers pipeline (instead of the embedded one; needs attnsel[diffusers])")
+    group.add_argument("--model", metavar="PATH", default=None,
+                       help="local folder of a diffusers pipeline (save_pretrained / a downloaded snapshot); "
+                            "loaded without network")
+    group.add_argument("--height", type=_positive_int, default=None, help="image height (default: the pipeline's)")
+    group.add_argument("--width", type=_positive_int, default=None, help="image width (default: the pipeline's)")
+    group.add_argument("--frames", type=_positive_int, default=None,
+                       help="frames, for video pipelines (default: the pipeline's)")
 
 
 def _pipeline(ns: argparse.Namespace, config):
@@ -195,15 +208,28 @@ def _recording(path: str | None):
     return record_shapes() if path is not None else contextlib.nullcontext([])
 
 
+def _write_recorded(path: str | None, recorded, out: TextIO) -> None:
+    if path:
+        from .tuning import write_shapes
+
+        write_shapes(path, recorded)
+        print(f"recorded {len(recorded)} attention call shapes to {path}", file=out)
+
+
 def cmd_run(ns: argparse.Namespace, out: TextIO) -> int:
     from .pipeline import DenoisingStage
     from .png import write_png
+    from .tracing import trace
 
     output = Path(ns.output)
     if not output.parent.is_dir():
         raise UsageError(f"argument --output: directory {str(output.parent)!r} does not exist")
     if ns.record_shapes is not None and not Path(ns.record_shapes).parent.is_dir():
         raise UsageError(f"argument --record-shapes: directory {str(Path(ns.record_shapes).parent)!r} does not exist")
+    if ns.model is not None:
+        return _run_model(ns, out)
+    if (ns.height, ns.width, ns.frames) != (None, None, None):
+        raise UsageError("arguments --height/--width/--frames need --model (the embedded pipeline has a fixed size)")
     config = _config_from(ns)
     start = time.perf_counter()
     pipeline = _pipeline(ns, config)
@@ -216,22 +242,106 @@ def cmd_run(ns: argparse.Namespace, out: TextIO) -> int:
         label = f"denoising step {step}/{total}" if stage == "denoise" else f"{stage} {step}/{total}"
         print(f"  [{label}] {seconds:.2f}s", file=out, flush=True)
 
-    with _recording(ns.record_shapes) as recorded:
+    with _recording(ns.record_shapes) as recorded, trace() as calls:
         image = pipeline(ns.prompt, steps=ns.steps, seed=ns.seed, progress=progress)
-    if ns.record_shapes:
-        from .tuning import write_shapes
-
-        write_shapes(ns.record_shapes, recorded)
-        print(f"recorded {len(recorded)} attention call shapes to {ns.record_shapes}", file=out)
+    _write_recorded(ns.record_shapes, recorded, out)
     path = write_png(ns.output, image)
     print("components:", file=out)
     for line in _component_lines(pipeline, with_times=True):
         print(line, file=out)
     backend = DenoisingStage._infer_transformer_attention_backend(pipeline.modules["transformer"])
     print(f"transformer attention backend: {backend}", file=out)
+    print(calls.summary(), file=out)
     print(f"wrote {path} ({image.shape[-1]}x{image.shape[-2]} RGB PNG) in {time.perf_counter() - start:.2f}s total",
           file=out, flush=True)
     return 0
+
+
+def _run_model(ns: argparse.Namespace, out: TextIO) -> int:
+    """`attnsel run --model PATH`: a diffusers pipeline from a local folder, its attention routed through attnsel."""
+    import inspect
+
+    from .pipeline import PIPELINE_DTYPES
+    from .selection import cuda_unavailable_reason
+    from .tracing import trace
+
+    model = Path(ns.model)
+    if not model.is_dir():
+        raise UsageError(f"argument --model: {ns.model!r} is not a local folder (attnsel loads pipelines from disk "
+                         "only, without network: download the pipeline first and pass its folder)")
+    if not (model / "model_index.json").is_file():
+        raise UsageError(f"argument --model: {ns.model!r} has no model_index.json (not a diffusers pipeline folder)")
+    if ns.device.startswith("cuda") and cuda_unavailable_reason():
+        raise UsageError(f"argument --device: {ns.device}: {cuda_unavailable_reason()}")
+    try:
+        import diffusers
+        import transformers  # noqa: F401  (the text encoders)
+
+        from . import diffusers as adapter
+    except ImportError as err:
+        raise UsageError(f"argument --model needs diffusers and transformers ({err}): "
+                         "pip install 'attnsel[diffusers]'") from None
+    config = _config_from(ns)
+    for library in (diffusers, sys.modules["transformers"]):  # our lines only: no loading bars or library warnings
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()  # the denoising loop's bar stays
+    start = time.perf_counter()
+    try:
+        pipe = diffusers.DiffusionPipeline.from_pretrained(str(model), local_files_only=True,
+                                                           dtype=PIPELINE_DTYPES[ns.dtype])
+        pipe.to(ns.device)
+    except (OSError, ValueError, TypeError, ImportError) as err:
+        raise UsageError(f"argument --model: cannot load {ns.model!r}: {err}") from None
+    print(f"attnsel run: {type(pipe).__name__} from {ns.model} prompt={ns.prompt!r} steps={ns.steps} seed={ns.seed} "
+          f"device={ns.device} dtype={ns.dtype} ({_describe_config(config)}); loaded in "
+          f"{time.perf_counter() - start:.2f}s", file=out, flush=True)
+    report = adapter.apply(pipe, config)
+    adapter.check_runnable(report, ns.device, PIPELINE_DTYPES[ns.dtype])
+    print("attention layers:", file=out)
+    print(report, file=out, flush=True)
+
+    accepted = inspect.signature(pipe.__call__).parameters
+    kwargs = {"num_inference_steps": ns.steps, "output_type": "pil",
+              "generator": _generator(ns.device, ns.seed)}
+    for flag, name in (("height", "height"), ("width", "width"), ("frames", "num_frames")):
+        value = getattr(ns, flag)
+        if value is not None:
+            if name not in accepted:
+                raise UsageError(f"argument --{flag}: {type(pipe).__name__} takes no {name}")
+            kwargs[name] = value
+    with _recording(ns.record_shapes) as recorded, trace() as calls:
+        result = pipe(ns.prompt, **kwargs)
+    _write_recorded(ns.record_shapes, recorded, out)
+    frames = getattr(result, "frames", None)
+    if frames is not None:  # video pipelines: a batch of frame lists
+        path = _write_gif(Path(ns.output), list(frames[0]))
+        what = f"{len(frames[0])} frames, animated GIF"
+    else:
+        image = result.images[0]
+        path = Path(ns.output)
+        image.save(path, format="PNG")
+        what = f"{image.width}x{image.height} PNG"
+    print(calls.summary(), file=out)
+    print(f"wrote {path} ({what}) in {time.perf_counter() - start:.2f}s total", file=out, flush=True)
+    return 0
+
+
+def _generator(device: str, seed: int):
+    import torch
+
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _write_gif(output: Path, frames: list) -> Path:
+    try:
+        from PIL import Image
+    except ImportError:
+        raise UsageError("a video pipeline's frames are written as an animated GIF, which needs Pillow: "
+                         "pip install pillow") from None
+    path = output if output.suffix.lower() == ".gif" else output.with_suffix(".gif")
+    images = [f if isinstance(f, Image.Image) else Image.fromarray(f) for f in frames]
+    images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=125, loop=0)
+    return path
 
 
 def _feature_text(d: dict) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field

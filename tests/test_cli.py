@@ -49,7 +49,7 @@ def run_main(capsys, *argv):
 
 
 def component_line(out: str, name: str) -> str:
-    (line,) = [l for l in out.splitlines() if l.startswith("  ") and l.split()[0] == name]
+    (line,) = [l for l in out.splitlines() if l.startswith("  ") and l.split()[0] == name and "backend:" in l]
     return line
 
 
