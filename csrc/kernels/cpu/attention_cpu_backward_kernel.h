@@ -1,0 +1,270 @@
+// Shared CPU attention backward algorithm. Include ONLY from attention_cpu_backward{,_avx2}.cpp: everything is in
+// an anonymous namespace, so each unit (compiled with its own ISA flags) keeps a private copy (no ODR merging of
+// AVX code into the baseline path). The loops are written for the compiler to vectorise (axpy form, unit strides).
+//
+// FlashAttention-2 style, fp32 accumulation. With s = scale * q.k + mask, P = exp(s - lse) (recomputed from the
+// forward's log-sum-exp), dP = dO . V^T, dS = P * (dP - delta), delta = rowsum(dO * O) - d(lse):
+//   pass 1, one work item per (batch, kv head, key block): dV = sum P^T dO and dK = scale * sum dS^T Q over every
+//     query row of the kv head's query-head group (grouped-query heads summed without atomics);
+//   pass 2, one work item per (batch, query head, query block): dQ = scale * sum dS K.
+// Both passes recompute P and dP (7 block products instead of 5) so that every output has one writer and every
+// item is independent: no locks, no per-thread copies of dQ, and enough items to load every core even when
+// batch x heads is 1. Causal blocks that see no key are skipped.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <thread>
+#include <vector>
+
+#include "attention_cpu_backward.h"
+#include "attention_cpu_elements.h"
+
+namespace attnsel::cpu::detail {
+namespace {
+
+using kernels::MaskKind;
+using kernels::ScalarType;
+using i64 = std::int64_t;
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline i64 bmin(i64 a, i64 b) { return a < b ? a : b; }
+inline i64 bmax(i64 a, i64 b) { return a > b ? a : b; }
+inline i64 bceil_div(i64 a, i64 b) { return (a + b - 1) / b; }
+
+template <class T>
+inline void load_row(const T* s, i64 st, float* __restrict d, i64 n) {
+  if (st == 1) {
+    for (i64 i = 0; i < n; ++i) d[i] = to_f32(s[i]);
+  } else {
+    for (i64 i = 0; i < n; ++i) d[i] = to_f32(s[i * st]);
+  }
+}
+
+template <class T>
+inline void store_row(const float* __restrict s, float mul, T* d, i64 st, i64 n) {
+  for (i64 i = 0; i < n; ++i) from_f32(s[i] * mul, d + i * st);
+}
+
+// y += a * x
+inline void axpy(float a, const float* __restrict x, float* __restrict y, i64 n) {
+  for (i64 i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+inline float additive_mask_value(const void* m, ScalarType t, i64 off) {
+  switch (t) {
+    case ScalarType::BF16: return to_f32(static_cast<const Bf16*>(m)[off]);
+    case ScalarType::F16: return to_f32(static_cast<const Half*>(m)[off]);
+    default: return static_cast<const float*>(m)[off];
+  }
+}
+
+template <class E>
+struct Backward {
+  static constexpr i64 BQ = 64, BK = 64;  // query rows x keys per block
+
+  struct Plan {
+    const AttentionBackwardParams* p;
+    i64 group, n_qb, n_kb, n_items;
+    i64 next;  // work counter, shared by the workers
+  };
+
+  // Per-worker fp32 tiles.
+  struct Scratch {
+    std::vector<float> q, dout, kf, kt, vt, s, dp, acc_a, acc_b;
+    Scratch(i64 D, i64 Dv)
+        : q(BQ * D), dout(BQ * bmax(Dv, 1)), kf(BK * D), kt(D * BK), vt(bmax(Dv, 1) * BK), s(BQ * BK), dp(BQ * BK),
+          acc_a(bmax(BQ, BK) * D), acc_b(BK * bmax(Dv, 1)) {}
+  };
+
+  static const E* at(const void* base, const i64* st, i64 b, i64 h, i64 i) {
+    return static_cast<const E*>(base) + b * st[0] + h * st[1] + i * st[2];
+  }
+  static E* at_mut(void* base, const i64* st, i64 b, i64 h, i64 i) {
+    return static_cast<E*>(base) + b * st[0] + h * st[1] + i * st[2];
+  }
+
+  // Loads keys [j0, j0 + nk) of kv head hk: row-major into kf and transposed into kt; V transposed into vt.
+  static void load_kv(const AttentionBackwardParams& bp, Scratch& sc, i64 b, i64 hk, i64 j0, i64 nk) {
+    const auto& p = bp.fwd;
+    const i64 D = p.head_dim, Dv = p.head_dim_v;
+    for (i64 j = 0; j < nk; ++j) {
+      float* row = sc.kf.data() + j * D;
+      load_row(at(p.k, p.k_stride, b, hk, j0 + j), p.k_stride[3], row, D);
+      for (i64 d = 0; d < D; ++d) sc.kt[d * BK + j] = row[d];
+    }
+    float* vrow = sc.acc_b.data();  // free at this point in both passes (pass 1 zeroes it afterwards)
+    for (i64 j = 0; j < nk; ++j) {
+      load_row(at(p.v, p.v_stride, b, hk, j0 + j), p.v_stride[3], vrow, Dv);
+      for (i64 e = 0; e < Dv; ++e) sc.vt[e * BK + j] = vrow[e];
+    }
+  }
+
+  // Loads query rows [i0, i0 + nq) of head hq and their output gradients.
+  static void load_q(const AttentionBackwardParams& bp, Scratch& sc, i64 b, i64 hq, i64 i0, i64 nq) {
+    const auto& p = bp.fwd;
+    const i64 D = p.head_dim, Dv = p.head_dim_v;
+    for (i64 i = 0; i < nq; ++i) {
+      load_row(at(p.q, p.q_stride, b, hq, i0 + i), p.q_stride[3], sc.q.data() + i * D, D);
+      load_row(at(bp.dout, bp.dout_stride, b, hq, i0 + i), bp.dout_stride[3], sc.dout.data() + i * Dv, Dv);
+    }
+  }
+
+  // For the loaded query rows and key block: s <- P, dp <- dS (zero where a key is hidden or the row sees none).
+  static void tile(const AttentionBackwardParams& bp, Scratch& sc, i64 b, i64 hq, i64 i0, i64 nq, i64 j0, i64 nk) {
+    const auto& p = bp.fwd;
+    const i64 D = p.head_dim, Dv = p.head_dim_v;
+    const i64 row_base = (b * p.heads_q + hq) * p.seq_q;
+    for (i64 i = 0; i < nq; ++i) {
+      const i64 row = i0 + i;
+      float* __restrict s = sc.s.data() + i * BK;
+      float* __restrict dp = sc.dp.data() + i * BK;
+      const float lse = bp.lse[row_base + row];
+      // Keys this row can see inside the block (causal: j <= row).
+      const i64 nvis = p.causal ? bmin(nk, bmax(0, row - j0 + 1)) : nk;
+      if (lse == kNegInf || nvis == 0) {
+        std::memset(s, 0, sizeof(float) * BK);
+        std::memset(dp, 0, sizeof(float) * BK);
+        continue;
+      }
+      std::memset(s, 0, sizeof(float) * nvis);
+      const float* qrow = sc.q.data() + i * D;
+      for (i64 d = 0; d < D; ++d) axpy(qrow[d], sc.kt.data() + d * BK, s, nvis);
+      for (i64 j = 0; j < nvis; ++j) s[j] *= p.scale;
+      if (p.mask_kind != MaskKind::None) {
+        const i64* ms = p.mask_stride;
+        const i64 off = b * ms[0] + hq * ms[1] + row * ms[2] + j0 * ms[3];
+        if (p.mask_kind == MaskKind::Bool) {
+          const std::uint8_t* m = static_cast<const std::uint8_t*>(p.mask) + off;
+          for (i64 j = 0; j < nvis; ++j)
+            if (!m[j * ms[3]]) s[j] = kNegInf;
+        } else {
+          for (i64 j = 0; j < nvis; ++j) s[j] += additive_mask_value(p.mask, p.mask_dtype, off + j * ms[3]);
+        }
+      }
+      for (i64 j = 0; j < nvis; ++j) s[j] = std::exp(s[j] - lse);
+      for (i64 j = nvis; j < nk; ++j) s[j] = 0.f;
+      // dP = dO . V^T, then dS = P * (dP - delta).
+      std::memset(dp, 0, sizeof(float) * nvis);
+      const float* drow = sc.dout.data() + i * Dv;
+      for (i64 e = 0; e < Dv; ++e) axpy(drow[e], sc.vt.data() + e * BK, dp, nvis);
+      const float delta = bp.delta[row_base + row];
+      for (i64 j = 0; j < nvis; ++j) dp[j] = s[j] * (dp[j] - delta);
+      for (i64 j = nvis; j < nk; ++j) dp[j] = 0.f;
+    }
+  }
+
+  // Pass 1 item: dK, dV of one key block of one kv head.
+  static void kv_item(const Plan& pl, Scratch& sc, i64 item) {
+    const AttentionBackwardParams& bp = *pl.p;
+    const auto& p = bp.fwd;
+    const i64 D = p.head_dim, Dv = p.head_dim_v;
+    const i64 kb = item % pl.n_kb, bh = item / pl.n_kb, hk = bh % p.heads_kv, b = bh / p.heads_kv;
+    const i64 j0 = kb * BK, nk = bmin(BK, p.seq_kv - j0);
+    load_kv(bp, sc, b, hk, j0, nk);
+    float* dk = sc.acc_a.data();
+    float* dv = sc.acc_b.data();
+    std::memset(dk, 0, sizeof(float) * nk * D);
+    std::memset(dv, 0, sizeof(float) * nk * Dv);
+    for (i64 g = 0; g < pl.group; ++g) {
+      const i64 hq = hk * pl.group + g;
+      for (i64 i0 = p.causal ? j0 : 0; i0 < p.seq_q; i0 += BQ) {  // causal: rows before j0 see no key here
+        const i64 nq = bmin(BQ, p.seq_q - i0);
+        load_q(bp, sc, b, hq, i0, nq);
+        tile(bp, sc, b, hq, i0, nq, j0, nk);
+        for (i64 i = 0; i < nq; ++i) {
+          const float* P = sc.s.data() + i * BK;
+          const float* dS = sc.dp.data() + i * BK;
+          const float* drow = sc.dout.data() + i * Dv;
+          const float* qrow = sc.q.data() + i * D;
+          for (i64 j = 0; j < nk; ++j) {
+            if (P[j] != 0.f) axpy(P[j], drow, dv + j * Dv, Dv);
+            if (dS[j] != 0.f) axpy(dS[j], qrow, dk + j * D, D);
+          }
+          if (bp.dmask) {
+            float* dm = bp.dmask + (((b * p.heads_q + hq) * p.seq_q) + i0 + i) * p.seq_kv + j0;
+            std::memcpy(dm, dS, sizeof(float) * nk);
+          }
+        }
+      }
+    }
+    for (i64 j = 0; j < nk; ++j) {
+      store_row(dk + j * D, p.scale, at_mut(bp.dk, bp.dk_stride, b, hk, j0 + j), bp.dk_stride[3], D);
+      store_row(dv + j * Dv, 1.f, at_mut(bp.dv, bp.dv_stride, b, hk, j0 + j), bp.dv_stride[3], Dv);
+    }
+  }
+
+  // Pass 2 item: dQ of one query block of one query head.
+  static void q_item(const Plan& pl, Scratch& sc, i64 item) {
+    const AttentionBackwardParams& bp = *pl.p;
+    const auto& p = bp.fwd;
+    const i64 D = p.head_dim;
+    const i64 qb = item % pl.n_qb, bh = item / pl.n_qb, hq = bh % p.heads_q, b = bh / p.heads_q;
+    const i64 hk = hq / pl.group;
+    const i64 i0 = qb * BQ, nq = bmin(BQ, p.seq_q - i0);
+    const i64 key_end = p.causal ? bmin(p.seq_kv, i0 + nq) : p.seq_kv;  // causal: later keys are hidden
+    load_q(bp, sc, b, hq, i0, nq);
+    float* dq = sc.acc_a.data();
+    std::memset(dq, 0, sizeof(float) * nq * D);
+    for (i64 j0 = 0; j0 < key_end; j0 += BK) {
+      const i64 nk = bmin(BK, key_end - j0);
+      load_kv(bp, sc, b, hk, j0, nk);
+      tile(bp, sc, b, hq, i0, nq, j0, nk);
+      for (i64 i = 0; i < nq; ++i) {
+        const float* dS = sc.dp.data() + i * BK;
+        for (i64 j = 0; j < nk; ++j)
+          if (dS[j] != 0.f) axpy(dS[j], sc.kf.data() + j * D, dq + i * D, D);
+      }
+    }
+    for (i64 i = 0; i < nq; ++i)
+      store_row(dq + i * D, p.scale, at_mut(bp.dq, bp.dq_stride, b, hq, i0 + i), bp.dq_stride[3], D);
+  }
+
+  // Each chunk from the caller's parallel_for is "a free worker" pulling items from the shared counter (balances
+  // causal work, as the forward does).
+  template <void (*Item)(const Plan&, Scratch&, i64)>
+  static void chunk(void* ctx, i64 begin, i64 end) {
+    if (begin >= end) return;
+    Plan& pl = *static_cast<Plan*>(ctx);
+    i64 it = __atomic_fetch_add(&pl.next, 1, __ATOMIC_RELAXED);
+    if (it >= pl.n_items) return;
+    Scratch sc(pl.p->fwd.head_dim, pl.p->fwd.head_dim_v);
+    for (; it < pl.n_items; it = __atomic_fetch_add(&pl.next, 1, __ATOMIC_RELAXED)) Item(pl, sc, it);
+  }
+
+  template <void (*Item)(const Plan&, Scratch&, i64)>
+  static void run_pass(Plan& pl, i64 n_items) {
+    pl.n_items = n_items;
+    pl.next = 0;
+    if (n_items == 0) return;
+    const auto& p = pl.p->fwd;
+    if (p.parallel_for && n_items > 1) p.parallel_for(n_items, &pl, &chunk<Item>);
+    else chunk<Item>(&pl, 0, n_items);
+  }
+
+  static void run(const AttentionBackwardParams& bp) {
+    const auto& p = bp.fwd;
+    if (p.batch == 0 || p.heads_q == 0) return;
+    Plan pl;
+    pl.p = &bp;
+    pl.group = p.heads_q / p.heads_kv;
+    pl.n_qb = bceil_div(p.seq_q, BQ);
+    pl.n_kb = bceil_div(p.seq_kv, BK);
+    run_pass<&Backward::kv_item>(pl, p.batch * p.heads_kv * pl.n_kb);
+    run_pass<&Backward::q_item>(pl, p.batch * p.heads_q * pl.n_qb);
+  }
+};
+
+inline void run_backward(const AttentionBackwardParams& bp) {
+  switch (bp.fwd.dtype) {
+    case ScalarType::F32: Backward<float>::run(bp); break;
+    case ScalarType::BF16: Backward<Bf16>::run(bp); break;
+    case ScalarType::F16: Backward<Half>::run(bp); break;
+  }
+}
+
+}  // namespace
+}  // namespace attnsel::cpu::detail
