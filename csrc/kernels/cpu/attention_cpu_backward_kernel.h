@@ -1,6 +1,6 @@
 // Shared CPU attention backward algorithm. Include ONLY from attention_cpu_backward{,_avx2}.cpp: everything is in
 // an anonymous namespace, so each unit (compiled with its own ISA flags) keeps a private copy (no ODR merging of
-// AVX code into the baseline path). The loops are written for the compiler to vectorise (axpy form, unit strides).
+// AVX code into the baseline path). Block products run on a small register-blocked kernel written with GCC vector types.
 //
 // FlashAttention-2 style, fp32 accumulation. With s = scale * q.k + mask, P = exp(s - lse) (recomputed from the
 // forward's log-sum-exp), dP = dO . V^T, dS = P * (dP - delta), delta = rowsum(dO * O) - d(lse):
@@ -49,9 +49,92 @@ inline void store_row(const float* __restrict s, float mul, T* d, i64 st, i64 n)
   for (i64 i = 0; i < n; ++i) from_f32(s[i] * mul, d + i * st);
 }
 
-// y += a * x
-inline void axpy(float a, const float* __restrict x, float* __restrict y, i64 n) {
-  for (i64 i = 0; i < n; ++i) y[i] += a * x[i];
+// 8 floats as one GCC vector: one AVX register in the AVX2 unit, two SSE registers in the baseline one.
+typedef float v8 __attribute__((vector_size(32)));
+typedef std::int32_t vi8 __attribute__((vector_size(32)));
+
+inline v8 load8(const float* p) {
+  v8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
+inline v8 splat8(float x) { return v8{x, x, x, x, x, x, x, x}; }
+
+// exp(x) for x <= ~0 (scores minus their row's log-sum-exp); exactly 0 below -87 (masked keys stay exactly 0).
+// 2^n * e^y with n = round(x log2 e), |y| <= ln2/2, degree-7 Taylor polynomial: relative error ~1e-7.
+inline v8 exp8(v8 x) {
+  const v8 tiny = splat8(-87.f);
+  const auto dead = x < tiny;
+  x = dead ? tiny : x;
+  const v8 magic = splat8(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
+  const v8 t = x * splat8(1.44269504088896341f);
+  const v8 r = (t + magic) - magic;
+  const v8 y = (t - r) * splat8(0.69314718055994531f);
+  v8 p = splat8(1.f / 5040);
+  p = p * y + splat8(1.f / 720);
+  p = p * y + splat8(1.f / 120);
+  p = p * y + splat8(1.f / 24);
+  p = p * y + splat8(1.f / 6);
+  p = p * y + splat8(0.5f);
+  p = p * y + splat8(1.f);
+  p = p * y + splat8(1.f);
+  const vi8 n = __builtin_convertvector(r, vi8);
+  const v8 two_n = (v8)((n + 127) << 23);
+  return dead ? splat8(0.f) : p * two_n;
+}
+
+// C[m][n] += sum_k A(m, k) * B[k][n] for RM rows: A(m, k) = A[m * ars + k * aks]; B and C rows are contiguous.
+// Register block RM x 16 (two vectors per row); the K loop keeps C in registers.
+template <int RM>
+inline void gemm_rows(i64 N, i64 K, const float* A, i64 ars, i64 aks, const float* B, i64 ldb, float* C, i64 ldc) {
+  i64 n = 0;
+  for (; n + 16 <= N; n += 16) {
+    v8 c0[RM], c1[RM];
+    for (int r = 0; r < RM; ++r) c0[r] = load8(C + r * ldc + n), c1[r] = load8(C + r * ldc + n + 8);
+    for (i64 k = 0; k < K; ++k) {
+      const v8 b0 = load8(B + k * ldb + n), b1 = load8(B + k * ldb + n + 8);
+      for (int r = 0; r < RM; ++r) {
+        const v8 a = splat8(A[r * ars + k * aks]);
+        c0[r] += a * b0;
+        c1[r] += a * b1;
+      }
+    }
+    for (int r = 0; r < RM; ++r) store8(C + r * ldc + n, c0[r]), store8(C + r * ldc + n + 8, c1[r]);
+  }
+  for (; n + 8 <= N; n += 8) {
+    v8 c0[RM];
+    for (int r = 0; r < RM; ++r) c0[r] = load8(C + r * ldc + n);
+    for (i64 k = 0; k < K; ++k) {
+      const v8 b0 = load8(B + k * ldb + n);
+      for (int r = 0; r < RM; ++r) c0[r] += splat8(A[r * ars + k * aks]) * b0;
+    }
+    for (int r = 0; r < RM; ++r) store8(C + r * ldc + n, c0[r]);
+  }
+  for (; n < N; ++n) {
+    for (int r = 0; r < RM; ++r) {
+      float c = C[r * ldc + n];
+      for (i64 k = 0; k < K; ++k) c += A[r * ars + k * aks] * B[k * ldb + n];
+      C[r * ldc + n] = c;
+    }
+  }
+}
+
+inline void gemm(i64 M, i64 N, i64 K, const float* A, i64 ars, i64 aks, const float* B, i64 ldb, float* C,
+                 i64 ldc) {
+  constexpr int RM = 6;
+  i64 m = 0;
+  for (; m + RM <= M; m += RM) gemm_rows<RM>(N, K, A + m * ars, ars, aks, B, ldb, C + m * ldc, ldc);
+  const float* a = A + m * ars;
+  float* c = C + m * ldc;
+  switch (M - m) {
+    case 5: gemm_rows<5>(N, K, a, ars, aks, B, ldb, c, ldc); break;
+    case 4: gemm_rows<4>(N, K, a, ars, aks, B, ldb, c, ldc); break;
+    case 3: gemm_rows<3>(N, K, a, ars, aks, B, ldb, c, ldc); break;
+    case 2: gemm_rows<2>(N, K, a, ars, aks, B, ldb, c, ldc); break;
+    case 1: gemm_rows<1>(N, K, a, ars, aks, B, ldb, c, ldc); break;
+    default: break;
+  }
 }
 
 inline float additive_mask_value(const void* m, ScalarType t, i64 off) {
@@ -118,10 +201,17 @@ struct Backward {
     const auto& p = bp.fwd;
     const i64 D = p.head_dim, Dv = p.head_dim_v;
     const i64 row_base = (b * p.heads_q + hq) * p.seq_q;
+    float* S = sc.s.data();
+    float* dP = sc.dp.data();
+    const i64 nk8 = (nk + 7) / 8 * 8;  // rows are BK (a multiple of 8) long: vector loops round up
+    for (i64 i = 0; i < nq; ++i) std::memset(S + i * BK, 0, sizeof(float) * nk8);
+    gemm(nq, nk, D, sc.q.data(), D, 1, sc.kt.data(), BK, S, BK);
+    for (i64 i = 0; i < nq; ++i) std::memset(dP + i * BK, 0, sizeof(float) * nk8);
+    gemm(nq, nk, Dv, sc.dout.data(), Dv, 1, sc.vt.data(), BK, dP, BK);
     for (i64 i = 0; i < nq; ++i) {
       const i64 row = i0 + i;
-      float* __restrict s = sc.s.data() + i * BK;
-      float* __restrict dp = sc.dp.data() + i * BK;
+      float* __restrict s = S + i * BK;
+      float* __restrict dp = dP + i * BK;
       const float lse = bp.lse[row_base + row];
       // Keys this row can see inside the block (causal: j <= row).
       const i64 nvis = p.causal ? bmin(nk, bmax(0, row - j0 + 1)) : nk;
@@ -130,9 +220,6 @@ struct Backward {
         std::memset(dp, 0, sizeof(float) * BK);
         continue;
       }
-      std::memset(s, 0, sizeof(float) * nvis);
-      const float* qrow = sc.q.data() + i * D;
-      for (i64 d = 0; d < D; ++d) axpy(qrow[d], sc.kt.data() + d * BK, s, nvis);
       for (i64 j = 0; j < nvis; ++j) s[j] *= p.scale;
       if (p.mask_kind != MaskKind::None) {
         const i64* ms = p.mask_stride;
@@ -145,15 +232,13 @@ struct Backward {
           for (i64 j = 0; j < nvis; ++j) s[j] += additive_mask_value(p.mask, p.mask_dtype, off + j * ms[3]);
         }
       }
-      for (i64 j = 0; j < nvis; ++j) s[j] = std::exp(s[j] - lse);
-      for (i64 j = nvis; j < nk; ++j) s[j] = 0.f;
-      // dP = dO . V^T, then dS = P * (dP - delta).
-      std::memset(dp, 0, sizeof(float) * nvis);
-      const float* drow = sc.dout.data() + i * Dv;
-      for (i64 e = 0; e < Dv; ++e) axpy(drow[e], sc.vt.data() + e * BK, dp, nvis);
-      const float delta = bp.delta[row_base + row];
-      for (i64 j = 0; j < nvis; ++j) dp[j] = s[j] * (dp[j] - delta);
-      for (i64 j = nvis; j < nk; ++j) dp[j] = 0.f;
+      for (i64 j = nvis; j < nk8; ++j) s[j] = kNegInf;
+      const v8 l = splat8(lse), delta = splat8(bp.delta[row_base + row]);
+      for (i64 j = 0; j < nk8; j += 8) {
+        const v8 pr = exp8(load8(s + j) - l);
+        store8(s + j, pr);
+        store8(dp + j, pr * (load8(dp + j) - delta));  // dS = P * (dP - delta)
+      }
     }
   }
 
@@ -175,18 +260,12 @@ struct Backward {
         const i64 nq = bmin(BQ, p.seq_q - i0);
         load_q(bp, sc, b, hq, i0, nq);
         tile(bp, sc, b, hq, i0, nq, j0, nk);
-        for (i64 i = 0; i < nq; ++i) {
-          const float* P = sc.s.data() + i * BK;
-          const float* dS = sc.dp.data() + i * BK;
-          const float* drow = sc.dout.data() + i * Dv;
-          const float* qrow = sc.q.data() + i * D;
-          for (i64 j = 0; j < nk; ++j) {
-            if (P[j] != 0.f) axpy(P[j], drow, dv + j * Dv, Dv);
-            if (dS[j] != 0.f) axpy(dS[j], qrow, dk + j * D, D);
-          }
-          if (bp.dmask) {
+        gemm(nk, Dv, nq, sc.s.data(), 1, BK, sc.dout.data(), Dv, dv, Dv);  // dV += P^T dO
+        gemm(nk, D, nq, sc.dp.data(), 1, BK, sc.q.data(), D, dk, D);       // dK += dS^T Q
+        if (bp.dmask) {
+          for (i64 i = 0; i < nq; ++i) {
             float* dm = bp.dmask + (((b * p.heads_q + hq) * p.seq_q) + i0 + i) * p.seq_kv + j0;
-            std::memcpy(dm, dS, sizeof(float) * nk);
+            std::memcpy(dm, sc.dp.data() + i * BK, sizeof(float) * nk);
           }
         }
       }
@@ -213,11 +292,7 @@ struct Backward {
       const i64 nk = bmin(BK, key_end - j0);
       load_kv(bp, sc, b, hk, j0, nk);
       tile(bp, sc, b, hq, i0, nq, j0, nk);
-      for (i64 i = 0; i < nq; ++i) {
-        const float* dS = sc.dp.data() + i * BK;
-        for (i64 j = 0; j < nk; ++j)
-          if (dS[j] != 0.f) axpy(dS[j], sc.kf.data() + j * D, dq + i * D, D);
-      }
+      gemm(nq, D, nk, sc.dp.data(), BK, 1, sc.kf.data(), D, dq, D);  // dQ += dS K
     }
     for (i64 i = 0; i < nq; ++i)
       store_row(dq + i * D, p.scale, at_mut(bp.dq, bp.dq_stride, b, hq, i0 + i), bp.dq_stride[3], D);
