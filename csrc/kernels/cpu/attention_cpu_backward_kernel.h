@@ -17,6 +17,7 @@
 #include <cstring>
 #include <limits>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "attention_cpu_backward.h"
@@ -49,70 +50,81 @@ inline void store_row(const float* __restrict s, float mul, T* d, i64 st, i64 n)
   for (i64 i = 0; i < n; ++i) from_f32(s[i] * mul, d + i * st);
 }
 
-// 8 floats as one GCC vector: one AVX register in the AVX2 unit, two SSE registers in the baseline one.
-typedef float v8 __attribute__((vector_size(32)));
-typedef std::int32_t vi8 __attribute__((vector_size(32)));
+// VW floats as one GCC vector: the including unit sets ATTNSEL_BWD_VEC_WIDTH (16 for AVX-512, 8 otherwise; the
+// baseline unit's 8-wide vectors become pairs of SSE registers).
+#ifndef ATTNSEL_BWD_VEC_WIDTH
+#define ATTNSEL_BWD_VEC_WIDTH 8
+#endif
+constexpr int VW = ATTNSEL_BWD_VEC_WIDTH;
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef std::int32_t vi __attribute__((vector_size(VW * 4)));
 
-inline v8 load8(const float* p) {
-  v8 v;
+inline vf loadv(const float* p) {
+  vf v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
-inline v8 splat8(float x) { return v8{x, x, x, x, x, x, x, x}; }
+inline void storev(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+// Every lane x ({} + x would cost a scalar add before the broadcast: 0 + x is not x for x = -0).
+template <std::size_t... I>
+inline vf splat_lanes(float x, std::index_sequence<I...>) {
+  return vf{((void)I, x)...};
+}
+inline vf splat(float x) { return splat_lanes(x, std::make_index_sequence<VW>{}); }
 
 // exp(x) for x <= ~0 (scores minus their row's log-sum-exp); exactly 0 below -87 (masked keys stay exactly 0).
 // 2^n * e^y with n = round(x log2 e), |y| <= ln2/2, degree-7 Taylor polynomial: relative error ~1e-7.
-inline v8 exp8(v8 x) {
-  const v8 tiny = splat8(-87.f);
+inline vf expv(vf x) {
+  const vf tiny = splat(-87.f);
   const auto dead = x < tiny;
   x = dead ? tiny : x;
-  const v8 magic = splat8(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
-  const v8 t = x * splat8(1.44269504088896341f);
-  const v8 r = (t + magic) - magic;
-  const v8 y = (t - r) * splat8(0.69314718055994531f);
-  v8 p = splat8(1.f / 5040);
-  p = p * y + splat8(1.f / 720);
-  p = p * y + splat8(1.f / 120);
-  p = p * y + splat8(1.f / 24);
-  p = p * y + splat8(1.f / 6);
-  p = p * y + splat8(0.5f);
-  p = p * y + splat8(1.f);
-  p = p * y + splat8(1.f);
-  const vi8 n = __builtin_convertvector(r, vi8);
-  const v8 two_n = (v8)((n + 127) << 23);
-  return dead ? splat8(0.f) : p * two_n;
+  const vf magic = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
+  const vf t = x * splat(1.44269504088896341f);
+  const vf r = (t + magic) - magic;
+  const vf y = (t - r) * splat(0.69314718055994531f);
+  vf p = splat(1.f / 5040);
+  p = p * y + splat(1.f / 720);
+  p = p * y + splat(1.f / 120);
+  p = p * y + splat(1.f / 24);
+  p = p * y + splat(1.f / 6);
+  p = p * y + splat(0.5f);
+  p = p * y + splat(1.f);
+  p = p * y + splat(1.f);
+  const vi n = __builtin_convertvector(r, vi);
+  const vf two_n = (vf)((n + 127) << 23);
+  return dead ? splat(0.f) : p * two_n;
 }
 
 // C[m][n] += sum_k A(m, k) * B[k][n] for RM rows: A(m, k) = A[m * ars + k * aks]; B and C rows are contiguous.
-// Register block RM x 16 (two vectors per row); the K loop keeps C in registers.
+// Register block RM x 2VW (two vectors per row); the K loop keeps C in registers. Not inlined: inlined into the
+// callers, GCC kept the accumulators on the stack.
 template <int RM>
-inline void gemm_rows(i64 N, i64 K, const float* A, i64 ars, i64 aks, const float* B, i64 ldb, float* C, i64 ldc) {
+__attribute__((noinline)) void gemm_rows(i64 N, i64 K, const float* A, i64 ars, i64 aks, const float* B, i64 ldb, float* C, i64 ldc) {
   i64 n = 0;
-  for (; n + 16 <= N; n += 16) {
-    v8 c0[RM], c1[RM];
-    for (int r = 0; r < RM; ++r) c0[r] = load8(C + r * ldc + n), c1[r] = load8(C + r * ldc + n + 8);
+  for (; n + 2 * VW <= N; n += 2 * VW) {
+    vf c0[RM], c1[RM];
+    _Pragma("GCC unroll 8") for (int r = 0; r < RM; ++r) c0[r] = loadv(C + r * ldc + n), c1[r] = loadv(C + r * ldc + n + VW);
     for (i64 k = 0; k < K; ++k) {
-      const v8 b0 = load8(B + k * ldb + n), b1 = load8(B + k * ldb + n + 8);
-      for (int r = 0; r < RM; ++r) {
-        const v8 a = splat8(A[r * ars + k * aks]);
+      const vf b0 = loadv(B + k * ldb + n), b1 = loadv(B + k * ldb + n + VW);
+      _Pragma("GCC unroll 8") for (int r = 0; r < RM; ++r) {
+        const vf a = splat(A[r * ars + k * aks]);
         c0[r] += a * b0;
         c1[r] += a * b1;
       }
     }
-    for (int r = 0; r < RM; ++r) store8(C + r * ldc + n, c0[r]), store8(C + r * ldc + n + 8, c1[r]);
+    _Pragma("GCC unroll 8") for (int r = 0; r < RM; ++r) storev(C + r * ldc + n, c0[r]), storev(C + r * ldc + n + VW, c1[r]);
   }
-  for (; n + 8 <= N; n += 8) {
-    v8 c0[RM];
-    for (int r = 0; r < RM; ++r) c0[r] = load8(C + r * ldc + n);
+  for (; n + VW <= N; n += VW) {
+    vf c0[RM];
+    _Pragma("GCC unroll 8") for (int r = 0; r < RM; ++r) c0[r] = loadv(C + r * ldc + n);
     for (i64 k = 0; k < K; ++k) {
-      const v8 b0 = load8(B + k * ldb + n);
-      for (int r = 0; r < RM; ++r) c0[r] += splat8(A[r * ars + k * aks]) * b0;
+      const vf b0 = loadv(B + k * ldb + n);
+      _Pragma("GCC unroll 8") for (int r = 0; r < RM; ++r) c0[r] += splat(A[r * ars + k * aks]) * b0;
     }
-    for (int r = 0; r < RM; ++r) store8(C + r * ldc + n, c0[r]);
+    _Pragma("GCC unroll 8") for (int r = 0; r < RM; ++r) storev(C + r * ldc + n, c0[r]);
   }
   for (; n < N; ++n) {
-    for (int r = 0; r < RM; ++r) {
+    _Pragma("GCC unroll 8") for (int r = 0; r < RM; ++r) {
       float c = C[r * ldc + n];
       for (i64 k = 0; k < K; ++k) c += A[r * ars + k * aks] * B[k * ldb + n];
       C[r * ldc + n] = c;
@@ -147,7 +159,7 @@ inline float additive_mask_value(const void* m, ScalarType t, i64 off) {
 
 template <class E>
 struct Backward {
-  static constexpr i64 BQ = 64, BK = 64;  // query rows x keys per block
+  static constexpr i64 BQ = 64, BK = 64;  // query rows x keys per block (BK: a multiple of VW)
 
   struct Plan {
     const AttentionBackwardParams* p;
@@ -203,7 +215,7 @@ struct Backward {
     const i64 row_base = (b * p.heads_q + hq) * p.seq_q;
     float* S = sc.s.data();
     float* dP = sc.dp.data();
-    const i64 nk8 = (nk + 7) / 8 * 8;  // rows are BK (a multiple of 8) long: vector loops round up
+    const i64 nk8 = (nk + VW - 1) / VW * VW;  // rows are BK (a multiple of VW) long: vector loops round up
     for (i64 i = 0; i < nq; ++i) std::memset(S + i * BK, 0, sizeof(float) * nk8);
     gemm(nq, nk, D, sc.q.data(), D, 1, sc.kt.data(), BK, S, BK);
     for (i64 i = 0; i < nq; ++i) std::memset(dP + i * BK, 0, sizeof(float) * nk8);
@@ -233,11 +245,11 @@ struct Backward {
         }
       }
       for (i64 j = nvis; j < nk8; ++j) s[j] = kNegInf;
-      const v8 l = splat8(lse), delta = splat8(bp.delta[row_base + row]);
-      for (i64 j = 0; j < nk8; j += 8) {
-        const v8 pr = exp8(load8(s + j) - l);
-        store8(s + j, pr);
-        store8(dp + j, pr * (load8(dp + j) - delta));  // dS = P * (dP - delta)
+      const vf l = splat(lse), delta = splat(bp.delta[row_base + row]);
+      for (i64 j = 0; j < nk8; j += VW) {
+        const vf pr = expv(loadv(s + j) - l);
+        storev(s + j, pr);
+        storev(dp + j, pr * (loadv(dp + j) - delta));  // dS = P * (dP - delta)
       }
     }
   }
