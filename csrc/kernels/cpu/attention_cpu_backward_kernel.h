@@ -4,12 +4,14 @@
 //
 // FlashAttention-2 style, fp32 accumulation. With s = scale * q.k + mask, P = exp(s - lse) (recomputed from the
 // forward's log-sum-exp), dP = dO . V^T, dS = P * (dP - delta), delta = rowsum(dO * O) - d(lse):
-//   pass 1, one work item per (batch, kv head, key block): dV = sum P^T dO and dK = scale * sum dS^T Q over every
-//     query row of the kv head's query-head group (grouped-query heads summed without atomics);
-//   pass 2, one work item per (batch, query head, query block): dQ = scale * sum dS K.
-// Both passes recompute P and dP (7 block products instead of 5) so that every output has one writer and every
-// item is independent: no locks, no per-thread copies of dQ, and enough items to load every core even when
-// batch x heads is 1. Causal blocks that see no key are skipped.
+//   dV = sum P^T dO, dK = scale * sum dS^T Q (over the kv head's whole query-head group: grouped-query heads are
+//   summed without atomics), dQ = scale * sum dS K. Two schedules:
+//   * fused (enough batch x kv heads to load every core): one work item per (batch, kv head) walks its key blocks
+//     and, per block, every query block of the group: 5 block products per tile, dQ summed in an fp32 buffer;
+//   * split (few heads, e.g. a VAE's single head): pass 1 has one item per (batch, kv head, key block) for dK, dV,
+//     pass 2 one per (batch, query head, query block) for dQ; both recompute P and dP (7 block products instead
+//     of 5), but every output keeps one writer and there are items for every core.
+// Causal blocks that see no key are skipped.
 #pragma once
 
 #include <cmath>
@@ -170,6 +172,7 @@ struct Backward {
   // Per-worker fp32 tiles.
   struct Scratch {
     std::vector<float> q, dout, kf, kt, vt, s, dp, acc_a, acc_b;
+    std::vector<float> dq_group;  // fused schedule: dQ of a kv head's query-head group, [G][Sq][D]
     Scratch(i64 D, i64 Dv)
         : q(BQ * D), dout(BQ * bmax(Dv, 1)), kf(BK * D), kt(D * BK), vt(bmax(Dv, 1) * BK), s(BQ * BK), dp(BQ * BK),
           acc_a(bmax(BQ, BK) * D), acc_b(BK * bmax(Dv, 1)) {}
@@ -254,6 +257,26 @@ struct Backward {
     }
   }
 
+  // The mask's gradient is dS itself (the mask is added to the scaled scores).
+  static void write_dmask(const AttentionBackwardParams& bp, const Scratch& sc, i64 b, i64 hq, i64 i0, i64 nq,
+                          i64 j0, i64 nk) {
+    const auto& p = bp.fwd;
+    for (i64 i = 0; i < nq; ++i) {
+      float* dm = bp.dmask + (((b * p.heads_q + hq) * p.seq_q) + i0 + i) * p.seq_kv + j0;
+      std::memcpy(dm, sc.dp.data() + i * BK, sizeof(float) * nk);
+    }
+  }
+
+  static void store_kv_grads(const AttentionBackwardParams& bp, const float* dk, const float* dv, i64 b, i64 hk,
+                             i64 j0, i64 nk) {
+    const auto& p = bp.fwd;
+    const i64 D = p.head_dim, Dv = p.head_dim_v;
+    for (i64 j = 0; j < nk; ++j) {
+      store_row(dk + j * D, p.scale, at_mut(bp.dk, bp.dk_stride, b, hk, j0 + j), bp.dk_stride[3], D);
+      store_row(dv + j * Dv, 1.f, at_mut(bp.dv, bp.dv_stride, b, hk, j0 + j), bp.dv_stride[3], Dv);
+    }
+  }
+
   // Pass 1 item: dK, dV of one key block of one kv head.
   static void kv_item(const Plan& pl, Scratch& sc, i64 item) {
     const AttentionBackwardParams& bp = *pl.p;
@@ -274,18 +297,44 @@ struct Backward {
         tile(bp, sc, b, hq, i0, nq, j0, nk);
         gemm(nk, Dv, nq, sc.s.data(), 1, BK, sc.dout.data(), Dv, dv, Dv);  // dV += P^T dO
         gemm(nk, D, nq, sc.dp.data(), 1, BK, sc.q.data(), D, dk, D);       // dK += dS^T Q
-        if (bp.dmask) {
-          for (i64 i = 0; i < nq; ++i) {
-            float* dm = bp.dmask + (((b * p.heads_q + hq) * p.seq_q) + i0 + i) * p.seq_kv + j0;
-            std::memcpy(dm, sc.dp.data() + i * BK, sizeof(float) * nk);
-          }
-        }
+        if (bp.dmask) write_dmask(bp, sc, b, hq, i0, nq, j0, nk);
       }
     }
-    for (i64 j = 0; j < nk; ++j) {
-      store_row(dk + j * D, p.scale, at_mut(bp.dk, bp.dk_stride, b, hk, j0 + j), bp.dk_stride[3], D);
-      store_row(dv + j * Dv, 1.f, at_mut(bp.dv, bp.dv_stride, b, hk, j0 + j), bp.dv_stride[3], Dv);
+    store_kv_grads(bp, dk, dv, b, hk, j0, nk);
+  }
+
+  // Fused item: dK, dV of every key block of one kv head and dQ of its query-head group.
+  static void head_item(const Plan& pl, Scratch& sc, i64 item) {
+    const AttentionBackwardParams& bp = *pl.p;
+    const auto& p = bp.fwd;
+    const i64 D = p.head_dim, Dv = p.head_dim_v, Sq = p.seq_q;
+    const i64 hk = item % p.heads_kv, b = item / p.heads_kv;
+    sc.dq_group.assign(pl.group * Sq * D, 0.f);
+    float* dk = sc.acc_a.data();
+    float* dv = sc.acc_b.data();
+    for (i64 j0 = 0; j0 < p.seq_kv; j0 += BK) {
+      const i64 nk = bmin(BK, p.seq_kv - j0);
+      load_kv(bp, sc, b, hk, j0, nk);
+      std::memset(dk, 0, sizeof(float) * nk * D);
+      std::memset(dv, 0, sizeof(float) * nk * Dv);
+      for (i64 g = 0; g < pl.group; ++g) {
+        const i64 hq = hk * pl.group + g;
+        for (i64 i0 = p.causal ? j0 : 0; i0 < Sq; i0 += BQ) {
+          const i64 nq = bmin(BQ, Sq - i0);
+          load_q(bp, sc, b, hq, i0, nq);
+          tile(bp, sc, b, hq, i0, nq, j0, nk);
+          gemm(nk, Dv, nq, sc.s.data(), 1, BK, sc.dout.data(), Dv, dv, Dv);                     // dV += P^T dO
+          gemm(nk, D, nq, sc.dp.data(), 1, BK, sc.q.data(), D, dk, D);                          // dK += dS^T Q
+          gemm(nq, D, nk, sc.dp.data(), BK, 1, sc.kf.data(), D, sc.dq_group.data() + (g * Sq + i0) * D, D);  // dQ
+          if (bp.dmask) write_dmask(bp, sc, b, hq, i0, nq, j0, nk);
+        }
+      }
+      store_kv_grads(bp, dk, dv, b, hk, j0, nk);
     }
+    for (i64 g = 0; g < pl.group; ++g)
+      for (i64 i = 0; i < Sq; ++i)
+        store_row(sc.dq_group.data() + (g * Sq + i) * D, p.scale,
+                  at_mut(bp.dq, bp.dq_stride, b, hk * pl.group + g, i), bp.dq_stride[3], D);
   }
 
   // Pass 2 item: dQ of one query block of one query head.
@@ -340,8 +389,14 @@ struct Backward {
     pl.group = p.heads_q / p.heads_kv;
     pl.n_qb = bceil_div(p.seq_q, BQ);
     pl.n_kb = bceil_div(p.seq_kv, BK);
-    run_pass<&Backward::kv_item>(pl, p.batch * p.heads_kv * pl.n_kb);
-    run_pass<&Backward::q_item>(pl, p.batch * p.heads_q * pl.n_qb);
+    static const i64 cores = bmax(1, i64(std::thread::hardware_concurrency()));  // (a syscall: ask once)
+    const i64 heads = p.batch * p.heads_kv;
+    if (heads >= 2 * cores || (pl.n_kb <= 1 && pl.n_qb <= 1)) {
+      run_pass<&Backward::head_item>(pl, heads);
+    } else {
+      run_pass<&Backward::kv_item>(pl, heads * pl.n_kb);
+      run_pass<&Backward::q_item>(pl, p.batch * p.heads_q * pl.n_qb);
+    }
   }
 };
 
