@@ -172,7 +172,10 @@ struct Backward {
   // Per-worker fp32 tiles.
   struct Scratch {
     std::vector<float> q, dout, kf, kt, vt, s, dp, acc_a, acc_b;
-    std::vector<float> dq_group;  // fused schedule: dQ of a kv head's query-head group, [G][Sq][D]
+    // Fused schedule: a kv head's query-head group converted once, [G][Sq][D] and [G][Sq][Dv], and its dQ.
+    std::vector<float> q_group, dout_group, dq_group;
+    const float* qb = nullptr;    // the current query block's rows, [nq][D] ...
+    const float* doutb = nullptr;  // ... and their output gradients, [nq][Dv]
     Scratch(i64 D, i64 Dv)
         : q(BQ * D), dout(BQ * bmax(Dv, 1)), kf(BK * D), kt(D * BK), vt(bmax(Dv, 1) * BK), s(BQ * BK), dp(BQ * BK),
           acc_a(bmax(BQ, BK) * D), acc_b(BK * bmax(Dv, 1)) {}
@@ -209,6 +212,8 @@ struct Backward {
       load_row(at(p.q, p.q_stride, b, hq, i0 + i), p.q_stride[3], sc.q.data() + i * D, D);
       load_row(at(bp.dout, bp.dout_stride, b, hq, i0 + i), bp.dout_stride[3], sc.dout.data() + i * Dv, Dv);
     }
+    sc.qb = sc.q.data();
+    sc.doutb = sc.dout.data();
   }
 
   // For the loaded query rows and key block: s <- P, dp <- dS (zero where a key is hidden or the row sees none).
@@ -220,9 +225,9 @@ struct Backward {
     float* dP = sc.dp.data();
     const i64 nk8 = (nk + VW - 1) / VW * VW;  // rows are BK (a multiple of VW) long: vector loops round up
     for (i64 i = 0; i < nq; ++i) std::memset(S + i * BK, 0, sizeof(float) * nk8);
-    gemm(nq, nk, D, sc.q.data(), D, 1, sc.kt.data(), BK, S, BK);
+    gemm(nq, nk, D, sc.qb, D, 1, sc.kt.data(), BK, S, BK);
     for (i64 i = 0; i < nq; ++i) std::memset(dP + i * BK, 0, sizeof(float) * nk8);
-    gemm(nq, nk, Dv, sc.dout.data(), Dv, 1, sc.vt.data(), BK, dP, BK);
+    gemm(nq, nk, Dv, sc.doutb, Dv, 1, sc.vt.data(), BK, dP, BK);
     for (i64 i = 0; i < nq; ++i) {
       const i64 row = i0 + i;
       float* __restrict s = S + i * BK;
@@ -295,8 +300,8 @@ struct Backward {
         const i64 nq = bmin(BQ, p.seq_q - i0);
         load_q(bp, sc, b, hq, i0, nq);
         tile(bp, sc, b, hq, i0, nq, j0, nk);
-        gemm(nk, Dv, nq, sc.s.data(), 1, BK, sc.dout.data(), Dv, dv, Dv);  // dV += P^T dO
-        gemm(nk, D, nq, sc.dp.data(), 1, BK, sc.q.data(), D, dk, D);       // dK += dS^T Q
+        gemm(nk, Dv, nq, sc.s.data(), 1, BK, sc.doutb, Dv, dv, Dv);  // dV += P^T dO
+        gemm(nk, D, nq, sc.dp.data(), 1, BK, sc.qb, D, dk, D);       // dK += dS^T Q
         if (bp.dmask) write_dmask(bp, sc, b, hq, i0, nq, j0, nk);
       }
     }
@@ -310,6 +315,16 @@ struct Backward {
     const i64 D = p.head_dim, Dv = p.head_dim_v, Sq = p.seq_q;
     const i64 hk = item % p.heads_kv, b = item / p.heads_kv;
     sc.dq_group.assign(pl.group * Sq * D, 0.f);
+    sc.q_group.resize(pl.group * Sq * D);
+    sc.dout_group.resize(pl.group * Sq * Dv);
+    for (i64 g = 0; g < pl.group; ++g) {
+      const i64 hq = hk * pl.group + g;
+      for (i64 i = 0; i < Sq; ++i) {
+        load_row(at(p.q, p.q_stride, b, hq, i), p.q_stride[3], sc.q_group.data() + (g * Sq + i) * D, D);
+        load_row(at(bp.dout, bp.dout_stride, b, hq, i), bp.dout_stride[3], sc.dout_group.data() + (g * Sq + i) * Dv,
+                 Dv);
+      }
+    }
     float* dk = sc.acc_a.data();
     float* dv = sc.acc_b.data();
     for (i64 j0 = 0; j0 < p.seq_kv; j0 += BK) {
@@ -321,10 +336,11 @@ struct Backward {
         const i64 hq = hk * pl.group + g;
         for (i64 i0 = p.causal ? j0 : 0; i0 < Sq; i0 += BQ) {
           const i64 nq = bmin(BQ, Sq - i0);
-          load_q(bp, sc, b, hq, i0, nq);
+          sc.qb = sc.q_group.data() + (g * Sq + i0) * D;
+          sc.doutb = sc.dout_group.data() + (g * Sq + i0) * Dv;
           tile(bp, sc, b, hq, i0, nq, j0, nk);
-          gemm(nk, Dv, nq, sc.s.data(), 1, BK, sc.dout.data(), Dv, dv, Dv);                     // dV += P^T dO
-          gemm(nk, D, nq, sc.dp.data(), 1, BK, sc.q.data(), D, dk, D);                          // dK += dS^T Q
+          gemm(nk, Dv, nq, sc.s.data(), 1, BK, sc.doutb, Dv, dv, Dv);                     // dV += P^T dO
+          gemm(nk, D, nq, sc.dp.data(), 1, BK, sc.qb, D, dk, D);                          // dK += dS^T Q
           gemm(nq, D, nk, sc.dp.data(), BK, 1, sc.kf.data(), D, sc.dq_group.data() + (g * Sq + i0) * D, D);  // dQ
           if (bp.dmask) write_dmask(bp, sc, b, hq, i0, nq, j0, nk);
         }
