@@ -28,6 +28,7 @@
 namespace attnsel::cpu::detail {
 namespace {
 
+using kernels::AttentionParams;
 using kernels::MaskKind;
 using kernels::ScalarType;
 using i64 = std::int64_t;
@@ -167,6 +168,10 @@ struct Backward {
     const AttentionBackwardParams* p;
     i64 group, n_qb, n_kb, n_items;
     i64 next;  // work counter, shared by the workers
+    // Split schedule: every kv head's K (row-major) and K^T, V^T (rows padded to skp keys) in fp32, converted
+    // once instead of once per tile; per head: [Sk][D], [D][skp], [Dv][skp]. Null in the fused schedule.
+    float* kv_cache = nullptr;
+    i64 skp = 0, head_floats = 0;
   };
 
   // Per-worker fp32 tiles.
@@ -176,6 +181,10 @@ struct Backward {
     std::vector<float> q_group, dout_group, dq_group;
     const float* qb = nullptr;    // the current query block's rows, [nq][D] ...
     const float* doutb = nullptr;  // ... and their output gradients, [nq][Dv]
+    const float* kfb = nullptr;    // the current key block: K rows [nk][D] ...
+    const float* ktb = nullptr;    // ... K^T [D][ldt] and V^T [Dv][ldt]
+    const float* vtb = nullptr;
+    i64 ldt = BK;
     Scratch(i64 D, i64 Dv)
         : q(BQ * D), dout(BQ * bmax(Dv, 1)), kf(BK * D), kt(D * BK), vt(bmax(Dv, 1) * BK), s(BQ * BK), dp(BQ * BK),
           acc_a(bmax(BQ, BK) * D), acc_b(BK * bmax(Dv, 1)) {}
@@ -188,20 +197,47 @@ struct Backward {
     return static_cast<E*>(base) + b * st[0] + h * st[1] + i * st[2];
   }
 
-  // Loads keys [j0, j0 + nk) of kv head hk: row-major into kf and transposed into kt; V transposed into vt.
-  static void load_kv(const AttentionBackwardParams& bp, Scratch& sc, i64 b, i64 hk, i64 j0, i64 nk) {
-    const auto& p = bp.fwd;
+  // Points the scratch at keys [j0, j0 + nk) of kv head hk: K rows, K^T and V^T in fp32 (from the split
+  // schedule's cache, or converted into the scratch).
+  static void load_kv(const Plan& pl, Scratch& sc, i64 b, i64 hk, i64 j0, i64 nk) {
+    const auto& p = pl.p->fwd;
+    const i64 D = p.head_dim, Dv = p.head_dim_v;
+    if (pl.kv_cache) {
+      const float* head = pl.kv_cache + (b * p.heads_kv + hk) * pl.head_floats;
+      sc.kfb = head + j0 * D;
+      sc.ktb = head + p.seq_kv * D + j0;
+      sc.vtb = head + p.seq_kv * D + D * pl.skp + j0;
+      sc.ldt = pl.skp;
+      return;
+    }
+    convert_kv(p, b, hk, j0, nk, sc.kf.data(), sc.kt.data(), sc.vt.data(), BK, sc.acc_b.data());
+    sc.kfb = sc.kf.data();
+    sc.ktb = sc.kt.data();
+    sc.vtb = sc.vt.data();
+    sc.ldt = BK;
+  }
+
+  // K rows [j0, j0 + nk) into kf [nk][D] and kt [D][ldt]; V into vt [Dv][ldt] (vrow: Dv floats of scratch).
+  static void convert_kv(const AttentionParams& p, i64 b, i64 hk, i64 j0, i64 nk, float* kf, float* kt, float* vt,
+                         i64 ldt, float* vrow) {
     const i64 D = p.head_dim, Dv = p.head_dim_v;
     for (i64 j = 0; j < nk; ++j) {
-      float* row = sc.kf.data() + j * D;
+      float* row = kf + j * D;
       load_row(at(p.k, p.k_stride, b, hk, j0 + j), p.k_stride[3], row, D);
-      for (i64 d = 0; d < D; ++d) sc.kt[d * BK + j] = row[d];
+      for (i64 d = 0; d < D; ++d) kt[d * ldt + j] = row[d];
     }
-    float* vrow = sc.acc_b.data();  // free at this point in both passes (pass 1 zeroes it afterwards)
     for (i64 j = 0; j < nk; ++j) {
       load_row(at(p.v, p.v_stride, b, hk, j0 + j), p.v_stride[3], vrow, Dv);
-      for (i64 e = 0; e < Dv; ++e) sc.vt[e * BK + j] = vrow[e];
+      for (i64 e = 0; e < Dv; ++e) vt[e * ldt + j] = vrow[e];
     }
+  }
+
+  static void cache_item(const Plan& pl, Scratch& sc, i64 item) {
+    const auto& p = pl.p->fwd;
+    float* head = pl.kv_cache + item * pl.head_floats;
+    const i64 D = p.head_dim;
+    convert_kv(p, item / p.heads_kv, item % p.heads_kv, 0, p.seq_kv, head, head + p.seq_kv * D,
+               head + p.seq_kv * D + D * pl.skp, pl.skp, sc.acc_b.data());
   }
 
   // Loads query rows [i0, i0 + nq) of head hq and their output gradients.
@@ -225,9 +261,9 @@ struct Backward {
     float* dP = sc.dp.data();
     const i64 nk8 = (nk + VW - 1) / VW * VW;  // rows are BK (a multiple of VW) long: vector loops round up
     for (i64 i = 0; i < nq; ++i) std::memset(S + i * BK, 0, sizeof(float) * nk8);
-    gemm(nq, nk, D, sc.qb, D, 1, sc.kt.data(), BK, S, BK);
+    gemm(nq, nk, D, sc.qb, D, 1, sc.ktb, sc.ldt, S, BK);
     for (i64 i = 0; i < nq; ++i) std::memset(dP + i * BK, 0, sizeof(float) * nk8);
-    gemm(nq, nk, Dv, sc.doutb, Dv, 1, sc.vt.data(), BK, dP, BK);
+    gemm(nq, nk, Dv, sc.doutb, Dv, 1, sc.vtb, sc.ldt, dP, BK);
     for (i64 i = 0; i < nq; ++i) {
       const i64 row = i0 + i;
       float* __restrict s = S + i * BK;
@@ -289,7 +325,7 @@ struct Backward {
     const i64 D = p.head_dim, Dv = p.head_dim_v;
     const i64 kb = item % pl.n_kb, bh = item / pl.n_kb, hk = bh % p.heads_kv, b = bh / p.heads_kv;
     const i64 j0 = kb * BK, nk = bmin(BK, p.seq_kv - j0);
-    load_kv(bp, sc, b, hk, j0, nk);
+    load_kv(pl, sc, b, hk, j0, nk);
     float* dk = sc.acc_a.data();
     float* dv = sc.acc_b.data();
     std::memset(dk, 0, sizeof(float) * nk * D);
@@ -329,7 +365,7 @@ struct Backward {
     float* dv = sc.acc_b.data();
     for (i64 j0 = 0; j0 < p.seq_kv; j0 += BK) {
       const i64 nk = bmin(BK, p.seq_kv - j0);
-      load_kv(bp, sc, b, hk, j0, nk);
+      load_kv(pl, sc, b, hk, j0, nk);
       std::memset(dk, 0, sizeof(float) * nk * D);
       std::memset(dv, 0, sizeof(float) * nk * Dv);
       for (i64 g = 0; g < pl.group; ++g) {
@@ -341,7 +377,7 @@ struct Backward {
           tile(bp, sc, b, hq, i0, nq, j0, nk);
           gemm(nk, Dv, nq, sc.s.data(), 1, BK, sc.doutb, Dv, dv, Dv);                     // dV += P^T dO
           gemm(nk, D, nq, sc.dp.data(), 1, BK, sc.qb, D, dk, D);                          // dK += dS^T Q
-          gemm(nq, D, nk, sc.dp.data(), BK, 1, sc.kf.data(), D, sc.dq_group.data() + (g * Sq + i0) * D, D);  // dQ
+          gemm(nq, D, nk, sc.dp.data(), BK, 1, sc.kfb, D, sc.dq_group.data() + (g * Sq + i0) * D, D);  // dQ
           if (bp.dmask) write_dmask(bp, sc, b, hq, i0, nq, j0, nk);
         }
       }
@@ -367,9 +403,9 @@ struct Backward {
     std::memset(dq, 0, sizeof(float) * nq * D);
     for (i64 j0 = 0; j0 < key_end; j0 += BK) {
       const i64 nk = bmin(BK, key_end - j0);
-      load_kv(bp, sc, b, hk, j0, nk);
+      load_kv(pl, sc, b, hk, j0, nk);
       tile(bp, sc, b, hq, i0, nq, j0, nk);
-      gemm(nq, D, nk, sc.dp.data(), BK, 1, sc.kf.data(), D, dq, D);  // dQ += dS K
+      gemm(nq, D, nk, sc.dp.data(), BK, 1, sc.kfb, D, dq, D);  // dQ += dS K
     }
     for (i64 i = 0; i < nq; ++i)
       store_row(dq + i * D, p.scale, at_mut(bp.dq, bp.dq_stride, b, hq, i0 + i), bp.dq_stride[3], D);
@@ -410,6 +446,11 @@ struct Backward {
     if (heads >= 2 * cores || (pl.n_kb <= 1 && pl.n_qb <= 1)) {
       run_pass<&Backward::head_item>(pl, heads);
     } else {
+      pl.skp = pl.n_kb * BK;
+      pl.head_floats = p.seq_kv * p.head_dim + (p.head_dim + p.head_dim_v) * pl.skp;
+      std::vector<float> cache(heads * pl.head_floats);
+      pl.kv_cache = cache.data();
+      run_pass<&Backward::cache_item>(pl, heads);
       run_pass<&Backward::kv_item>(pl, heads * pl.n_kb);
       run_pass<&Backward::q_item>(pl, p.batch * p.heads_q * pl.n_qb);
     }
