@@ -172,6 +172,9 @@ struct Backward {
     // once instead of once per tile; per head: [Sk][D], [D][skp], [Dv][skp]. Null in the fused schedule.
     float* kv_cache = nullptr;
     i64 skp = 0, head_floats = 0;
+    // Split schedule: every query head's Q and dO in fp32, [Sq][D] then [Sq][Dv] per head (pass 1 reads each query
+    // block once per key block).
+    float* q_cache = nullptr;
   };
 
   // Per-worker fp32 tiles.
@@ -240,16 +243,36 @@ struct Backward {
                head + p.seq_kv * D + D * pl.skp, pl.skp, sc.acc_b.data());
   }
 
-  // Loads query rows [i0, i0 + nq) of head hq and their output gradients.
-  static void load_q(const AttentionBackwardParams& bp, Scratch& sc, i64 b, i64 hq, i64 i0, i64 nq) {
+  // Points the scratch at query rows [i0, i0 + nq) of head hq and their output gradients, in fp32 (from the split
+  // schedule's cache, or converted into the scratch).
+  static void load_q(const Plan& pl, Scratch& sc, i64 b, i64 hq, i64 i0, i64 nq) {
+    const AttentionBackwardParams& bp = *pl.p;
+    const auto& p = bp.fwd;
+    const i64 D = p.head_dim, Dv = p.head_dim_v;
+    if (pl.q_cache) {
+      const float* head = pl.q_cache + (b * p.heads_q + hq) * p.seq_q * (D + Dv);
+      sc.qb = head + i0 * D;
+      sc.doutb = head + p.seq_q * D + i0 * Dv;
+      return;
+    }
+    convert_q(bp, b, hq, i0, nq, sc.q.data(), sc.dout.data());
+    sc.qb = sc.q.data();
+    sc.doutb = sc.dout.data();
+  }
+
+  static void convert_q(const AttentionBackwardParams& bp, i64 b, i64 hq, i64 i0, i64 nq, float* q, float* dout) {
     const auto& p = bp.fwd;
     const i64 D = p.head_dim, Dv = p.head_dim_v;
     for (i64 i = 0; i < nq; ++i) {
-      load_row(at(p.q, p.q_stride, b, hq, i0 + i), p.q_stride[3], sc.q.data() + i * D, D);
-      load_row(at(bp.dout, bp.dout_stride, b, hq, i0 + i), bp.dout_stride[3], sc.dout.data() + i * Dv, Dv);
+      load_row(at(p.q, p.q_stride, b, hq, i0 + i), p.q_stride[3], q + i * D, D);
+      load_row(at(bp.dout, bp.dout_stride, b, hq, i0 + i), bp.dout_stride[3], dout + i * Dv, Dv);
     }
-    sc.qb = sc.q.data();
-    sc.doutb = sc.dout.data();
+  }
+
+  static void q_cache_item(const Plan& pl, Scratch&, i64 item) {
+    const auto& p = pl.p->fwd;
+    float* head = pl.q_cache + item * p.seq_q * (p.head_dim + p.head_dim_v);
+    convert_q(*pl.p, item / p.heads_q, item % p.heads_q, 0, p.seq_q, head, head + p.seq_q * p.head_dim);
   }
 
   // For the loaded query rows and key block: s <- P, dp <- dS (zero where a key is hidden or the row sees none).
@@ -334,7 +357,7 @@ struct Backward {
       const i64 hq = hk * pl.group + g;
       for (i64 i0 = p.causal ? j0 : 0; i0 < p.seq_q; i0 += BQ) {  // causal: rows before j0 see no key here
         const i64 nq = bmin(BQ, p.seq_q - i0);
-        load_q(bp, sc, b, hq, i0, nq);
+        load_q(pl, sc, b, hq, i0, nq);
         tile(bp, sc, b, hq, i0, nq, j0, nk);
         gemm(nk, Dv, nq, sc.s.data(), 1, BK, sc.doutb, Dv, dv, Dv);  // dV += P^T dO
         gemm(nk, D, nq, sc.dp.data(), 1, BK, sc.qb, D, dk, D);       // dK += dS^T Q
@@ -398,7 +421,7 @@ struct Backward {
     const i64 hk = hq / pl.group;
     const i64 i0 = qb * BQ, nq = bmin(BQ, p.seq_q - i0);
     const i64 key_end = p.causal ? bmin(p.seq_kv, i0 + nq) : p.seq_kv;  // causal: later keys are hidden
-    load_q(bp, sc, b, hq, i0, nq);
+    load_q(pl, sc, b, hq, i0, nq);
     float* dq = sc.acc_a.data();
     std::memset(dq, 0, sizeof(float) * nq * D);
     for (i64 j0 = 0; j0 < key_end; j0 += BK) {
@@ -451,6 +474,9 @@ struct Backward {
       std::vector<float> cache(heads * pl.head_floats);
       pl.kv_cache = cache.data();
       run_pass<&Backward::cache_item>(pl, heads);
+      std::vector<float> q_cache(p.batch * p.heads_q * p.seq_q * (p.head_dim + p.head_dim_v));
+      pl.q_cache = q_cache.data();
+      run_pass<&Backward::q_cache_item>(pl, p.batch * p.heads_q);
       run_pass<&Backward::kv_item>(pl, heads * pl.n_kb);
       run_pass<&Backward::q_item>(pl, p.batch * p.heads_q * pl.n_qb);
     }
