@@ -173,16 +173,19 @@ Grads composed_backward(const at::Tensor& grad_out, const AttentionCall& call, c
 
 bool has_backward(BackendId backend) { return backend == BackendId::NATIVE || differentiable_kernel(backend); }
 
-std::tuple<at::Tensor, at::Tensor> attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                      const std::optional<at::Tensor>& attn_mask, bool is_causal,
-                                                      std::optional<double> scale, std::int64_t backend,
-                                                      bool return_lse) {
-  const bool needs_grad = at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() ||
-                                                         v.requires_grad() || (attn_mask && attn_mask->requires_grad()));
-  if (!needs_grad) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return attention_op().call(q, k, v, attn_mask, is_causal, scale, backend, return_lse);
-  }
+namespace {
+
+bool needs_grad(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                const std::optional<at::Tensor>& attn_mask) {
+  return at::GradMode::is_enabled() &&
+         (q.requires_grad() || k.requires_grad() || v.requires_grad() || (attn_mask && attn_mask->requires_grad()));
+}
+
+std::tuple<at::Tensor, at::Tensor> differentiable_attention(const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& v,
+                                                            const std::optional<at::Tensor>& attn_mask,
+                                                            bool is_causal, std::optional<double> scale,
+                                                            std::int64_t backend, bool return_lse) {
   validate_inputs(q, k, v, attn_mask);
   const BackendId chosen = plan_backend(q, k, v, attn_mask, is_causal, backend, /*needs_grad=*/true);
   TORCH_CHECK_VALUE(has_backward(chosen), "attnsel.attention: backend '", backend_name(chosen),
@@ -194,6 +197,31 @@ std::tuple<at::Tensor, at::Tensor> attention_autograd(const at::Tensor& q, const
   variable_list outs =
       NativeAttention::apply(q, k, v, attn_mask, is_causal, scale, static_cast<std::int64_t>(chosen), return_lse);
   return {outs[0], outs[1]};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const std::optional<at::Tensor>& attn_mask, bool is_causal,
+                                                      std::optional<double> scale, std::int64_t backend,
+                                                      bool return_lse) {
+  if (needs_grad(q, k, v, attn_mask))
+    return differentiable_attention(q, k, v, attn_mask, is_causal, scale, backend, return_lse);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return attention_op().call(q, k, v, attn_mask, is_causal, scale, backend, return_lse);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_autograd_kernel(c10::DispatchKeySet keys, const at::Tensor& q,
+                                                             const at::Tensor& k, const at::Tensor& v,
+                                                             const std::optional<at::Tensor>& attn_mask,
+                                                             bool is_causal, std::optional<double> scale,
+                                                             std::int64_t backend, bool return_lse) {
+  if (needs_grad(q, k, v, attn_mask))
+    return differentiable_attention(q, k, v, attn_mask, is_causal, scale, backend, return_lse);
+  // No gradients: straight to the kernel below autograd, without a second dispatch-key computation.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return attention_op().redispatch(keys & c10::after_autograd_keyset, q, k, v, attn_mask, is_causal, scale, backend,
+                                   return_lse);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(

@@ -50,7 +50,7 @@ TORCH_LIBRARY_FRAGMENT(attnsel, m) {
 }
 
 TORCH_LIBRARY_IMPL(attnsel, Autograd, m) {
-  m.impl("attention", &attnsel::torch_glue::attention_autograd);
+  m.impl("attention", &attnsel::torch_glue::attention_autograd_kernel);
   m.impl("attention_backward", torch::autograd::autogradNotImplementedFallback());
 }
 TORCH_LIBRARY_IMPL(attnsel, CPU, m) { m.impl("attention_backward", &attnsel::torch_glue::attention_backward); }
