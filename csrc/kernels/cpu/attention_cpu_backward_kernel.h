@@ -99,14 +99,16 @@ inline vf expv(vf x) {
 }
 
 // C[m][n] += sum_k A(m, k) * B[k][n] for RM rows: A(m, k) = A[m * ars + k * aks]; B and C rows are contiguous.
-// Register block RM x 2VW (two vectors per row); the K loop keeps C in registers. Not inlined: inlined into the
-// callers, GCC kept the accumulators on the stack.
+// Register block RM x 2VW (two vectors per row); the K loop sums in registers from zero and adds to C at the end
+// (gemm passes at most kChunk terms: shorter fp32 sums). Not inlined: inlined into the callers, GCC kept the
+// accumulators on the stack.
 template <int RM>
-__attribute__((noinline)) void gemm_rows(i64 N, i64 K, const float* A, i64 ars, i64 aks, const float* B, i64 ldb, float* C, i64 ldc) {
+__attribute__((noinline)) void gemm_rows(i64 N, i64 K, const float* A, i64 ars, i64 aks, const float* B, i64 ldb,
+                                         float* C, i64 ldc) {
   i64 n = 0;
   for (; n + 2 * VW <= N; n += 2 * VW) {
     vf c0[RM], c1[RM];
-    _Pragma("GCC unroll 8") for (int r = 0; r < RM; ++r) c0[r] = loadv(C + r * ldc + n), c1[r] = loadv(C + r * ldc + n + VW);
+    _Pragma("GCC unroll 8") for (int r = 0; r < RM; ++r) c0[r] = vf{}, c1[r] = vf{};
     for (i64 k = 0; k < K; ++k) {
       const vf b0 = loadv(B + k * ldb + n), b1 = loadv(B + k * ldb + n + VW);
       _Pragma("GCC unroll 8") for (int r = 0; r < RM; ++r) {
@@ -115,28 +117,31 @@ __attribute__((noinline)) void gemm_rows(i64 N, i64 K, const float* A, i64 ars, 
         c1[r] += a * b1;
       }
     }
-    _Pragma("GCC unroll 8") for (int r = 0; r < RM; ++r) storev(C + r * ldc + n, c0[r]), storev(C + r * ldc + n + VW, c1[r]);
+    _Pragma("GCC unroll 8") for (int r = 0; r < RM; ++r) {
+      storev(C + r * ldc + n, loadv(C + r * ldc + n) + c0[r]);
+      storev(C + r * ldc + n + VW, loadv(C + r * ldc + n + VW) + c1[r]);
+    }
   }
   for (; n + VW <= N; n += VW) {
     vf c0[RM];
-    _Pragma("GCC unroll 8") for (int r = 0; r < RM; ++r) c0[r] = loadv(C + r * ldc + n);
+    _Pragma("GCC unroll 8") for (int r = 0; r < RM; ++r) c0[r] = vf{};
     for (i64 k = 0; k < K; ++k) {
       const vf b0 = loadv(B + k * ldb + n);
       _Pragma("GCC unroll 8") for (int r = 0; r < RM; ++r) c0[r] += splat(A[r * ars + k * aks]) * b0;
     }
-    _Pragma("GCC unroll 8") for (int r = 0; r < RM; ++r) storev(C + r * ldc + n, c0[r]);
+    _Pragma("GCC unroll 8") for (int r = 0; r < RM; ++r) storev(C + r * ldc + n, loadv(C + r * ldc + n) + c0[r]);
   }
   for (; n < N; ++n) {
-    _Pragma("GCC unroll 8") for (int r = 0; r < RM; ++r) {
-      float c = C[r * ldc + n];
+    for (int r = 0; r < RM; ++r) {
+      float c = 0.f;
       for (i64 k = 0; k < K; ++k) c += A[r * ars + k * aks] * B[k * ldb + n];
-      C[r * ldc + n] = c;
+      C[r * ldc + n] += c;
     }
   }
 }
 
-inline void gemm(i64 M, i64 N, i64 K, const float* A, i64 ars, i64 aks, const float* B, i64 ldb, float* C,
-                 i64 ldc) {
+inline void gemm_chunk(i64 M, i64 N, i64 K, const float* A, i64 ars, i64 aks, const float* B, i64 ldb, float* C,
+                       i64 ldc) {
   constexpr int RM = 6;
   i64 m = 0;
   for (; m + RM <= M; m += RM) gemm_rows<RM>(N, K, A + m * ars, ars, aks, B, ldb, C + m * ldc, ldc);
@@ -150,6 +155,13 @@ inline void gemm(i64 M, i64 N, i64 K, const float* A, i64 ars, i64 aks, const fl
     case 1: gemm_rows<1>(N, K, a, ars, aks, B, ldb, c, ldc); break;
     default: break;
   }
+}
+
+// C += A . B (see gemm_rows), summing over K in chunks of at most 64 terms.
+inline void gemm(i64 M, i64 N, i64 K, const float* A, i64 ars, i64 aks, const float* B, i64 ldb, float* C, i64 ldc) {
+  constexpr i64 kChunk = 64;
+  for (i64 k0 = 0; k0 < K; k0 += kChunk)
+    gemm_chunk(M, N, bmin(kChunk, K - k0), A + k0 * aks, ars, aks, B + k0 * ldb, ldb, C, ldc);
 }
 
 inline float additive_mask_value(const void* m, ScalarType t, i64 off) {
