@@ -47,7 +47,7 @@ void register_native_cpu() {
   d.library = "attnsel's fused CPU kernel";  // (the ISA is chosen at the first call: ATTNSEL_CPU_ISA may be bad)
   Features& f = d.features;
   f.bool_mask = f.additive_mask = f.causal = f.causal_any_lengths = f.grouped_query = true;
-  f.different_lengths = f.different_value_head = f.lse = f.deterministic = true;
+  f.different_lengths = f.different_value_head = f.lse = f.backward = f.deterministic = true;
   d.auto_rank = 10;  // ahead of torch_sdpa: measured 0.97-2.0x PyTorch's CPU SDPA (benchmarks/results/cpu_vm.json)
   register_backend(std::move(d));
 }

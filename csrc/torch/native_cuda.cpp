@@ -105,7 +105,7 @@ void register_native_cuda() {
   d.library = "attnsel's fused CUDA kernel";
   Features& f = d.features;
   f.bool_mask = f.additive_mask = f.causal = f.causal_any_lengths = f.grouped_query = true;
-  f.different_lengths = f.lse = f.deterministic = true;
+  f.different_lengths = f.lse = f.backward = f.deterministic = true;  // backward: csrc/torch/backward.cpp
   d.check = &call_check;
   d.auto_rank = 40;        // behind torch_sdpa ...
   d.prefers = &prefers_native;

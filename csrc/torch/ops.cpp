@@ -1,7 +1,9 @@
 // The one op-registration file: schema, CPU/CUDA/Meta implementations and the kernel table setup.
 #include <ATen/Context.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
+#include "backward.h"
 #include "dispatch.h"
 
 namespace attnsel::torch_glue {
@@ -42,3 +44,21 @@ TORCH_LIBRARY(attnsel, m) {
 TORCH_LIBRARY_IMPL(attnsel, CPU, m) { m.impl("attention", &attnsel::torch_glue::attention); }
 TORCH_LIBRARY_IMPL(attnsel, CUDA, m) { m.impl("attention", &attnsel::torch_glue::attention); }
 TORCH_LIBRARY_IMPL(attnsel, Meta, m) { m.impl("attention", &attnsel::torch_glue::attention_meta); }
+
+// ---- gradients (backward.{h,cpp}) --------------------------------------------------------------------------------
+// attention's autograd kernel picks and records the backend; attention_backward is the backward entry it calls (a
+// real op, so torch.compile traces it). Double backward is not implemented: attention_backward's autograd says so.
+TORCH_LIBRARY_FRAGMENT(attnsel, m) {
+  m.def(
+      "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? grad_lse, "
+      "Tensor? attn_mask, bool is_causal, float? scale, int backend, bool mask_grad) -> (Tensor grad_q, "
+      "Tensor grad_k, Tensor grad_v, Tensor grad_mask)");
+}
+
+TORCH_LIBRARY_IMPL(attnsel, Autograd, m) {
+  m.impl("attention", &attnsel::torch_glue::attention_autograd_kernel);
+  m.impl("attention_backward", torch::autograd::autogradNotImplementedFallback());
+}
+TORCH_LIBRARY_IMPL(attnsel, CPU, m) { m.impl("attention_backward", &attnsel::torch_glue::attention_backward); }
+TORCH_LIBRARY_IMPL(attnsel, CUDA, m) { m.impl("attention_backward", &attnsel::torch_glue::attention_backward); }
+TORCH_LIBRARY_IMPL(attnsel, Meta, m) { m.impl("attention_backward", &attnsel::torch_glue::attention_backward_meta); }

@@ -69,6 +69,7 @@ BackendDescriptor sdpa_descriptor(BackendId id, DeviceType device) {
   d.device = device;
   Features& f = d.features;
   f.causal = f.causal_any_lengths = f.grouped_query = f.different_lengths = true;
+  f.backward = true;  // PyTorch's own SDPA backward (csrc/torch/backward.cpp runs these above autograd)
   switch (id) {
     case BackendId::TORCH_SDPA:
       d.f32 = d.f16 = d.bf16 = true;

@@ -1,5 +1,5 @@
 // <attnsel/torch.h>: attnsel::attention against a naive computation and against the registered op
-// torch.ops.attnsel.attention (the same selection path and kernel table).
+// torch.ops.attnsel.attention (the same selection path and kernel table), gradients included.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
@@ -80,6 +80,25 @@ TEST(refusal_is_a_value_error_with_reasons) {
   ComponentScope scope("vae", BackendId::NO_ATTENTION);
   CHECK_THROWS_WITH(attnsel::attention(q, q, q), c10::ValueError, "component 'vae'");
   CHECK_THROWS_WITH(attnsel::attention(q, q, at::randn({1, 1, 5, 16})), c10::Error, "must share heads and sequence length");
+}
+
+TEST(gradients_flow_through_the_cpp_api) {
+  at::manual_seed(3);
+  const at::Tensor q0 = at::randn({1, 2, 9, 16}), k0 = at::randn({1, 2, 11, 16}), v0 = at::randn({1, 2, 11, 16});
+  const at::Tensor dout = at::randn({1, 2, 9, 16});
+  at::Tensor q = q0.clone().requires_grad_(), k = k0.clone().requires_grad_(), v = v0.clone().requires_grad_();
+  naive(q, k, v, true, 0.25).backward(dout);
+  for (BackendId b : {BackendId::NATIVE, BackendId::TORCH_SDPA}) {
+    at::Tensor q1 = q0.clone().requires_grad_(), k1 = k0.clone().requires_grad_(), v1 = v0.clone().requires_grad_();
+    AttentionOptions opts;
+    opts.backend = b;
+    opts.is_causal = true;
+    opts.scale = 0.25;
+    attnsel::attention(q1, k1, v1, opts).backward(dout);
+    CHECK(q1.grad().defined() && k1.grad().defined() && v1.grad().defined());
+    CHECK(max_diff(q1.grad(), q.grad()) < 1e-4 && max_diff(k1.grad(), k.grad()) < 1e-4 &&
+          max_diff(v1.grad(), v.grad()) < 1e-4);
+  }
 }
 
 ATTNSEL_TEST_MAIN()
