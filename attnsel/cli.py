@@ -12,6 +12,7 @@ Exit codes: 0 success; 2 usage or configuration error (one line on stderr); 1 I/
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import time
 from pathlib import Path
@@ -57,6 +58,7 @@ def build_parser() -> _Parser:
     run.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     run.add_argument("--output", "-o", default="out.png", help="PNG file to write (default: %(default)s)")
     _add_placement_args(run)
+    _add_sequence_parallel_args(run)
     AttentionConfig.add_cli_args(run)
 
     sub.add_parser("backends", allow_abbrev=False, help="list every backend, its aliases and where it can run",
@@ -83,6 +85,31 @@ def _add_placement_args(parser: argparse.ArgumentParser) -> None:
                              "(default: %(default)s)")
     parser.add_argument("--dtype", default="float32", choices=list(PIPELINE_DTYPES),
                         help="weights and activations (default: %(default)s)")
+
+
+def _add_sequence_parallel_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ulysses-degree", type=_positive_int, default=1,
+                        help="sequence-parallel Ulysses degree of the transformer (launch with torchrun "
+                             "--nproc-per-node ULYSSES*RING -m attnsel run ...; default: %(default)s)")
+    parser.add_argument("--ring-degree", type=_positive_int, default=1,
+                        help="sequence-parallel ring degree of the transformer (default: %(default)s)")
+
+
+def _sequence_parallel(ns: argparse.Namespace):
+    """None for one process; else join torchrun's process group (this rank's GPU on CUDA) and build the groups."""
+    if ns.ulysses_degree * ns.ring_degree == 1:
+        return None
+    import torch
+
+    from . import distributed
+
+    try:
+        sp = distributed.init_from_env(ns.ulysses_degree, ns.ring_degree, torch.device(ns.device))
+    except (ValueError, RuntimeError) as err:
+        raise UsageError(f"argument --ulysses-degree/--ring-degree: {err}") from None
+    if ns.device == "cuda":
+        ns.device = f"cuda:{torch.cuda.current_device()}"
+    return sp
 
 
 def _pipeline(ns: argparse.Namespace, config):
@@ -175,9 +202,15 @@ def cmd_run(ns: argparse.Namespace, out: TextIO) -> int:
         raise UsageError(f"argument --output: directory {str(output.parent)!r} does not exist")
     config = _config_from(ns)
     start = time.perf_counter()
+    sp = _sequence_parallel(ns)
+    if sp is not None and sp.rank != 0:
+        out = io.StringIO()  # rank 0 alone reports and writes the image
     pipeline = _pipeline(ns, config)
     print(f"attnsel run: prompt={ns.prompt!r} steps={ns.steps} seed={ns.seed} device={pipeline.device} "
           f"dtype={ns.dtype} ({_describe_config(config)})", file=out, flush=True)
+    if sp is not None:
+        print(f"sequence parallel: ulysses_degree={sp.ulysses_degree} ring_degree={sp.ring_degree} "
+              f"({sp.world_size} processes; transformer tokens split over them)", file=out, flush=True)
     pipeline.load_modules()
     print(f"loaded {', '.join(pipeline.component_names)} in {time.perf_counter() - start:.2f}s", file=out, flush=True)
 
@@ -185,7 +218,13 @@ def cmd_run(ns: argparse.Namespace, out: TextIO) -> int:
         label = f"denoising step {step}/{total}" if stage == "denoise" else f"{stage} {step}/{total}"
         print(f"  [{label}] {seconds:.2f}s", file=out, flush=True)
 
-    image = pipeline(ns.prompt, steps=ns.steps, seed=ns.seed, progress=progress)
+    image = pipeline(ns.prompt, steps=ns.steps, seed=ns.seed, progress=progress, sequence_parallel=sp)
+    if sp is not None:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+        if sp.rank != 0:
+            return 0
     path = write_png(ns.output, image)
     print("components:", file=out)
     for line in _component_lines(pipeline, with_times=True):

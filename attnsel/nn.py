@@ -7,6 +7,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from . import distributed
 from .backends import Backend
 from .ops import attention
 from .selection import Explanation, explain_attn_backend
@@ -55,6 +56,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         if q.shape[-1] != self.head_dim:
             raise ValueError(f"attnsel.nn.Attention: built for head_dim {self.head_dim}, got q of shape {tuple(q.shape)}")
+        if (sp := distributed.active()) is not None:  # inside attnsel.distributed.sequence_parallel(...)
+            return sp.layer_attention(self, q, k, v, attn_mask, is_causal)
         return attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale, backend=self.backend)
 
     def extra_repr(self) -> str:
