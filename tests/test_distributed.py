@@ -72,28 +72,28 @@ CASES = {
 }
 
 
-def _case_inputs(case, seed):
+def _case_inputs(case, seed, device):
     _, _, dtype, b, h, hkv, sq, sk, d, causal, mask_kind = case
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, h, sq, d, generator=g).to(dtype)
-    k = torch.randn(b, hkv, sk, d, generator=g).to(dtype)
-    v = torch.randn(b, hkv, sk, d, generator=g).to(dtype)
+    q = torch.randn(b, h, sq, d, generator=g).to(device, dtype)
+    k = torch.randn(b, hkv, sk, d, generator=g).to(device, dtype)
+    v = torch.randn(b, hkv, sk, d, generator=g).to(device, dtype)
     mask = None
     if mask_kind == "bool":
         mask = torch.rand(b, sk, generator=g) > 0.3
         mask[:, 0] = True  # every query row sees at least one key (key 0 is visible under causal too)
     elif mask_kind == "additive":
         mask = torch.randn(b, sk, generator=g)
-    return q, k, v, mask
+    return q, k, v, None if mask is None else mask.to(device)
 
 
-def _run_case(D, sp, name, case, seed):
+def _run_case(D, sp, name, case, seed, device):
     import torch.distributed as dist
 
     import attnsel
 
     _, kind, dtype, b, h, hkv, sq, sk, d, causal, mask_kind = case
-    q, k, v, mask = _case_inputs(case, seed)
+    q, k, v, mask = _case_inputs(case, seed, device)
     world, rank = dist.get_world_size(), dist.get_rank()
     ql, kl = D.shard_lengths(sq, world), D.shard_lengths(sk, world)
     qs = q.narrow(2, sum(ql[:rank]), ql[rank])
@@ -108,13 +108,14 @@ def _run_case(D, sp, name, case, seed):
     else:
         out = sp.attention(qs, ks, vs, attn_mask=ms, is_causal=causal)
     parts = [None] * world
-    dist.all_gather_object(parts, out)
+    dist.all_gather_object(parts, out.cpu())
     if rank != 0:
         return None
-    full = torch.cat(parts, dim=2)
+    full = torch.cat(parts, dim=2).to(device)
     ref = _reference(q, k, v, mask, causal)
     single_mask = None if mask is None else mask[:, None, None, :]
-    single = attnsel.attention(q, k, v, attn_mask=single_mask, is_causal=causal, backend="native")
+    # The single-process run on the backend the sequence-parallel run picks for its blocks (automatic).
+    single = attnsel.attention(q, k, v, attn_mask=single_mask, is_causal=causal)
     return {"sp": (full.double() - ref).abs().max().item(), "single": (single.double() - ref).abs().max().item(),
             "shape": list(full.shape)}
 
@@ -157,21 +158,29 @@ def _grad_case(D):
     return max((s.grad - f.grad.narrow(2, lo, lens[rank])).abs().max().item() for s, f in zip(shards, full))
 
 
-def _worker(rank, world, port, out_path):
+def _worker(rank, world, port, out_path, device_type):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     import torch.distributed as dist
 
     import attnsel.distributed as D
 
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=DEADLINE_S))
+    device = torch.device("cpu")
+    if device_type == "cuda":
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=DEADLINE_S))
     results = {}
     try:
         sp = D.sequence_parallel(2, world // 2)
         for i, (name, case) in enumerate(CASES.items()):
             if world in case[0]:
-                results[name] = _run_case(D, sp, name, case, seed=100 + i)
-        if world == 2:
+                try:
+                    results[name] = _run_case(D, sp, name, case, 100 + i, device)
+                except ValueError as err:  # e.g. no backend here returns the log-sum-exp: every rank refuses
+                    results[name] = {"refused": str(err)}
+        if world == 2 and device_type == "cpu":
             results["errors"] = _errors_case(D)
             results["grad"] = _grad_case(D)
     except Exception:
@@ -184,9 +193,9 @@ def _worker(rank, world, port, out_path):
         dist.destroy_process_group()
 
 
-def _spawn(world, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"sp{world}") / "results.json"
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(out)), nprocs=world, join=False,
+def _spawn(world, tmp_path_factory, device_type="cpu"):
+    out = tmp_path_factory.mktemp(f"sp{world}{device_type}") / "results.json"
+    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(out), device_type), nprocs=world, join=False,
                              start_method="spawn")
     try:
         import time
@@ -212,9 +221,26 @@ def results4(tmp_path_factory):
     return _spawn(4, tmp_path_factory)
 
 
+@pytest.fixture(scope="module")
+def results_nccl(tmp_path_factory):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs (NCCL)")
+    return _spawn(2, tmp_path_factory, "cuda")
+
+
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if 2 in c[0]])
 def test_two_processes_match_one(results2, name):
     r = results2[name]
+    assert r["sp"] <= 2 * r["single"] + FLOOR, r
+
+
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if 2 in c[0]])
+def test_two_gpus_nccl_match_one(results_nccl, name):
+    r = results_nccl[name]
+    if "refused" in r:
+        # Ring needs the log-sum-exp; where no CUDA backend returns it, every rank must refuse and say so.
+        assert CASES[name][1] == "ring" and "log-sum-exp" in r["refused"], r
+        pytest.skip(f"ring on CUDA: {r['refused']}")
     assert r["sp"] <= 2 * r["single"] + FLOOR, r
 
 
@@ -276,18 +302,31 @@ def _read_png(path):
 RUN_ARGS = ["run", "--prompt", "a lighthouse", "--steps", "2", "--seed", "3"]
 
 
-@pytest.fixture(scope="module")
-def one_process_image(tmp_path_factory):
-    path = tmp_path_factory.mktemp("one") / "one.png"
-    single = subprocess.run([sys.executable, "-m", "attnsel", *RUN_ARGS, "--output", str(path)],
+def _one_process_image(path, args):
+    single = subprocess.run([sys.executable, "-m", "attnsel", *args, "--output", str(path)],
                             capture_output=True, text=True, timeout=DEADLINE_S, env=_env(), cwd=path.parent)
     assert single.returncode == 0, single.stderr
     return _read_png(path).int()
 
 
+@pytest.fixture(scope="module")
+def one_process_image(tmp_path_factory):
+    return _one_process_image(tmp_path_factory.mktemp("one") / "one.png", RUN_ARGS)
+
+
 @pytest.mark.parametrize("degrees", [("2", "1"), ("1", "2")])
 def test_torchrun_run_writes_the_same_image(tmp_path, one_process_image, degrees):
-    args = RUN_ARGS
+    _check_torchrun_image(tmp_path, one_process_image, degrees, RUN_ARGS)
+
+
+def test_torchrun_run_on_two_gpus_writes_the_same_image(tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs (NCCL)")
+    args = RUN_ARGS + ["--device", "cuda", "--dtype", "float32"]
+    _check_torchrun_image(tmp_path, _one_process_image(tmp_path / "one.png", args), ("2", "1"), args)
+
+
+def _check_torchrun_image(tmp_path, one_process_image, degrees, args):
     env = _env(OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
            str(_free_port()), "-m", "attnsel", *args, "--output", str(tmp_path / "two.png"),
