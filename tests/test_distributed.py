@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
+import time
 import traceback
 from datetime import timedelta
 
@@ -33,12 +33,6 @@ def _env(**extra):
     return {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(attnsel.__file__))), **extra}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _reference(q, k, v, mask=None, is_causal=False):
     """float64 attention with global top-left causality and an optional key-padding mask (B, Sk)."""
     q, k, v = q.double(), k.double(), v.double()
@@ -51,7 +45,7 @@ def _reference(q, k, v, mask=None, is_causal=False):
         scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.double()
     if is_causal:
         sq, sk = scores.shape[-2:]
-        scores = scores.masked_fill(torch.ones(sq, sk, dtype=torch.bool).triu(1), float("-inf"))
+        scores = scores.masked_fill(torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
     return torch.softmax(scores, -1) @ v
 
 
@@ -158,8 +152,7 @@ def _grad_case(D):
     return max((s.grad - f.grad.narrow(2, lo, lens[rank])).abs().max().item() for s, f in zip(shards, full))
 
 
-def _worker(rank, world, port, out_path, device_type):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+def _worker(rank, world, out_path, device_type):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -169,8 +162,9 @@ def _worker(rank, world, port, out_path, device_type):
     if device_type == "cuda":
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=DEADLINE_S))
+    # A file rendezvous: no port to pick (and lose to another process) up front.
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=f"file://{out_path}.rdzv",
+                            rank=rank, world_size=world, timeout=timedelta(seconds=DEADLINE_S))
     results = {}
     try:
         sp = D.sequence_parallel(2, world // 2)
@@ -184,7 +178,8 @@ def _worker(rank, world, port, out_path, device_type):
             results["errors"] = _errors_case(D)
             results["grad"] = _grad_case(D)
     except Exception:
-        results["exception"] = traceback.format_exc()
+        with open(f"{out_path}.rank{rank}.err", "w") as f:
+            f.write(traceback.format_exc())
         raise
     finally:
         if rank == 0:
@@ -195,15 +190,16 @@ def _worker(rank, world, port, out_path, device_type):
 
 def _spawn(world, tmp_path_factory, device_type="cpu"):
     out = tmp_path_factory.mktemp(f"sp{world}{device_type}") / "results.json"
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(out), device_type), nprocs=world, join=False,
+    ctx = mp.start_processes(_worker, args=(world, str(out), device_type), nprocs=world, join=False,
                              start_method="spawn")
     try:
-        import time
-
         deadline = time.monotonic() + DEADLINE_S
         while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
             if time.monotonic() > deadline:
                 pytest.fail(f"{world}-process sequence-parallel run did not finish in {DEADLINE_S}s")
+    except mp.ProcessException as err:
+        errors = "\n".join(p.read_text() for p in sorted(out.parent.glob("*.err")))
+        pytest.fail(f"{world}-process sequence-parallel run failed: {err}\n{errors}")
     finally:
         for p in ctx.processes:
             if p.is_alive():
@@ -328,8 +324,7 @@ def test_torchrun_run_on_two_gpus_writes_the_same_image(tmp_path):
 
 def _check_torchrun_image(tmp_path, one_process_image, degrees, args):
     env = _env(OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), "-m", "attnsel", *args, "--output", str(tmp_path / "two.png"),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "attnsel", *args, "--output", str(tmp_path / "two.png"),
            "--ulysses-degree", degrees[0], "--ring-degree", degrees[1]]
     multi = subprocess.run(cmd, capture_output=True, text=True, timeout=DEADLINE_S, env=env, cwd=tmp_path)
     assert multi.returncode == 0, multi.stderr[-3000:]
