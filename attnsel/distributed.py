@@ -191,7 +191,10 @@ def _start_heads_to_seq(y: torch.Tensor, group, lens: Sequence[int], rank: int) 
     """(B, hc, S, Dv) -> (U, B, hc, S_local, Dv): every rank's same head chunk for this rank's tokens."""
     size = len(lens)
     b, hc, _, d = y.shape
-    send = torch.cat([c.reshape(-1) for c in y.split(list(lens), dim=2)])
+    send, off = y.new_empty(y.numel()), 0
+    for part, s in zip(y.split(list(lens), dim=2), lens):  # one copy per destination, straight into the buffer
+        send[off:off + b * hc * s * d].view(b, hc, s, d).copy_(part)
+        off += b * hc * s * d
     recv = y.new_empty(size * b * hc * lens[rank] * d)
     work = dist.all_to_all_single(recv, send, [b * hc * lens[rank] * d] * size, [b * hc * s * d for s in lens],
                                   group=group, async_op=True)
