@@ -1,7 +1,9 @@
-"""Bridges to Python attention libraries (flash-attn, sageattention) and pinned PyTorch SDPA sub-kernels.
+"""Bridges to Python attention libraries (flash-attn 2/3/4, sageattention).
 
-Each bridge reports its availability to the native registry at import, with the reason when it cannot run, so
-selection and `attnsel backends` explain every refusal. Kernels that live in C++ (native, torch_sdpa) are not here.
+Each bridge registers its backend's descriptor with the native registry at import (available, or the reason it
+cannot run), and its kernel through torch.library (the op attnsel::bridge), so selection, `attnsel backends`, the
+op, the C++ API and torch.compile all see it. Backends implemented in C++ (native, the PyTorch SDPA family) are
+registered by the torch glue.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import importlib.util
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from . import _C
 from .backends import Backend
@@ -58,18 +59,6 @@ def _sage(q, k, v, attn_mask=None, is_causal=False, scale=None):
     return sageattn(q, k, v, tensor_layout="HND", is_causal=is_causal, sm_scale=scale)
 
 
-def _sdpa_pinned(kernel_name: str) -> BridgeFn:
-    def run(q, k, v, attn_mask=None, is_causal=False, scale=None):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with sdpa_kernel(getattr(SDPBackend, kernel_name)):
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-            )
-
-    return run
-
-
 def _import_fa() -> tuple[BridgeFn | None, str]:
     if importlib.util.find_spec("flash_attn_interface") is not None:  # FlashAttention-3 (Hopper)
         mod = importlib.import_module("flash_attn_interface")
@@ -98,19 +87,50 @@ def _import_sage() -> tuple[BridgeFn | None, str]:
 
 BRIDGES: dict[Backend, BridgeFn] = {}
 
+# Descriptors of the bridged backends (what selection checks before a call reaches the library), by the facts each
+# library documents. Ranks: `auto` tries fa first on CUDA (rank 10, ahead of native's 20 and torch_sdpa's 30);
+# fa2 and sage run only when named or measured fastest by `attnsel tune`. (The pinned PyTorch SDPA kernels are
+# registered by the torch glue, csrc/torch/sdpa.cpp.)
+_FLASH = dict(f16=True, bf16=True, min_head=8, max_head=256, head_multiple=8, min_sm=80,
+              features=dict(causal=True, grouped_query=True, different_lengths=True))
+_DESCRIPTORS: dict[Backend, dict] = {
+    Backend.FA: dict(_FLASH, auto_rank=10),
+    Backend.FA2: dict(_FLASH),
+    Backend.SAGE_ATTN: dict(f16=True, bf16=True, min_head=64, max_head=128, head_multiple=64, min_sm=80,
+                            features=dict(causal=True, different_lengths=True)),
+}
 
-def _report(backend: Backend, fn: BridgeFn | None, reason: str, cuda_ok: bool, cuda_reason: str) -> None:
-    available = fn is not None and cuda_ok
-    _C.set_backend_availability(int(backend), "cuda", available, "" if available else (cuda_reason or reason))
+
+def register(backend: Backend, fn: BridgeFn | None, library: str, device: str = "cuda", reason: str = "") -> None:
+    """Register a bridged backend on `device`: its descriptor (available when `fn` is given and `reason` is empty)
+    and its kernel, which the op reaches through attnsel::bridge."""
+    descriptor = dict(_DESCRIPTORS[backend], library=library)
+    available = fn is not None and not reason
+    descriptor.update(available=available, unavailable_reason="" if available else reason)
+    _C.register_backend(int(backend), device, descriptor)
     if fn is not None:
         BRIDGES[backend] = fn
 
 
+def _bridge_impl(q, k, v, attn_mask, is_causal, scale, backend):
+    fn = BRIDGES.get(Backend(backend))
+    if fn is None:  # the descriptor said available; only a registry edited behind our back gets here
+        raise ValueError(f"attnsel.attention: backend {Backend(backend)} has no bridge registered in this process")
+    return fn(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale).contiguous()
+
+
+torch.library.impl("attnsel::bridge", ("CPU", "CUDA"))(_bridge_impl)
+
+
+@torch.library.register_fake("attnsel::bridge")
+def _bridge_fake(q, k, v, attn_mask, is_causal, scale, backend):
+    return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
+
+
 def detect() -> None:
-    """Probe the optional libraries and the GPU; tell the native registry what can run."""
+    """Probe the optional libraries and the GPU; register what can run (and why the rest cannot)."""
     cuda_reason = cuda_unavailable_reason()
-    cuda_ok = not cuda_reason
-    if cuda_ok:
+    if not cuda_reason:
         major, minor = torch.cuda.get_device_capability()
         _C.set_cuda_compute_capability(major, minor)
     for backend, probe in ((Backend.FA, _import_fa), (Backend.FA2, _import_fa2), (Backend.SAGE_ATTN, _import_sage)):
@@ -118,11 +138,4 @@ def detect() -> None:
             fn, why = probe()
         except Exception as exc:  # a broken install must explain itself, not break `import attnsel`
             fn, why = None, f"import failed: {type(exc).__name__}: {exc}"
-        _report(backend, fn, why, cuda_ok, cuda_reason if fn is not None else "")
-    for backend, kernel in (
-        (Backend.SDPA_CUDNN, "CUDNN_ATTENTION"),
-        (Backend.SDPA_FLASH, "FLASH_ATTENTION"),
-        (Backend.SDPA_EFFICIENT, "EFFICIENT_ATTENTION"),
-        (Backend.SDPA_MATH, "MATH"),
-    ):
-        _report(backend, _sdpa_pinned(kernel), "", cuda_ok, cuda_reason)
+        register(backend, fn, why if fn is not None else "", reason=why if fn is None else cuda_reason)

@@ -236,6 +236,30 @@ def cmd_run(ns: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _feature_text(d: dict) -> str:
+    """One line of what a registered backend takes (its descriptor)."""
+    f = d["features"]
+    dtypes = [n for key, n in (("f32", "float32"), ("f16", "float16"), ("bf16", "bfloat16")) if d[key]]
+    head = f"{d['min_head']}..{d['max_head']}" if d["max_head"] < (1 << 20) else f">= {d['min_head']}"
+    if d["head_multiple"] > 1:
+        head += f" (multiple of {d['head_multiple']})"
+    masks = "+".join(m for m, on in (("bool", f["bool_mask"]), ("additive", f["additive_mask"])) if on) or "none"
+    if f["key_padding_mask_only"] and masks != "none":
+        masks += " (key-padding only)"
+    causal = ("yes" if f["causal_any_lengths"] else "Sq == Sk only") if f["causal"] else "no"
+    flags = [name for name, on in (("GQA", f["grouped_query"]), ("Sq != Sk", f["different_lengths"]),
+                                   ("Dv != D", f["different_value_head"]), ("lse", f["lse"]),
+                                   ("backward", f["backward"]), ("deterministic", f["deterministic"])) if on]
+    parts = [f"dtypes {', '.join(dtypes) or 'none'}", f"head_dim {head}", f"masks {masks}", f"causal {causal}"]
+    if flags:
+        parts.append(", ".join(flags))
+    if d["min_sm"]:
+        parts.append(f"sm >= {d['min_sm'] // 10}.{d['min_sm'] % 10}")
+    rank = d["auto_rank"]
+    parts.append(f"auto rank {rank}" if rank >= 0 else "auto: only when tuned")
+    return "; ".join(parts)
+
+
 def cmd_backends(ns: argparse.Namespace, out: TextIO) -> int:
     from . import _C
     from .backends import backend_aliases, backend_names
@@ -243,17 +267,22 @@ def cmd_backends(ns: argparse.Namespace, out: TextIO) -> int:
     aliases: dict[str, list[str]] = {}
     for alias, target in backend_aliases().items():
         aliases.setdefault(target, []).append(alias)
-    print(f"attnsel backends (availability checked for head_size {PROBE_HEAD_SIZE}; "
+    print(f"attnsel backends (whether each runs here is checked for a head_size {PROBE_HEAD_SIZE} call, "
           f"{PROBE_DTYPES['cpu']} on CPU, {PROBE_DTYPES['cuda']} on CUDA):", file=out)
     for i, name in enumerate(backend_names()):
         alias_text = f" (aliases: {', '.join(sorted(aliases[name]))})" if name in aliases else ""
         print(f"{name}{alias_text}", file=out)
         for device in ("cpu", "cuda"):
-            reasons = _C.refusal_reasons(i, PROBE_HEAD_SIZE, PROBE_DTYPES[device], device)
+            probe = _C.CallSignature(1, 1, 1, 1, 1, PROBE_HEAD_SIZE, dtype=PROBE_DTYPES[device], device=device)
+            reasons = _C.refusal_reasons(i, probe)
             prefix = f"{name}: "
             reasons = [r[len(prefix):] if r.startswith(prefix) else r for r in reasons]
             status = "available" if not reasons else "not available: " + "; ".join(reasons)
             print(f"  {device:<4} {status}", file=out)
+            descriptor = _C.backend_descriptor(i, device)
+            if descriptor is not None:
+                library = f"{descriptor['library']}: " if descriptor["library"] else ""
+                print(f"       {library}{_feature_text(descriptor)}", file=out)
     print("aliases: " + ", ".join(f"{a} -> {t}" for a, t in sorted(backend_aliases().items())), file=out)
     return 0
 

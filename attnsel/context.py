@@ -21,19 +21,29 @@ from . import _C
 from .backends import Backend, to_backend
 
 
+ROLES = ("cross", "self")
+
+
 @dataclass(frozen=True)
 class ComponentScope:
-    """An active component scope: the component's name and its backend override (None = no override)."""
+    """An active component scope: the component's name, its backend override (None = no override) and per-role
+    overrides (`self` / `cross` -> backend), which outrank the component's for layers of that role."""
 
     component: str
     backend: Backend | None
-    # native_view(self), built once: attnsel.attention's per-call cache keys on it (a cheap tuple hash, where the
-    # dataclass's own hash runs Python code per call).
+    roles: tuple[tuple[str, Backend], ...] = ()
+    # native_view(self), built once: what the native selector and thread-local value take.
     view: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         backend_id = None if self.backend is None else int(self.backend)
-        object.__setattr__(self, "view", (backend_id, self.component, True))
+        by_role = dict(self.roles)
+        role_ids = [None if by_role.get(r) is None else int(by_role[r]) for r in ("self", "cross")]
+        object.__setattr__(self, "view", (backend_id, self.component, True, *role_ids))
+
+    def role_backend(self, role: str | None) -> Backend | None:
+        """The backend a layer of `role` gets from this scope (its role's override, else the component's)."""
+        return dict(self.roles).get(role, self.backend) if role else self.backend
 
 
 _SCOPE: contextvars.ContextVar[ComponentScope | None] = contextvars.ContextVar("attnsel_component_scope", default=None)
@@ -51,8 +61,9 @@ def current_scope() -> ComponentScope | None:
         return scope
     native = _C.current_component()
     if native is not None and not native[2]:  # entered by C++ (attnsel::ComponentScope), not a Python mirror
-        backend_id, component, _ = native
-        return ComponentScope(component, None if backend_id is None else Backend(backend_id))
+        backend_id, component, _, self_id, cross_id = native
+        roles = tuple((r, Backend(i)) for r, i in (("self", self_id), ("cross", cross_id)) if i is not None)
+        return ComponentScope(component, None if backend_id is None else Backend(backend_id), roles)
     return None
 
 
@@ -68,11 +79,20 @@ def _sync_native(previous_native) -> None:
 
 
 @contextlib.contextmanager
-def component_attention_backend(component: str, backend: str | Backend | None = None) -> Iterator[ComponentScope]:
-    """Layers built inside get `backend` for `component` (unless an explicit or forced backend outranks it)."""
+def component_attention_backend(
+    component: str, backend: str | Backend | None = None, roles: dict[str, str | Backend] | None = None
+) -> Iterator[ComponentScope]:
+    """Layers built inside get `backend` for `component` (unless an explicit or forced backend outranks it);
+    `roles` ({"self": ..., "cross": ...}) gives layers of that role their own backend, ahead of `backend`."""
     if not isinstance(component, str) or not component.strip():
         raise ValueError(f"component name must be a non-empty string, got {component!r}")
-    scope = ComponentScope(component, None if backend is None else to_backend(backend))
+    role_items = []
+    for role, role_backend in (roles or {}).items():
+        if role not in ROLES:
+            raise ValueError(f"role {role!r} is not one of {list(ROLES)}")
+        if role_backend is not None:
+            role_items.append((role, to_backend(role_backend)))
+    scope = ComponentScope(component, None if backend is None else to_backend(backend), tuple(sorted(role_items)))
     token = _SCOPE.set(scope)
     previous_native = _C.set_current_component(native_view(scope))
     try:

@@ -42,12 +42,12 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from .backends import Backend, to_backend  # noqa: E402
-from .ops import attention  # noqa: E402
+from .ops import _OP, AUTO  # noqa: E402
+from .ops import attention as _public_attention  # noqa: E402
 
 __all__ = [
     "SequenceParallel",
     "active",
-    "kv_replicated",
     "ring_attention",
     "sequence_parallel",
     "shard_lengths",
@@ -73,6 +73,15 @@ def shard_lengths(length: int, parts: int) -> list[int]:
 
 
 # -- small helpers -----------------------------------------------------------------------------------------------
+def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, backend=None, return_lse=False):
+    """attnsel.attention, where `backend` may also be `AUTO` (a layer whose policy is auto: plan this call)."""
+    if type(backend) is int and backend == AUTO:
+        out = _OP(q, k, v, attn_mask, is_causal, scale, AUTO, return_lse)
+        return out if return_lse else out[0]
+    return _public_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, backend=backend,
+                             return_lse=return_lse)
+
+
 def _group_size(group) -> int:
     return dist.get_world_size(group)
 
@@ -298,32 +307,27 @@ def ulysses_attention(q, k, v, group=None, attn_mask=None, is_causal=False, scal
 
 
 # -- ring ------------------------------------------------------------------------------------------------------------
-_LSE_PROBES: dict = {}
+_LSE_CHECKED: set = set()
 
 
 def _lse_backend(backend, q: torch.Tensor, where: str):
-    """The backend the ring's blocks run on: one that returns the log-sum-exp, or a ValueError saying why not.
+    """`backend` if it returns the log-sum-exp for q's dtype and device, else a ValueError saying why not.
 
-    An explicit backend must return it. Automatic (None) keeps the selector's answer when that one returns it and
-    otherwise takes `native` (automatic means the fastest backend that accepts the call, and this call needs it).
+    Checked once per (backend, dtype, device, head size) on a one-token call, on every rank before any
+    communication; `auto` plans for a call that needs the log-sum-exp, so it passes wherever some backend can.
     """
     key = (backend, q.dtype, q.device, q.shape[-1])
-    if key in _LSE_PROBES:
-        return _LSE_PROBES[key]
-    probe = q.new_zeros(1, 1, 1, q.shape[-1])
-    candidates = [backend] if backend is not None else [None, Backend.NATIVE]
-    reasons = []
-    for candidate in candidates:
+    if key not in _LSE_CHECKED:
+        probe = q.new_zeros(1, 1, 1, q.shape[-1])
         try:
-            attention(probe, probe, probe, backend=candidate, return_lse=True)
+            attention(probe, probe, probe, backend=backend, return_lse=True)
         except ValueError as err:
-            reasons.append(str(err))
-            continue
-        _LSE_PROBES[key] = candidate
-        return candidate
-    name = "automatic selection" if backend is None else f"backend {to_backend(backend).name.lower()}"
-    raise ValueError(f"attnsel.distributed.{where}: ring attention merges partial results with their log-sum-exp, "
-                     f"and {name} cannot return it for {q.dtype} on {q.device.type}: {'; '.join(reasons)}")
+            name = {None: "this task's policy", AUTO: "auto"}.get(backend) or f"backend {to_backend(backend)}"
+            raise ValueError(f"attnsel.distributed.{where}: ring attention merges partial results with their "
+                             f"log-sum-exp, and {name} cannot return it for {q.dtype} on {q.device.type}: {err}") \
+                from None
+        _LSE_CHECKED.add(key)
+    return backend
 
 
 def _merge(acc, lse_acc, out, lse):
@@ -455,9 +459,9 @@ class SequenceParallel:
 
     The world of U*R ranks: rank w is Ulysses rank w % U in group {ring_rank*U .. ring_rank*U + U-1} and ring rank
     w // U in group {w % U, w % U + U, ...}; it holds shard w of the sequence (`scatter` cuts it, `gather` joins).
-    Building one is collective (every process of the world, same degrees, same order). Used as a context manager it makes every
-    attnsel.nn.Attention call inside treat q, k, v as sequence shards (layers marked `kv_replicated` attend their
-    local queries to the whole K/V instead, e.g. cross-attention to a text context every rank holds).
+    Building one is collective (every process of the world, same degrees, same order). Used as a context manager,
+    every attnsel.nn.Attention call inside treats q, k, v as sequence shards, except layers of role "cross", whose
+    K/V (the text context) every rank holds whole: their local queries attend to them locally.
     """
 
     def __init__(self, ulysses_degree: int = 1, ring_degree: int = 1):
@@ -503,11 +507,15 @@ class SequenceParallel:
         return usp_attention(q, k, v, self.ulysses_group, self.ring_group, attn_mask, is_causal, scale, backend)
 
     def layer_attention(self, layer, q, k, v, attn_mask=None, is_causal=False):
-        """What attnsel.nn.Attention.forward runs inside the scope, on the layer's backend and scale."""
-        if getattr(layer, "_attnsel_kv_replicated", False):
-            return attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=layer.scale,
-                             backend=layer.backend)
-        return self.attention(q, k, v, attn_mask, is_causal, layer.scale, layer.backend)
+        """What attnsel.nn.Attention.forward runs inside the scope, on the layer's policy and scale.
+
+        A layer of role "cross" attends its local queries to K/V that every rank holds whole (the text context):
+        locally, no communication. Any other layer takes q, k, v as sequence shards.
+        """
+        backend = AUTO if layer.policy is None else layer.policy
+        if layer.role == "cross":
+            return attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=layer.scale, backend=backend)
+        return self.attention(q, k, v, attn_mask, is_causal, layer.scale, backend)
 
     def scatter(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """This rank's shard of a sequence every rank holds whole (no communication)."""
@@ -543,13 +551,6 @@ def sequence_parallel(ulysses_degree: int = 1, ring_degree: int = 1) -> Sequence
     if key not in _SCOPES:
         _SCOPES[key] = SequenceParallel(ulysses_degree, ring_degree)
     return _SCOPES[key]
-
-
-def kv_replicated(layer):
-    """Mark an attnsel.nn.Attention whose K/V are whole on every rank (e.g. cross-attention to the text context):
-    inside a sequence-parallel scope its local queries attend to them locally, without communication."""
-    layer._attnsel_kv_replicated = True
-    return layer
 
 
 def init_from_env(ulysses_degree: int, ring_degree: int, device: torch.device) -> SequenceParallel:

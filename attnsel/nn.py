@@ -9,16 +9,18 @@ from torch import nn
 
 from . import distributed
 from .backends import Backend
-from .ops import attention
+from .ops import _OP, AUTO
 from .selection import Explanation, explain_attn_backend
 
 
 class Attention(nn.Module):
     """Scaled dot-product attention over (B, H, S, D) tensors on the backend chosen at construction.
 
-    Selection follows explicit `backend` > forced > component context (the loader's scope) > --attention-backend >
-    automatic; `.backend` holds the answer and `.selection` the reasons. The forward path carries the backend
-    explicitly, so it is cheap and torch.compile-friendly.
+    The policy is decided when the layer is built: explicit `backend` > forced > component context for the layer's
+    `role` (`self` / `cross`) > the component's > --attention-backend > `auto`. `.policy` holds a named backend, or
+    None for `auto`, which plans every call (the fastest backend that accepts it); `.selection` says why, and
+    `.backend` is the named backend or, for `auto`, its choice for a one-token call. The forward path carries the
+    policy explicitly, so it is cheap and torch.compile-friendly.
     """
 
     def __init__(
@@ -32,6 +34,7 @@ class Attention(nn.Module):
         supported_backends: Iterable[str | Backend] | None = None,
         backend: str | Backend | None = None,
         scale: float | None = None,
+        role: str | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("num_heads", num_heads), ("head_dim", head_dim)):
@@ -41,10 +44,15 @@ class Attention(nn.Module):
         if isinstance(kv, bool) or not isinstance(kv, int) or kv <= 0 or num_heads % kv:
             raise ValueError(f"num_kv_heads must be a positive divisor of num_heads ({num_heads}), got {kv!r}")
         self.num_heads, self.head_dim, self.num_kv_heads, self.scale = num_heads, head_dim, kv, scale
+        self.role = role
         self.selection: Explanation = explain_attn_backend(
-            head_dim, dtype, device, None if supported_backends is None else list(supported_backends), backend
+            head_dim, dtype, device, None if supported_backends is None else list(supported_backends), backend, role
         )
         self.backend: Backend = self.selection.backend
+        # `auto` plans each call, except within a supported set (the op cannot carry one): then the build-time pick.
+        auto = self.selection.source == "auto" and supported_backends is None
+        self.policy: Backend | None = None if auto else self.backend
+        self._op_backend = AUTO if self.policy is None else int(self.policy)
 
     def forward(
         self,
@@ -58,10 +66,11 @@ class Attention(nn.Module):
             raise ValueError(f"attnsel.nn.Attention: built for head_dim {self.head_dim}, got q of shape {tuple(q.shape)}")
         if (sp := distributed.active()) is not None:  # inside attnsel.distributed.sequence_parallel(...)
             return sp.layer_attention(self, q, k, v, attn_mask, is_causal)
-        return attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale, backend=self.backend)
+        return _OP(q, k, v, attn_mask, is_causal, self.scale, self._op_backend)[0]
 
     def extra_repr(self) -> str:
         return (
             f"num_heads={self.num_heads}, head_dim={self.head_dim}, num_kv_heads={self.num_kv_heads}, "
-            f"backend={self.backend.name.lower()} ({self.selection.source})"
+            f"policy={'auto' if self.policy is None else self.policy.name.lower()} ({self.selection.source})"
+            + (f", role={self.role}" if self.role else "")
         )

@@ -9,7 +9,7 @@ import torch
 
 from . import _C
 from .backends import Backend, to_backend
-from .context import current_scope, native_view
+from .context import ROLES, current_scope, native_view
 
 DTYPE_NAMES = {
     torch.float32: "float32",
@@ -36,12 +36,18 @@ def cuda_unavailable_reason() -> str:
 
 @dataclass(frozen=True)
 class Explanation:
-    """Why a layer got its backend: the level that chose it (`source`), the component and every reason."""
+    """Why a layer or a call got its backend: the level that chose it (`source`), the component and every reason.
+
+    For a layer (policy), source "auto" means the layer plans per call; `backend` is then the choice for a one-token
+    call. For a call (plan), `measured` maps each backend the tuning table timed for the call's bucket to its
+    milliseconds (None when the table has no entry).
+    """
 
     backend: Backend
     source: str  # "explicit" | "forced" | "component" | "global" | "auto"
     component: str | None
     reasons: tuple[str, ...]
+    measured: dict[Backend, float] | None = None
 
     def __str__(self) -> str:
         where = f" for component {self.component!r}" if self.component else ""
@@ -65,22 +71,32 @@ def _device_type(device: object) -> str:
     return kind
 
 
+def _role_name(role: object) -> str | None:
+    if role is None:
+        return None
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {list(ROLES)} or None, got {role!r}")
+    return role  # type: ignore[return-value]
+
+
 def explain_attn_backend(
     head_size: int,
     dtype: torch.dtype | str,
     device: torch.device | str = "cpu",
     supported: Iterable[str | Backend] | None = None,
     selected: str | Backend | None = None,
+    role: str | None = None,
 ) -> Explanation:
-    """Select a backend (explicit > forced > component > global > auto) and say why."""
+    """A layer's policy (explicit > forced > component.role > component > global > auto) and why."""
     if isinstance(head_size, bool) or not isinstance(head_size, int) or head_size <= 0:
         raise ValueError(f"head_size must be a positive int, got {head_size!r}")
     supported_ids = None if supported is None else [int(to_backend(b)) for b in supported]
     if supported_ids is not None and not supported_ids:
         raise ValueError("supported must name at least one backend (or be None for all)")
     selected_id = None if selected is None else int(to_backend(selected))
-    backend_id, source, component, reasons = _C.select(
-        head_size, _dtype_name(dtype), _device_type(device), supported_ids, selected_id, native_view(current_scope())
+    backend_id, source, component, reasons, _ = _C.select(
+        head_size, _dtype_name(dtype), _device_type(device), supported_ids, selected_id, native_view(current_scope()),
+        _role_name(role),
     )
     return Explanation(Backend(backend_id), source, component or None, tuple(reasons))
 
@@ -91,6 +107,51 @@ def get_attn_backend(
     device: torch.device | str = "cpu",
     supported: Iterable[str | Backend] | None = None,
     selected: str | Backend | None = None,
+    role: str | None = None,
 ) -> Backend:
     """The backend a layer with this head size, dtype and device should use here and now."""
-    return explain_attn_backend(head_size, dtype, device, supported, selected).backend
+    return explain_attn_backend(head_size, dtype, device, supported, selected, role).backend
+
+
+def call_signature(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    return_lse: bool = False,
+) -> "_C.CallSignature":
+    """The planner's view of a call (what `auto` and the tuning table key on)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"attnsel.explain_call: {name} must be a 4-d tensor (batch, heads, seq, head_dim)")
+    mask, key_padding = "none", False
+    if attn_mask is not None:
+        mask = "bool" if attn_mask.dtype == torch.bool else "additive"
+        shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+        key_padding = shape[1] == 1 and shape[2] == 1
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    return _C.CallSignature(
+        q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3],
+        _dtype_name(q.dtype), _device_type(q.device), mask, key_padding, bool(is_causal), needs_grad,
+        bool(return_lse),
+    )
+
+
+def explain_call(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    backend: str | Backend | None = None,
+    return_lse: bool = False,
+) -> Explanation:
+    """The plan for this call: which backend `attnsel.attention` would run, the level that chose it, every reason,
+    and what the tuning table measured for the call's bucket. Raises ValueError where the call would."""
+    sig = call_signature(q, k, v, attn_mask, is_causal, return_lse)
+    backend_id = None if backend is None else int(to_backend(backend))
+    chosen, source, component, reasons, _ = _C.explain_call(sig, backend_id, native_view(current_scope()))
+    entry = _C.tuning_entry(sig.bucket())
+    measured = None if entry is None else {Backend(i): ms for i, ms in entry}
+    return Explanation(Backend(chosen), source, component or None, tuple(reasons), measured)

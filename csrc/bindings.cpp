@@ -1,4 +1,5 @@
-// pybind11 bindings: selection and context only (tensor work goes through torch.ops.attnsel).
+// pybind11 bindings: selection, context, descriptors and the tuning table (tensor work goes through
+// torch.ops.attnsel).
 #include <pybind11/functional.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -36,20 +37,35 @@ DeviceType parse_device(const std::string& s) {
   if (s == "cuda") return DeviceType::CUDA;
   throw std::invalid_argument("attnsel: device type must be 'cpu' or 'cuda'; got '" + s + "'");
 }
+Role parse_role(const std::optional<std::string>& s) {
+  if (!s || s->empty()) return Role::None;
+  if (auto r = find_role(*s)) return *r;
+  throw std::invalid_argument("attnsel: role must be one of ['cross', 'self'], got '" + *s + "'");
+}
+MaskKind parse_mask(const std::string& s) {
+  if (s == "none") return MaskKind::None;
+  if (s == "bool") return MaskKind::Bool;
+  if (s == "additive") return MaskKind::Additive;
+  throw std::invalid_argument("attnsel: mask kind must be one of none, bool, additive; got '" + s + "'");
+}
 
-// A component context crosses the boundary as (backend id or None, component name, set_by_python).
-using ScopeTuple = std::tuple<std::optional<int>, std::string, bool>;
+// A component context crosses the boundary as (backend id or None, component, set_by_python, self id, cross id).
+using ScopeTuple = std::tuple<std::optional<int>, std::string, bool, std::optional<int>, std::optional<int>>;
 std::optional<ScopeTuple> context_to_py(const std::optional<ComponentContext>& c) {
   if (!c) return std::nullopt;
-  return ScopeTuple{from_opt_id(c->backend), c->component, c->set_by_python};
+  return ScopeTuple{from_opt_id(c->backend), c->component, c->set_by_python, from_opt_id(c->role_backends[0]),
+                    from_opt_id(c->role_backends[1])};
 }
 std::optional<ComponentContext> from_py(const std::optional<ScopeTuple>& c) {
   if (!c) return std::nullopt;
-  return ComponentContext{to_opt_id(std::get<0>(*c)), std::get<1>(*c), std::get<2>(*c)};
+  ComponentContext ctx{to_opt_id(std::get<0>(*c)), std::get<1>(*c), std::get<2>(*c), {}};
+  ctx.role_backends = {to_opt_id(std::get<3>(*c)), to_opt_id(std::get<4>(*c))};
+  return ctx;
 }
 
 SelectionRequest make_request(int head_size, const std::string& dtype, const std::string& device,
-                              const std::optional<std::vector<int>>& supported, std::optional<int> selected) {
+                              const std::optional<std::vector<int>>& supported, std::optional<int> selected,
+                              const std::optional<std::string>& role) {
   SelectionRequest r;
   r.head_size = head_size;
   r.dtype = parse_dtype(dtype);
@@ -60,18 +76,106 @@ SelectionRequest make_request(int head_size, const std::string& dtype, const std
     r.supported = std::move(ids);
   }
   r.selected = to_opt_id(selected);
+  r.role = parse_role(role);
   return r;
 }
 
-using PySelection = std::tuple<int, std::string, std::string, std::vector<std::string>>;
+using PySelection = std::tuple<int, std::string, std::string, std::vector<std::string>, bool>;
 PySelection selection_to_py(const Selection& s) {
-  return {static_cast<int>(s.backend), std::string(source_name(s.source)), s.component, s.reasons};
+  return {static_cast<int>(s.backend), std::string(source_name(s.source)), s.component, s.reasons, s.measured};
+}
+
+py::dict features_to_py(const Features& f) {
+  py::dict d;
+  d["bool_mask"] = f.bool_mask;
+  d["additive_mask"] = f.additive_mask;
+  d["key_padding_mask_only"] = f.key_padding_mask_only;
+  d["causal"] = f.causal;
+  d["causal_any_lengths"] = f.causal_any_lengths;
+  d["grouped_query"] = f.grouped_query;
+  d["different_lengths"] = f.different_lengths;
+  d["different_value_head"] = f.different_value_head;
+  d["lse"] = f.lse;
+  d["backward"] = f.backward;
+  d["deterministic"] = f.deterministic;
+  return d;
+}
+
+template <class T>
+T take(const py::dict& d, const char* key, T fallback) {
+  return d.contains(key) ? d[key].cast<T>() : fallback;
+}
+
+// A descriptor from Python (the bridges): the same fields as BackendDescriptor, by name. No call check (data only).
+BackendDescriptor descriptor_from_py(int backend, const std::string& device, const py::dict& d) {
+  static const char* known[] = {"f32", "f16", "bf16", "min_head", "max_head", "head_multiple", "min_sm", "features",
+                                "available", "unavailable_reason", "library", "auto_rank"};
+  for (auto item : d) {
+    const std::string key = item.first.cast<std::string>();
+    bool ok = false;
+    for (const char* k : known) ok = ok || key == k;
+    if (!ok) throw std::invalid_argument("attnsel: unknown descriptor field '" + key + "'");
+  }
+  BackendDescriptor out;
+  out.backend = to_id(backend);
+  out.device = parse_device(device);
+  out.f32 = take(d, "f32", false);
+  out.f16 = take(d, "f16", false);
+  out.bf16 = take(d, "bf16", false);
+  out.min_head = take(d, "min_head", 1);
+  out.max_head = take(d, "max_head", 1 << 20);
+  out.head_multiple = take(d, "head_multiple", 1);
+  out.min_sm = take(d, "min_sm", 0);
+  out.available = take(d, "available", true);
+  out.unavailable_reason = take(d, "unavailable_reason", std::string());
+  out.library = take(d, "library", std::string());
+  out.auto_rank = take(d, "auto_rank", -1);
+  if (d.contains("features")) {
+    const py::dict f = d["features"].cast<py::dict>();
+    Features& o = out.features;
+    for (auto item : f) {
+      const std::string key = item.first.cast<std::string>();
+      const bool v = item.second.cast<bool>();
+      if (key == "bool_mask") o.bool_mask = v;
+      else if (key == "additive_mask") o.additive_mask = v;
+      else if (key == "key_padding_mask_only") o.key_padding_mask_only = v;
+      else if (key == "causal") o.causal = v;
+      else if (key == "causal_any_lengths") o.causal_any_lengths = v;
+      else if (key == "grouped_query") o.grouped_query = v;
+      else if (key == "different_lengths") o.different_lengths = v;
+      else if (key == "different_value_head") o.different_value_head = v;
+      else if (key == "lse") o.lse = v;
+      else if (key == "backward") o.backward = v;
+      else if (key == "deterministic") o.deterministic = v;
+      else throw std::invalid_argument("attnsel: unknown feature '" + key + "'");
+    }
+  }
+  return out;
+}
+
+py::object descriptor_to_py(const std::optional<BackendDescriptor>& d) {
+  if (!d) return py::none();
+  py::dict out;
+  out["f32"] = d->f32;
+  out["f16"] = d->f16;
+  out["bf16"] = d->bf16;
+  out["min_head"] = d->min_head;
+  out["max_head"] = d->max_head;
+  out["head_multiple"] = d->head_multiple;
+  out["min_sm"] = d->min_sm;
+  out["features"] = features_to_py(d->features);
+  out["available"] = d->available;
+  out["unavailable_reason"] = d->unavailable_reason;
+  out["library"] = d->library;
+  out["auto_rank"] = d->auto_rank;
+  out["preferred_rank"] = d->preferred_rank;
+  return out;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "attnsel native core: backend registry, component context and selection";
+  m.doc() = "attnsel native core: backend registry and descriptors, component context, policy and plan";
 
   m.def("backend_names", [] {
     std::vector<std::string> names;
@@ -88,6 +192,49 @@ PYBIND11_MODULE(_C, m) {
     return id ? std::optional<int>(static_cast<int>(*id)) : std::nullopt;
   }, py::arg("name"));
 
+  py::class_<CallSignature>(m, "CallSignature", "One attention call's signature, as the planner takes it.")
+      .def(py::init([](std::int64_t batch, std::int64_t heads_q, std::int64_t heads_kv, std::int64_t seq_q,
+                       std::int64_t seq_kv, int head_dim, int head_dim_v, const std::string& dtype,
+                       const std::string& device, const std::string& mask, bool mask_key_padding, bool causal,
+                       bool needs_grad, bool needs_lse) {
+             CallSignature c;
+             c.batch = batch;
+             c.heads_q = heads_q;
+             c.heads_kv = heads_kv;
+             c.seq_q = seq_q;
+             c.seq_kv = seq_kv;
+             c.head_dim = head_dim;
+             c.head_dim_v = head_dim_v;
+             c.dtype = parse_dtype(dtype);
+             c.device = parse_device(device);
+             c.mask = parse_mask(mask);
+             c.mask_key_padding = mask_key_padding;
+             c.causal = causal;
+             c.needs_grad = needs_grad;
+             c.needs_lse = needs_lse;
+             return c;
+           }),
+           py::arg("batch"), py::arg("heads_q"), py::arg("heads_kv"), py::arg("seq_q"), py::arg("seq_kv"),
+           py::arg("head_dim"), py::arg("head_dim_v") = 0, py::arg("dtype") = "float32", py::arg("device") = "cpu",
+           py::arg("mask") = "none", py::arg("mask_key_padding") = false, py::arg("causal") = false,
+           py::arg("needs_grad") = false, py::arg("needs_lse") = false)
+      .def("__repr__", [](const CallSignature& c) { return "CallSignature(" + describe(c) + ")"; })
+      .def("bucket", &tuning_bucket, "The tuning table's key for this call (lengths bucketed by half-octaves).")
+      .def_readonly("batch", &CallSignature::batch)
+      .def_readonly("heads_q", &CallSignature::heads_q)
+      .def_readonly("heads_kv", &CallSignature::heads_kv)
+      .def_readonly("seq_q", &CallSignature::seq_q)
+      .def_readonly("seq_kv", &CallSignature::seq_kv)
+      .def_readonly("head_dim", &CallSignature::head_dim)
+      .def_property_readonly("head_dim_v", &CallSignature::value_head_dim)
+      .def_property_readonly("dtype", [](const CallSignature& c) { return std::string(dtype_name(c.dtype)); })
+      .def_property_readonly("device", [](const CallSignature& c) { return std::string(device_name(c.device)); })
+      .def_property_readonly("mask", [](const CallSignature& c) { return std::string(mask_kind_name(c.mask)); })
+      .def_readonly("mask_key_padding", &CallSignature::mask_key_padding)
+      .def_readonly("causal", &CallSignature::causal)
+      .def_readonly("needs_grad", &CallSignature::needs_grad)
+      .def_readonly("needs_lse", &CallSignature::needs_lse);
+
   // Context: the Python front mirrors its task's scope into this thread (see DESIGN.md).
   m.def("current_component", [] { return context_to_py(current_component()); });
   m.def("set_current_component", [](std::optional<ScopeTuple> c) {
@@ -99,59 +246,72 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_global_backend", [](std::optional<int> id) { set_global_backend(to_opt_id(id)); }, py::arg("backend"));
   m.def("global_backend", [] { return from_opt_id(global_backend()); });
 
+  // Policy at layer build time (explicit > forced > component.role > component > global > auto), checked on what
+  // is known then.
   m.def("select", [](int head_size, const std::string& dtype, const std::string& device,
                      std::optional<std::vector<int>> supported, std::optional<int> selected,
-                     std::optional<ScopeTuple> context) {
-    SelectionRequest r = make_request(head_size, dtype, device, supported, selected);
+                     std::optional<ScopeTuple> context, std::optional<std::string> role) {
+    SelectionRequest r = make_request(head_size, dtype, device, supported, selected, role);
     std::optional<ComponentContext> ctx = from_py(context);
     return selection_to_py(select_backend_in(r, ctx ? &*ctx : nullptr));
   }, py::arg("head_size"), py::arg("dtype"), py::arg("device"), py::arg("supported"), py::arg("selected"),
-     py::arg("context"), "Select with an explicit component context (the caller's task view).");
-  m.def("select_id", [](int head_size, const std::string& dtype, const std::string& device,
-                        std::optional<ScopeTuple> context) {
+     py::arg("context"), py::arg("role") = py::none(),
+     "Select with an explicit component context (the caller's task view).");
+  // The per-call policy of attnsel.attention(backend=None): the op's backend argument (a named id, or -2 = auto).
+  // context None: no Python scope in this task; a scope a C++ caller entered on this thread still counts (a
+  // mirror of another task's Python scope does not).
+  m.def("call_policy", [](std::optional<ScopeTuple> context) -> int {
     std::optional<ComponentContext> ctx = from_py(context);
-    return static_cast<int>(
-        select_backend_in(make_request(head_size, dtype, device, std::nullopt, std::nullopt), ctx ? &*ctx : nullptr)
-            .backend);
-  }, py::arg("head_size"), py::arg("dtype"), py::arg("device"), py::arg("context"),
-     "The backend id only: the per-call path of attnsel.attention(backend=None).");
-  // Everything native that auto selection depends on besides the request and the caller's (Python) scope: the
-  // forced backend, the global flag and the capability generation, packed into one int; None while a scope entered
-  // from C++ is active on this thread (Python then takes the full path, which sees that scope).
-  // attnsel.attention keys its per-call decision cache on it, so a cached answer never outlives the state it was
-  // computed from.
-  m.def("selection_token", []() -> py::object {
-    const std::optional<ComponentContext> ctx = current_component();
-    if (ctx && !ctx->set_by_python) return py::none();
-    const auto enc = [](std::optional<BackendId> id) { return std::uint64_t(id ? static_cast<int>(*id) + 1 : 0); };
-    static_assert(kNumBackends < 64, "token packs backend ids in 6 bits");
-    return py::int_((attnsel::detail::generation() << 12) | (enc(forced_backend()) << 6) | enc(global_backend()));
-  });
-  m.def("select_thread", [](int head_size, const std::string& dtype, const std::string& device,
-                            std::optional<std::vector<int>> supported, std::optional<int> selected) {
-    return selection_to_py(select_backend(make_request(head_size, dtype, device, supported, selected)));
-  }, py::arg("head_size"), py::arg("dtype"), py::arg("device"), py::arg("supported") = py::none(),
-     py::arg("selected") = py::none(), "Select with this thread's native component context (as C++ callers do).");
-  m.def("refusal_reasons", [](int id, int head_size, const std::string& dtype, const std::string& device) {
-    return refusal_reasons(to_id(id), make_request(head_size, dtype, device, std::nullopt, std::nullopt));
-  }, py::arg("backend"), py::arg("head_size"), py::arg("dtype"), py::arg("device"));
+    if (!context) {
+      ctx = current_component();
+      if (ctx && ctx->set_by_python) ctx.reset();
+    }
+    auto [backend, source] = resolve_policy(std::nullopt, Role::None, ctx ? &*ctx : nullptr);
+    (void)source;
+    return backend ? static_cast<int>(*backend) : -2;
+  }, py::arg("context"));
+  // The plan for a call: backend None = this view's policy; returns the selection tuple.
+  m.def("explain_call", [](const CallSignature& call, std::optional<int> backend, std::optional<ScopeTuple> context) {
+    if (backend) return selection_to_py(plan_call(call, to_id(*backend)));
+    std::optional<ComponentContext> ctx = from_py(context);
+    return selection_to_py(select_for_call(call, ctx ? &*ctx : nullptr));
+  }, py::arg("call"), py::arg("backend"), py::arg("context"));
+  m.def("refusal_reasons", [](int id, const CallSignature& call) { return refusal_reasons(to_id(id), call); },
+        py::arg("backend"), py::arg("call"));
+
+  // Descriptors: registered by the layer that implements a backend (Python bridges register theirs here).
+  m.def("register_backend", [](int backend, const std::string& device, const py::dict& descriptor) {
+    register_backend(descriptor_from_py(backend, device, descriptor));
+  }, py::arg("backend"), py::arg("device"), py::arg("descriptor"));
+  m.def("backend_descriptor", [](int backend, const std::string& device) {
+    return descriptor_to_py(backend_descriptor(to_id(backend), parse_device(device)));
+  }, py::arg("backend"), py::arg("device"));
   m.def("set_backend_availability", [](int id, const std::string& device, bool available, std::string reason) {
     set_backend_availability(to_id(id), parse_device(device), available, std::move(reason));
   }, py::arg("backend"), py::arg("device"), py::arg("available"), py::arg("reason"));
   m.def("set_cuda_compute_capability", &set_cuda_compute_capability, py::arg("major"), py::arg("minor"));
 
+  // Tuning table (attnsel/tuning.py owns the file; the planner reads this in-memory copy).
+  m.def("set_tuning_entry", [](const std::string& bucket, const std::vector<std::pair<int, double>>& ms) {
+    std::vector<std::pair<BackendId, double>> entry;
+    for (const auto& [id, t] : ms) entry.emplace_back(to_id(id), t);
+    set_tuning_entry(bucket, std::move(entry));
+  }, py::arg("bucket"), py::arg("milliseconds"));
+  m.def("tuning_entry", [](const std::string& bucket) -> std::optional<std::vector<std::pair<int, double>>> {
+    auto e = tuning_entry(bucket);
+    if (!e) return std::nullopt;
+    std::vector<std::pair<int, double>> out;
+    for (const auto& [id, t] : *e) out.emplace_back(static_cast<int>(id), t);
+    return out;
+  }, py::arg("bucket"));
+  m.def("clear_tuning_table", &clear_tuning_table);
+  m.def("tuning_table_size", &tuning_table_size);
+
   m.def("selection_cache_size", &selection_cache_size);
   m.def("selection_cache_hits", &selection_cache_hits);
   m.def("clear_selection_cache", &clear_selection_cache);
 
-  // Cross-language checks: a C++ scope entered from Python.
-  m.def("run_in_native_scope", [](const std::string& component, std::optional<int> backend, py::function fn) {
-    ComponentScope scope(component, to_opt_id(backend));
-    return fn();
-  }, py::arg("component"), py::arg("backend"), py::arg("fn"),
-     "Call fn() inside a native attnsel::ComponentScope (what a C++ caller would do).");
-
-  // CPU kernel ISA control (tests and benchmarks).
+  // CPU kernel ISA (benchmarks and tests compare the paths; ATTNSEL_CPU_ISA does the same at load).
   m.def("cpu_isa", [] { return std::string(cpu::active_isa()); });
   m.def("cpu_isa_supported", [](const std::string& isa) { return cpu::isa_supported(isa); }, py::arg("isa"));
   m.def("set_cpu_isa", [](const std::string& isa) {
@@ -160,4 +320,18 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("isa"));
 
   m.attr("num_backends") = kNumBackends;
+
+  // Not API: what the cross-language tests need to act as a C++ caller would.
+  py::module_ testing = m.def_submodule("_testing", "test hooks (not API): act as a native C++ caller");
+  testing.def("run_in_native_scope", [](const std::string& component, std::optional<int> backend, py::function fn) {
+    ComponentScope scope(component, to_opt_id(backend));
+    return fn();
+  }, py::arg("component"), py::arg("backend"), py::arg("fn"),
+     "Call fn() inside a native attnsel::ComponentScope (what a C++ caller would do).");
+  testing.def("select_thread", [](int head_size, const std::string& dtype, const std::string& device,
+                                  std::optional<std::vector<int>> supported, std::optional<int> selected) {
+    auto s = select_backend(make_request(head_size, dtype, device, supported, selected, std::nullopt));
+    return std::make_tuple(static_cast<int>(s.backend), std::string(source_name(s.source)), s.component, s.reasons);
+  }, py::arg("head_size"), py::arg("dtype"), py::arg("device"), py::arg("supported") = py::none(),
+     py::arg("selected") = py::none(), "Select with this thread's native component context (as C++ callers do).");
 }

@@ -24,7 +24,7 @@ def test_nesting_and_exceptions_restore():
                 assert current() == ("vae", Backend.NATIVE)
                 raise RuntimeError("boom")
         assert current() == ("text_encoder", Backend.TORCH_SDPA)
-        assert _C.current_component() == (int(Backend.TORCH_SDPA), "text_encoder", True)
+        assert _C.current_component() == (int(Backend.TORCH_SDPA), "text_encoder", True, None, None)
     assert current() == (None, None)
     assert _C.current_component() is None
 
@@ -68,7 +68,7 @@ def test_threads_start_empty_and_stay_isolated():
                     e = attnsel.explain_attn_backend(64, torch.float32)
                     assert e.component == f"component_{i}" and e.backend.name.lower() == backend
                     assert _C.current_component()[1] == f"component_{i}"
-                    assert _C.select_thread(64, "float32", "cpu")[2] == f"component_{i}"
+                    assert _C._testing.select_thread(64, "float32", "cpu")[2] == f"component_{i}"
                 barrier.wait()
             assert current() == (None, None)
         except Exception as exc:  # noqa: BLE001 - collected and re-raised in the main thread
@@ -149,7 +149,7 @@ def test_native_scope_seen_from_python_and_python_scope_seen_from_native():
         e = attnsel.explain_attn_backend(64, torch.float32)
         return current(), e.backend, e.source
 
-    assert _C.run_in_native_scope("vae", int(Backend.TORCH_SDPA), inside) == (
+    assert _C._testing.run_in_native_scope("vae", int(Backend.TORCH_SDPA), inside) == (
         ("vae", Backend.TORCH_SDPA), Backend.TORCH_SDPA, "component")
     assert current() == (None, None)
     # a Python scope nested inside the native one wins, and the native one comes back after it
@@ -158,11 +158,11 @@ def test_native_scope_seen_from_python_and_python_scope_seen_from_native():
             inner = (current(), _C.current_component())
         return inner, current()
 
-    inner, after = _C.run_in_native_scope("vae", int(Backend.TORCH_SDPA), nested)
-    assert inner == (("text_encoder", Backend.NATIVE), (int(Backend.NATIVE), "text_encoder", True))
+    inner, after = _C._testing.run_in_native_scope("vae", int(Backend.TORCH_SDPA), nested)
+    assert inner == (("text_encoder", Backend.NATIVE), (int(Backend.NATIVE), "text_encoder", True, None, None))
     assert after == ("vae", Backend.TORCH_SDPA)
     # a Python scope seen from C++: the native selector using the thread's context agrees with Python
     with attnsel.component_attention_backend("transformer", "torch_sdpa"):
-        backend_id, source, component, _ = _C.select_thread(64, "float32", "cpu")
+        backend_id, source, component, _ = _C._testing.select_thread(64, "float32", "cpu")
         assert (Backend(backend_id), source, component) == (Backend.TORCH_SDPA, "component", "transformer")
         assert attnsel.get_attn_backend(64, torch.float32) == Backend(backend_id)

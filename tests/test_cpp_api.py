@@ -1,6 +1,6 @@
 """The C++ API and the Python API agree, and the C++ SDK is installed inside the package.
 
-`_C.run_in_native_scope` enters a C++ `attnsel::ComponentScope` (what a native caller does); `_C.select_thread`
+`_C._testing.run_in_native_scope` enters a C++ `attnsel::ComponentScope` (what a native caller does); `_C._testing.select_thread`
 selects with this thread's native context (what `attnsel::select_backend` does in C++).
 """
 
@@ -29,7 +29,7 @@ def python_view():
 
 
 def native_view():
-    backend, source, component, reasons = _C.select_thread(HEAD, DTYPE, DEVICE)
+    backend, source, component, reasons = _C._testing.select_thread(HEAD, DTYPE, DEVICE)
     return backend, source, component, list(reasons)
 
 
@@ -41,18 +41,18 @@ def both():
 
 
 def test_cpp_scope_is_seen_from_python():
-    py, native = _C.run_in_native_scope("vae", int(Backend.TORCH_SDPA), both)
+    py, native = _C._testing.run_in_native_scope("vae", int(Backend.TORCH_SDPA), both)
     assert py == native
     assert py[:3] == (int(Backend.TORCH_SDPA), "component", "vae")
     assert attnsel.get_component_attn_backend_name() is None  # the C++ scope ended with the call
 
 
 def test_cpp_scope_without_override_falls_through_in_both():
-    py, native = _C.run_in_native_scope("transformer", None, both)
+    py, native = _C._testing.run_in_native_scope("transformer", None, both)
     assert py == native
     assert py[:3] == (int(Backend.NATIVE), "auto", "transformer")
     _C.set_global_backend(int(Backend.TORCH_SDPA))
-    py, native = _C.run_in_native_scope("transformer", None, both)
+    py, native = _C._testing.run_in_native_scope("transformer", None, both)
     assert py == native
     assert py[:3] == (int(Backend.TORCH_SDPA), "global", "transformer")
 
@@ -78,7 +78,7 @@ def test_python_scope_inside_cpp_scope_restores_the_cpp_scope():
             inner = both()
         return inner, both()
 
-    inner, after = _C.run_in_native_scope("vae", int(Backend.TORCH_SDPA), inside)
+    inner, after = _C._testing.run_in_native_scope("vae", int(Backend.TORCH_SDPA), inside)
     assert inner[0] == inner[1]
     assert inner[0][:3] == (int(Backend.NATIVE), "component", "transformer")
     assert after[0] == after[1]
@@ -90,7 +90,7 @@ def test_forced_backend_is_shared():
         with attnsel.force_attention_backend("torch_sdpa"):
             return both()
 
-    py, native = _C.run_in_native_scope("vae", int(Backend.NATIVE), inside)
+    py, native = _C._testing.run_in_native_scope("vae", int(Backend.NATIVE), inside)
     assert py == native
     assert py[:3] == (int(Backend.TORCH_SDPA), "forced", "vae")
 
@@ -104,7 +104,7 @@ def test_refusals_agree():
             errors.append(str(info.value))
         return errors
 
-    py_error, native_error = _C.run_in_native_scope("vae", int(Backend.SDPA_MATH), inside)  # CUDA-only
+    py_error, native_error = _C._testing.run_in_native_scope("vae", int(Backend.SDPA_MATH), inside)  # CUDA-only
     assert py_error == native_error
     assert "sdpa_math" in py_error and "component 'vae'" in py_error
 
@@ -132,7 +132,7 @@ def test_cpp_scope_in_another_thread_does_not_leak():
             ready.set()
             release.wait(10)
 
-        _C.run_in_native_scope("vae", int(Backend.TORCH_SDPA), inside)
+        _C._testing.run_in_native_scope("vae", int(Backend.TORCH_SDPA), inside)
 
     t = threading.Thread(target=worker)
     t.start()

@@ -106,7 +106,7 @@ def test_auto_selection_fast_path_follows_every_state_change():
         picks(sdpa)
     picks(native)
     # a scope entered from C++ on this thread
-    assert torch.equal(_C.run_in_native_scope("vae", int(attnsel.Backend.TORCH_SDPA),
+    assert torch.equal(_C._testing.run_in_native_scope("vae", int(attnsel.Backend.TORCH_SDPA),
                                               lambda: attnsel.attention(q, k, v)), sdpa)
     picks(native)
     # the process-wide flag, set natively (as a C++ caller or the config loader does)

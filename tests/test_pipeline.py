@@ -258,10 +258,11 @@ def test_layers_select_for_the_pipeline_dtype_and_device(monkeypatch):
     assert {p.dtype for m in modules.values() for p in m.parameters()} == {torch.bfloat16}
     # The text encoder and the transformer run in bf16 (the VAE's bf16 convolutions are slow on CPUs without
     # bf16 instructions; the GPU test runs the whole pipeline).
-    context = modules["text_encoder"]("a red fox")
-    assert context.dtype == torch.bfloat16
-    latent = torch.randn(1, 4, 16, 16).to(torch.bfloat16)
-    v = modules["transformer"](latent, torch.tensor([500.0]), context)
+    with torch.no_grad():  # inference, as the pipeline runs it
+        context = modules["text_encoder"]("a red fox")
+        assert context.dtype == torch.bfloat16
+        latent = torch.randn(1, 4, 16, 16).to(torch.bfloat16)
+        v = modules["transformer"](latent, torch.tensor([500.0]), context)
     assert v.dtype == torch.bfloat16 and torch.isfinite(v.float()).all()
     # Same weights as the float32 build, rounded: the seed does not depend on the dtype.
     ref = ComposedPipeline().load_modules()

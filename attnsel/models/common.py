@@ -8,7 +8,6 @@ import math
 import torch
 from torch import nn
 
-from ..distributed import kv_replicated
 from ..nn import Attention
 
 
@@ -43,15 +42,15 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Queries from the latent tokens, keys/values from the text embeddings (whole on every rank when the latent
-    tokens are sharded for sequence parallelism: the layer is marked `kv_replicated`)."""
+    """Queries from the latent tokens, keys/values from the text embeddings (role "cross": under sequence
+    parallelism the text stays whole on every rank while the latent tokens are split)."""
 
     def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int = 64, backend=None, **placement):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
         self.q = nn.Linear(dim, heads * head_dim)
         self.kv = nn.Linear(context_dim, 2 * heads * head_dim)
-        self.attn = kv_replicated(Attention(heads, head_dim, backend=backend, **placement))
+        self.attn = Attention(heads, head_dim, backend=backend, role="cross", **placement)
         self.out = nn.Linear(heads * head_dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

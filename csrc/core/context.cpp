@@ -35,8 +35,9 @@ std::uint64_t generation() { return g_generation.load(std::memory_order_acquire)
 
 std::optional<ComponentContext> current_component() { return t_component; }
 
-ComponentScope::ComponentScope(std::string component, std::optional<BackendId> backend)
-    : previous_(detail::set_current_component(ComponentContext{backend, std::move(component), false})) {}
+ComponentScope::ComponentScope(std::string component, std::optional<BackendId> backend,
+                               std::array<std::optional<BackendId>, kNumRoles> role_backends)
+    : previous_(detail::set_current_component(ComponentContext{backend, std::move(component), false, role_backends})) {}
 
 ComponentScope::~ComponentScope() { detail::set_current_component(std::move(previous_)); }
 

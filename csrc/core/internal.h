@@ -15,10 +15,13 @@ std::optional<ComponentContext> set_current_component(std::optional<ComponentCon
 // Replaces the forced backend and returns the previous one (Python scopes; C++ uses ForcedBackendScope).
 std::optional<BackendId> set_forced_backend(std::optional<BackendId> backend);
 
-// Whether the kernel layer prefers `native` for this request (set_native_preference).
-bool native_preferred(const SelectionRequest& request);
+// The static rank of `id` for `call` under `auto` (lower first; < 0 = not ranked).
+int auto_rank(BackendId id, const CallSignature& call);
 
-// Capability facts changed: cached selections made before are stale.
+// What a policy-time request knows, as a signature (a one-token call without mask).
+CallSignature signature_of(const SelectionRequest& request);
+
+// Registry or tuning facts changed: cached plans made before are stale.
 void bump_generation();
 std::uint64_t generation();
 

@@ -1,5 +1,5 @@
-// The backend registry: names, aliases and the capability table keyed by (backend, device).
-#include <algorithm>
+// The backend registry: names and aliases (stable ids), and the descriptors that implementing layers register per
+// (backend, device), with the refusal reasons derived from them.
 #include <array>
 #include <cctype>
 #include <mutex>
@@ -38,69 +38,27 @@ constexpr std::array<BackendAlias, 2> kAliases = {{
     {"fa4", BackendId::FA},
 }};
 
-// Static capability facts per backend. Head sizes: [min, max], and `multiple` must divide the size.
-struct Capability {
-  bool cpu = false;
-  bool cuda = false;
-  bool f32 = false;
-  bool half = false;  // f16 and bf16
-  int min_head = 1;
-  int max_head = 1 << 20;
-  int multiple = 1;
-  int min_sm = 0;  // CUDA compute capability major*10+minor
-  const char* unimplemented = nullptr;  // non-null: attnsel has no kernel or bridge for this backend
-  bool needs_library = true;            // availability must be reported by a runtime layer
-};
-
-Capability capability_of(BackendId id) {
-  Capability c;
+// Why a known name has no implementation on any device (the rest say so when nothing registered them).
+std::string_view unimplemented_note(BackendId id) {
   switch (id) {
-    case BackendId::NATIVE:
-      c.cpu = c.cuda = c.f32 = c.half = true;  // f32 on CUDA is refused by the CUDA kernel's own check
-      c.max_head = 512;
-      return c;
-    case BackendId::TORCH_SDPA:
-    case BackendId::SDPA_MATH:
-      c.cpu = id == BackendId::TORCH_SDPA;
-      c.cuda = c.f32 = c.half = true;
-      return c;
-    case BackendId::SDPA_CUDNN:
-      c.cuda = c.half = true;
-      c.max_head = 128;
-      c.multiple = 8;
-      c.min_sm = 80;
-      return c;
-    case BackendId::SDPA_EFFICIENT:
-      c.cuda = c.f32 = c.half = true;
-      c.multiple = 8;
-      c.min_sm = 50;
-      return c;
-    case BackendId::FA:
-    case BackendId::FA2:
-    case BackendId::SDPA_FLASH:
-      c.cuda = c.half = true;
-      c.max_head = 256;
-      c.multiple = 8;
-      c.min_sm = 80;
-      return c;
-    case BackendId::SAGE_ATTN:
-      c.cuda = c.half = true;
-      c.min_head = 64;
-      c.max_head = 128;
-      c.multiple = 64;
-      c.min_sm = 80;
-      return c;
     case BackendId::NO_ATTENTION:
-      c.unimplemented = "no_attention marks components without attention layers; it cannot run attention";
-      return c;
+      return "no_attention marks components without attention layers; it cannot run attention";
+    case BackendId::SAGE_ATTN_3:
+    case BackendId::SLIDING_TILE_ATTN:
+    case BackendId::VIDEO_SPARSE_ATTN:
+    case BackendId::SPARSE_VIDEO_GEN_2_ATTN:
+    case BackendId::VMOBA_ATTN:
+    case BackendId::AITER:
+    case BackendId::AITER_SAGE:
+    case BackendId::SLA_ATTN:
+    case BackendId::SAGE_SLA_ATTN:
+      return "attnsel has no kernel or bridge for this backend yet";
     default:
-      c.cuda = true;
-      c.unimplemented = "attnsel has no kernel or bridge for this backend yet";
-      return c;
+      return {};
   }
 }
 
-struct AvailabilityEntry {
+struct Override {
   bool reported = false;
   bool available = false;
   std::string reason;
@@ -108,8 +66,9 @@ struct AvailabilityEntry {
 
 struct RegistryState {
   std::mutex mutex;
-  std::array<std::array<AvailabilityEntry, kNumDeviceTypes>, kNumBackends> availability;
-  std::array<std::array<CapabilityCheck, kNumDeviceTypes>, kNumBackends> checks{};
+  std::array<std::array<std::optional<BackendDescriptor>, kNumDeviceTypes>, kNumBackends> descriptors;
+  std::array<std::array<Override, kNumDeviceTypes>, kNumBackends> availability;
+  std::array<std::array<CallCheck, kNumDeviceTypes>, kNumBackends> checks{};
   std::array<PreferenceCheck, kNumDeviceTypes> native_preference{};
   int sm = 0;
 };
@@ -127,6 +86,10 @@ std::string normalize(std::string_view name) {
     out.push_back(static_cast<char>(std::tolower(static_cast<unsigned char>(ch))));
   }
   return out;
+}
+
+bool dtype_ok(const BackendDescriptor& d, DType t) {
+  return t == DType::F32 ? d.f32 : (t == DType::F16 ? d.f16 : d.bf16);
 }
 
 }  // namespace
@@ -175,6 +138,69 @@ std::string_view source_name(Source source) {
   return "<invalid>";
 }
 
+std::string_view role_name(Role role) {
+  switch (role) {
+    case Role::None: return "";
+    case Role::Self: return "self";
+    case Role::Cross: return "cross";
+  }
+  return "<invalid>";
+}
+
+std::optional<Role> find_role(std::string_view name) {
+  const std::string key = normalize(name);
+  if (key == "self") return Role::Self;
+  if (key == "cross") return Role::Cross;
+  return std::nullopt;
+}
+
+std::string_view mask_kind_name(MaskKind kind) {
+  switch (kind) {
+    case MaskKind::None: return "none";
+    case MaskKind::Bool: return "bool";
+    case MaskKind::Additive: return "additive";
+  }
+  return "<invalid>";
+}
+
+std::string describe(const CallSignature& c) {
+  std::ostringstream os;
+  os << "q [" << c.batch << ", " << c.heads_q << ", " << c.seq_q << ", " << c.head_dim << "], k/v [" << c.batch
+     << ", " << c.heads_kv << ", " << c.seq_kv << ", " << c.head_dim << "/" << c.value_head_dim() << "], "
+     << dtype_name(c.dtype) << " on " << device_name(c.device);
+  if (c.mask != MaskKind::None)
+    os << ", " << mask_kind_name(c.mask) << (c.mask_key_padding ? " key-padding" : "") << " mask";
+  if (c.causal) os << ", causal";
+  if (c.needs_grad) os << ", needs grad";
+  if (c.needs_lse) os << ", needs lse";
+  return os.str();
+}
+
+void register_backend(BackendDescriptor descriptor) {
+  {
+    std::lock_guard<std::mutex> lock(state().mutex);
+    state().descriptors[static_cast<int>(descriptor.backend)][static_cast<int>(descriptor.device)] =
+        std::move(descriptor);
+  }
+  detail::bump_generation();
+}
+
+std::optional<BackendDescriptor> backend_descriptor(BackendId id, DeviceType device) {
+  std::lock_guard<std::mutex> lock(state().mutex);
+  return state().descriptors[static_cast<int>(id)][static_cast<int>(device)];
+}
+
+void clear_backends() {
+  {
+    std::lock_guard<std::mutex> lock(state().mutex);
+    for (auto& per_device : state().descriptors) per_device.fill(std::nullopt);
+    for (auto& per_device : state().availability) per_device.fill(Override{});
+    for (auto& per_device : state().checks) per_device.fill(nullptr);
+    state().native_preference.fill(nullptr);
+  }
+  detail::bump_generation();
+}
+
 void set_backend_availability(BackendId id, DeviceType device, bool available, std::string reason) {
   {
     std::lock_guard<std::mutex> lock(state().mutex);
@@ -186,7 +212,7 @@ void set_backend_availability(BackendId id, DeviceType device, bool available, s
   detail::bump_generation();
 }
 
-void set_capability_check(BackendId id, DeviceType device, CapabilityCheck check) {
+void set_capability_check(BackendId id, DeviceType device, CallCheck check) {
   {
     std::lock_guard<std::mutex> lock(state().mutex);
     state().checks[static_cast<int>(id)][static_cast<int>(device)] = check;
@@ -202,15 +228,6 @@ void set_native_preference(DeviceType device, PreferenceCheck prefers) {
   detail::bump_generation();
 }
 
-bool detail::native_preferred(const SelectionRequest& request) {
-  PreferenceCheck prefers = nullptr;
-  {
-    std::lock_guard<std::mutex> lock(state().mutex);
-    prefers = state().native_preference[static_cast<int>(request.device)];
-  }
-  return prefers != nullptr && prefers(request);
-}
-
 void set_cuda_compute_capability(int major, int minor) {
   {
     std::lock_guard<std::mutex> lock(state().mutex);
@@ -219,56 +236,119 @@ void set_cuda_compute_capability(int major, int minor) {
   detail::bump_generation();
 }
 
-std::vector<std::string> refusal_reasons(BackendId id, const SelectionRequest& request) {
-  std::vector<std::string> reasons;
-  const Capability c = capability_of(id);
-  const std::string name(backend_name(id));
-  if (c.unimplemented) {
-    reasons.push_back(name + ": " + c.unimplemented);
-    return reasons;
-  }
-  const bool on_cuda = request.device == DeviceType::CUDA;
-  const bool device_ok = on_cuda ? c.cuda : c.cpu;
-  if (!device_ok) {
-    reasons.push_back(name + ": runs only on " + std::string(on_cuda ? "cpu" : "cuda") + ", not on " +
-                      std::string(device_name(request.device)));
-  }
-  AvailabilityEntry avail;
-  CapabilityCheck check = nullptr;
-  int sm = 0;
+int detail::auto_rank(BackendId id, const CallSignature& call) {
+  std::optional<BackendDescriptor> d;
+  PreferenceCheck prefers = nullptr;
   {
     std::lock_guard<std::mutex> lock(state().mutex);
-    avail = state().availability[static_cast<int>(id)][static_cast<int>(request.device)];
-    check = state().checks[static_cast<int>(id)][static_cast<int>(request.device)];
+    d = state().descriptors[static_cast<int>(id)][static_cast<int>(call.device)];
+    if (id == BackendId::NATIVE) prefers = state().native_preference[static_cast<int>(call.device)];
+  }
+  if (!d) return -1;
+  if (!prefers) prefers = d->prefers;
+  if (prefers && d->preferred_rank >= 0 && prefers(call)) return d->preferred_rank;
+  return d->auto_rank;
+}
+
+std::vector<std::string> refusal_reasons(BackendId id, const CallSignature& call) {
+  std::vector<std::string> reasons;
+  const std::string name(backend_name(id));
+  const std::string_view note = unimplemented_note(id);
+  if (!note.empty()) {
+    reasons.push_back(name + ": " + std::string(note));
+    return reasons;
+  }
+  std::optional<BackendDescriptor> found;
+  Override avail;
+  CallCheck check = nullptr;
+  int sm = 0;
+  std::optional<BackendDescriptor> elsewhere;  // registered on the other device only
+  {
+    std::lock_guard<std::mutex> lock(state().mutex);
+    const auto i = static_cast<int>(id), dev = static_cast<int>(call.device);
+    found = state().descriptors[i][dev];
+    avail = state().availability[i][dev];
+    check = state().checks[i][dev];
     sm = state().sm;
+    for (int other = 0; other < kNumDeviceTypes; ++other)
+      if (other != dev && state().descriptors[i][other]) elsewhere = state().descriptors[i][other];
   }
-  if (device_ok && c.needs_library && !avail.available) {
-    reasons.push_back(name + ": " +
-                      (avail.reported ? avail.reason : std::string("availability not reported on this device")));
+  const bool wrong_device = !found;
+  if (wrong_device) {
+    if (!elsewhere) {
+      reasons.push_back(name + ": not available on " + std::string(device_name(call.device)) +
+                        " (no implementation is registered: the library that provides it is not loaded)");
+      return reasons;
+    }
+    reasons.push_back(name + ": runs only on " + std::string(device_name(elsewhere->device)) + ", not on " +
+                      std::string(device_name(call.device)));
+    found = elsewhere;  // still list its other limits
   }
-  const bool half = request.dtype != DType::F32;
-  if ((half && !c.half) || (!half && !c.f32)) {
-    reasons.push_back(name + ": dtype " + std::string(dtype_name(request.dtype)) + " not supported");
+  const BackendDescriptor& d = *found;
+  const bool available = wrong_device || (avail.reported ? avail.available : d.available);
+  if (!available) {
+    const std::string& why = avail.reported ? avail.reason : d.unavailable_reason;
+    reasons.push_back(name + ": " + (why.empty() ? std::string("not available here") : why));
   }
-  if (request.head_size < c.min_head || request.head_size > c.max_head || request.head_size % c.multiple != 0) {
+  if (!dtype_ok(d, call.dtype)) {
+    std::string ok;
+    for (DType t : {DType::F32, DType::F16, DType::BF16})
+      if (dtype_ok(d, t)) ok += (ok.empty() ? "" : ", ") + std::string(dtype_name(t));
+    reasons.push_back(name + ": dtype " + std::string(dtype_name(call.dtype)) + " not supported (takes " + ok + ")");
+  }
+  for (int size : {call.head_dim, call.value_head_dim()}) {
+    if (size < d.min_head || size > d.max_head || size % d.head_multiple != 0) {
+      std::ostringstream os;
+      os << name << ": head_size " << size << " not supported (needs " << d.min_head << ".." << d.max_head;
+      if (d.head_multiple > 1) os << ", a multiple of " << d.head_multiple;
+      os << ")";
+      reasons.push_back(os.str());
+      break;
+    }
+  }
+  if (!wrong_device && call.device == DeviceType::CUDA && d.min_sm > 0 && sm > 0 && sm < d.min_sm) {
     std::ostringstream os;
-    os << name << ": head_size " << request.head_size << " not supported (needs " << c.min_head << ".."
-       << c.max_head;
-    if (c.multiple > 1) os << ", a multiple of " << c.multiple;
-    os << ")";
-    reasons.push_back(os.str());
-  }
-  if (on_cuda && c.min_sm > 0 && sm > 0 && sm < c.min_sm) {
-    std::ostringstream os;
-    os << name << ": needs compute capability " << c.min_sm / 10 << "." << c.min_sm % 10 << "+, this GPU is "
+    os << name << ": needs compute capability " << d.min_sm / 10 << "." << d.min_sm % 10 << "+, this GPU is "
        << sm / 10 << "." << sm % 10;
     reasons.push_back(os.str());
   }
-  if (reasons.empty() && check) {  // kernel-specific limits, once the generic ones pass
-    std::string why = check(request);
-    if (!why.empty()) reasons.push_back(name + ": " + why);
+  const Features& f = d.features;
+  const auto refuse = [&](const std::string& what) { reasons.push_back(name + ": cannot take " + what); };
+  if (call.mask == MaskKind::Bool && !f.bool_mask) refuse("a boolean mask");
+  if (call.mask == MaskKind::Additive && !f.additive_mask) refuse("an additive mask");
+  if (call.mask != MaskKind::None && f.key_padding_mask_only && !call.mask_key_padding &&
+      (f.bool_mask || f.additive_mask))
+    refuse("a mask that varies over heads or queries (only key-padding masks)");
+  if (call.causal && !f.causal) refuse("causal masking");
+  if (call.causal && !f.causal_any_lengths && call.seq_q != call.seq_kv)
+    refuse("causal masking with query and key lengths differing (" + std::to_string(call.seq_q) + " vs " +
+           std::to_string(call.seq_kv) + "): it aligns the causal mask differently from PyTorch");
+  if (call.heads_q != call.heads_kv && !f.grouped_query) refuse("grouped-query attention (Hq != Hkv)");
+  if (call.seq_q != call.seq_kv && !f.different_lengths) refuse("query and key lengths that differ");
+  if (call.value_head_dim() != call.head_dim && !f.different_value_head)
+    refuse("a value head size different from the query's");
+  if (call.needs_lse && !f.lse) refuse("returning the log-sum-exp");
+  if (call.needs_grad && !f.backward) refuse("a backward pass (inputs require grad)");
+  if (reasons.empty() && !wrong_device) {  // kernel-specific limits, once the generic ones pass
+    const CallCheck kernel_check = check ? check : d.check;
+    if (kernel_check) {
+      std::string why = kernel_check(call);
+      if (!why.empty()) reasons.push_back(name + ": " + why);
+    }
   }
   return reasons;
+}
+
+CallSignature detail::signature_of(const SelectionRequest& r) {
+  CallSignature c;
+  c.head_dim = r.head_size;
+  c.dtype = r.dtype;
+  c.device = r.device;
+  return c;
+}
+
+std::vector<std::string> refusal_reasons(BackendId id, const SelectionRequest& request) {
+  return refusal_reasons(id, detail::signature_of(request));
 }
 
 }  // namespace attnsel

@@ -2,6 +2,7 @@
 #include "dispatch.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 #include <c10/util/Exception.h>
 
 #include <array>
@@ -92,19 +93,54 @@ std::optional<at::Tensor> validate_inputs(const at::Tensor& q, const at::Tensor&
   return broadcast_mask(*attn_mask, q, k);
 }
 
-BackendId plan_backend(const at::Tensor& q, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                       bool, std::int64_t backend, bool) {
-  TORCH_CHECK_VALUE(backend >= -1 && backend < kNumBackends, "attnsel.attention: backend id ", backend,
-                    " out of range [-1, ", kNumBackends - 1, "]");
-  SelectionRequest request;
-  request.head_size = static_cast<int>(q.size(3));
-  request.dtype = selector_dtype(q);
-  request.device = selector_device(q);
-  if (backend >= 0) request.selected = static_cast<BackendId>(backend);
+CallSignature call_signature(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const std::optional<at::Tensor>& mask, bool is_causal, bool needs_grad, bool needs_lse) {
+  CallSignature c;
+  c.batch = q.size(0);
+  c.heads_q = q.size(1);
+  c.heads_kv = k.size(1);
+  c.seq_q = q.size(2);
+  c.seq_kv = k.size(2);
+  c.head_dim = static_cast<int>(q.size(3));
+  c.head_dim_v = static_cast<int>(v.size(3));
+  c.dtype = selector_dtype(q);
+  c.device = selector_device(q);
+  if (mask) {
+    c.mask = mask->scalar_type() == at::kBool ? MaskKind::Bool : MaskKind::Additive;
+    // Broadcast [B, Hq, Sq, Sk] view: stride 0 over heads and queries (or a single one) = one row of keys per batch.
+    const auto bcast = [&](int dim) { return mask->size(dim) == 1 || mask->stride(dim) == 0; };
+    c.mask_key_padding = bcast(1) && bcast(2);
+  }
+  c.causal = is_causal;
+  c.needs_grad = needs_grad;
+  c.needs_lse = needs_lse;
+  return c;
+}
+
+bool inputs_need_grad(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  return at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
+}
+
+BackendId plan_backend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const std::optional<at::Tensor>& attn_mask, bool is_causal, std::int64_t backend,
+                       bool needs_grad, bool needs_lse) {
+  TORCH_CHECK_VALUE(backend >= kAutoBackend && backend < kNumBackends, "attnsel.attention: backend id ", backend,
+                    " out of range [", kAutoBackend, ", ", kNumBackends - 1, "] (", kAutoBackend, " = auto, ",
+                    kContextBackend, " = this thread's policy)");
+  std::optional<at::Tensor> mask;
+  if (attn_mask) mask = attn_mask->dim() == 4 ? *attn_mask : broadcast_mask(*attn_mask, q, k);
+  const CallSignature call = call_signature(q, k, v, mask, is_causal, needs_grad, needs_lse);
   try {
-    return (backend >= 0 ? select_backend_in(request, nullptr) : select_backend(request)).backend;
+    if (backend == kContextBackend) {
+      const std::optional<ComponentContext> ctx = current_component();
+      return select_for_call(call, ctx ? &*ctx : nullptr).backend;
+    }
+    return plan_call(call, backend >= 0 ? std::optional<BackendId>(static_cast<BackendId>(backend)) : std::nullopt)
+        .backend;
   } catch (const std::invalid_argument& e) {
-    TORCH_CHECK_VALUE(false, "attnsel.attention: ", e.what());  // ValueError in Python, like the front's
+    std::string what = e.what();
+    if (what.rfind("attnsel: ", 0) == 0) what = what.substr(9);
+    TORCH_CHECK_VALUE(false, "attnsel.attention: ", what);  // ValueError in Python, like the front's
   }
 }
 
@@ -113,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
                                              std::optional<double> scale, std::int64_t backend, bool return_lse) {
   const std::optional<at::Tensor> mask = validate_inputs(q, k, v, attn_mask);
   const DeviceType device = selector_device(q);
-  const BackendId chosen = plan_backend(q, k, v, attn_mask, is_causal, backend, false);
+  const BackendId chosen = plan_backend(q, k, v, mask, is_causal, backend, inputs_need_grad(q, k, v), return_lse);
   KernelFn fn = find_kernel(chosen, device);
   TORCH_CHECK(fn != nullptr, "attnsel.attention: backend '", backend_name(chosen), "' has no native kernel on ",
               device_name(device), " (bridged backends run through attnsel.attention in Python)");

@@ -34,7 +34,12 @@ using KernelFn = AttentionResult (*)(const AttentionCall& call);
 void register_kernel(BackendId backend, DeviceType device, KernelFn fn);
 KernelFn find_kernel(BackendId backend, DeviceType device);
 
-// backend < 0: select with this thread's context. Caller mistakes raise c10::ValueError (TORCH_CHECK_VALUE).
+// Op-level backend ids besides the named ones (>= 0): this thread's policy (forced > component > global > auto),
+// and auto (the planner's fastest backend that accepts the call).
+inline constexpr std::int64_t kContextBackend = -1;
+inline constexpr std::int64_t kAutoBackend = -2;
+
+// backend: a named id, kContextBackend or kAutoBackend. Caller mistakes raise c10::ValueError (TORCH_CHECK_VALUE).
 // Returns (out, lse); lse is an empty tensor unless return_lse (the op's schema needs a defined tensor).
 std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                              const std::optional<at::Tensor>& attn_mask, bool is_causal,
@@ -53,11 +58,19 @@ std::optional<at::Tensor> validate_inputs(const at::Tensor& q, const at::Tensor&
                                           const std::optional<at::Tensor>& attn_mask);
 
 // The backend the op runs for this call: `backend` when >= 0 (checked: it must accept the call), else the planner's
-// answer with this thread's context. needs_grad: the output needs a backward pass (backends without one are
-// refused). Raises c10::ValueError with every reason when nothing can run it. Validate the inputs first.
+// answer (auto, or this thread's policy). needs_grad: the output needs a backward pass (backends without one are
+// refused); needs_lse likewise. Raises c10::ValueError with every reason when nothing can run it. Validate the
+// inputs first.
 BackendId plan_backend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const std::optional<at::Tensor>& attn_mask, bool is_causal, std::int64_t backend,
-                       bool needs_grad);
+                       bool needs_grad, bool needs_lse = false);
+
+// The call's signature as the planner takes it (mask: as given or broadcast to 4-d).
+CallSignature call_signature(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const std::optional<at::Tensor>& mask, bool is_causal, bool needs_grad, bool needs_lse);
+
+// Whether autograd will differentiate this call's output (grad mode on and an input requires grad).
+bool inputs_need_grad(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
 
 // Checks q/k/v and the mask (ValueError on caller mistakes); returns the mask broadcast to [B, Hq, Sq, Sk] as a
 // stride-0 view.
@@ -79,6 +92,7 @@ DeviceType selector_device(const at::Tensor& t);
 // Registration hooks implemented by each glue file; ops.cpp calls them once at load.
 void register_native_cpu();
 void register_sdpa();
+void register_bridges();
 #ifdef ATTNSEL_WITH_CUDA
 void register_native_cuda();
 #endif

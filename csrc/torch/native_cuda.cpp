@@ -9,32 +9,55 @@
 namespace attnsel::torch_glue {
 namespace {
 
-// A 1x1x1xhead_size problem standing for a selection request: what selection knows (head size, dtype).
-kernels::AttentionParams request_params(const SelectionRequest& r) {
+// Kernel parameters standing for a call signature (sizes, dtype, mask kind and broadcast, causal; contiguous
+// layout), so the planner asks the kernel's own refusal about the call.
+kernels::AttentionParams signature_params(const CallSignature& c) {
   alignas(16) static char dummy[16];
   kernels::AttentionParams p;
   p.q = p.k = p.v = dummy;
   p.out = dummy;
-  p.dtype = r.dtype == DType::F32 ? kernels::ScalarType::F32
-                                  : (r.dtype == DType::F16 ? kernels::ScalarType::F16 : kernels::ScalarType::BF16);
-  p.batch = p.heads_q = p.heads_kv = p.seq_q = p.seq_kv = 1;
-  p.head_dim = p.head_dim_v = r.head_size;
-  for (auto* st : {&p.q_stride, &p.k_stride, &p.v_stride, &p.out_stride}) {
-    (*st)[0] = (*st)[1] = (*st)[2] = r.head_size;  // rows of head_size elements, last dim contiguous
-    (*st)[3] = 1;
+  p.dtype = c.dtype == DType::F32 ? kernels::ScalarType::F32
+                                  : (c.dtype == DType::F16 ? kernels::ScalarType::F16 : kernels::ScalarType::BF16);
+  p.batch = c.batch;
+  p.heads_q = c.heads_q;
+  p.heads_kv = c.heads_kv;
+  p.seq_q = c.seq_q;
+  p.seq_kv = c.seq_kv;
+  p.head_dim = c.head_dim;
+  p.head_dim_v = c.value_head_dim();
+  const auto contiguous = [](std::int64_t* st, std::int64_t heads, std::int64_t seq, std::int64_t dim) {
+    st[3] = 1;
+    st[2] = dim;
+    st[1] = seq * dim;
+    st[0] = heads * seq * dim;
+  };
+  contiguous(p.q_stride, c.heads_q, c.seq_q, c.head_dim);
+  contiguous(p.k_stride, c.heads_kv, c.seq_kv, c.head_dim);
+  contiguous(p.v_stride, c.heads_kv, c.seq_kv, p.head_dim_v);
+  contiguous(p.out_stride, c.heads_q, c.seq_q, p.head_dim_v);
+  if (c.mask != MaskKind::None) {
+    p.mask = dummy;
+    p.mask_kind = c.mask == MaskKind::Bool ? kernels::MaskKind::Bool : kernels::MaskKind::Additive;
+    p.mask_stride[0] = c.seq_kv;
+    p.mask_stride[1] = c.mask_key_padding ? 0 : c.seq_q * c.seq_kv;
+    p.mask_stride[2] = c.mask_key_padding ? 0 : c.seq_kv;
+    p.mask_stride[3] = 1;
   }
+  p.causal = c.causal;
   return p;
 }
 
-// Selection-time check: the kernel's limits that depend only on head size, dtype and the GPU.
-std::string selection_check(const SelectionRequest& r) {
+// Plan-time check: the kernel's own limits for the call on this GPU.
+std::string call_check(const CallSignature& c) {
   if (at::cuda::device_count() == 0) return "no CUDA GPU is visible";
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  return cuda::refusal(request_params(r), prop->major, prop->minor);
+  return cuda::refusal(signature_params(c), prop->major, prop->minor);
 }
 
-bool prefers_native(const SelectionRequest& r) {
-  return at::cuda::device_count() > 0 && cuda::faster_than_sdpa(request_params(r));
+// Where `auto` without a tuning entry tries native ahead of PyTorch SDPA: head sizes PyTorch's fast kernels refuse,
+// and where the kernel layer measured it faster.
+bool prefers_native(const CallSignature& c) {
+  return at::cuda::device_count() > 0 && (c.head_dim > 256 || cuda::faster_than_sdpa(signature_params(c)));
 }
 
 AttentionResult native_cuda(const AttentionCall& call) {
@@ -65,10 +88,22 @@ AttentionResult native_cuda(const AttentionCall& call) {
 
 void register_native_cuda() {
   register_kernel(BackendId::NATIVE, DeviceType::CUDA, &native_cuda);
-  set_capability_check(BackendId::NATIVE, DeviceType::CUDA, &selection_check);
-  set_native_preference(DeviceType::CUDA, &prefers_native);
-  const bool gpu = at::hasCUDA();
-  set_backend_availability(BackendId::NATIVE, DeviceType::CUDA, gpu, gpu ? "" : "no CUDA GPU is visible");
+  BackendDescriptor d;
+  d.backend = BackendId::NATIVE;
+  d.device = DeviceType::CUDA;
+  d.f16 = d.bf16 = true;
+  d.max_head = 512;
+  d.min_sm = 80;
+  d.library = "attnsel's fused CUDA kernel";
+  Features& f = d.features;
+  f.causal = f.causal_any_lengths = f.grouped_query = f.different_lengths = f.deterministic = true;
+  d.check = &call_check;
+  d.auto_rank = 40;        // behind torch_sdpa ...
+  d.prefers = &prefers_native;
+  d.preferred_rank = 20;   // ... except where measured faster (ahead of SDPA, behind flash-attn 3)
+  d.available = at::hasCUDA();
+  if (!d.available) d.unavailable_reason = "no CUDA GPU is visible";
+  register_backend(std::move(d));
 }
 
 }  // namespace attnsel::torch_glue

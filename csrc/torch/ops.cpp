@@ -10,14 +10,17 @@ namespace {
 void register_all_kernels() {
   register_native_cpu();
   register_sdpa();
-  const bool cuda = at::hasCUDA();
-  set_backend_availability(BackendId::TORCH_SDPA, DeviceType::CUDA, cuda,
-                           cuda ? "" : "this PyTorch build has no CUDA (or no GPU is visible)");
+  register_bridges();
 #ifdef ATTNSEL_WITH_CUDA
   register_native_cuda();
 #else
-  set_backend_availability(BackendId::NATIVE, DeviceType::CUDA, false,
-                           "attnsel was built without CUDA (rebuild with a CUDA PyTorch, or ATTNSEL_FORCE_CUDA=1)");
+  BackendDescriptor d;  // known, so `attnsel backends` and refusals say why it cannot run
+  d.backend = BackendId::NATIVE;
+  d.device = DeviceType::CUDA;
+  d.f16 = d.bf16 = true;
+  d.available = false;
+  d.unavailable_reason = "attnsel was built without CUDA (rebuild with a CUDA PyTorch, or ATTNSEL_FORCE_CUDA=1)";
+  register_backend(std::move(d));
 #endif
 }
 
@@ -31,6 +34,9 @@ TORCH_LIBRARY(attnsel, m) {
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, bool is_causal=False, float? scale=None, "
       "int backend=-1, bool return_lse=False) -> (Tensor out, Tensor lse)");
+  // What the Python bridges implement (flash-attn, sageattention): defined here so the kernel
+  // table can call it; its implementation is registered from Python (attnsel/bridges.py) through torch.library.
+  m.def("bridge(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, bool is_causal, float scale, int backend) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(attnsel, CPU, m) { m.impl("attention", &attnsel::torch_glue::attention); }

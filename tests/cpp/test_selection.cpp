@@ -37,11 +37,11 @@ TEST(auto_falls_back_in_preference_order_and_says_why) {
 
 TEST(native_preference_puts_native_ahead_of_sdpa_but_behind_fa) {
   attnsel_test::reset_state();
-  set_native_preference(DeviceType::CUDA, [](const SelectionRequest& r) { return r.head_size == 128; });
+  set_native_preference(DeviceType::CUDA, [](const CallSignature& r) { return r.head_dim == 128; });
   CHECK_EQ(select_backend(cuda_request(128)).backend, BackendId::NATIVE);
   CHECK_EQ(select_backend(cuda_request(64)).backend, BackendId::TORCH_SDPA);  // not preferred there
   set_capability_check(BackendId::NATIVE, DeviceType::CUDA,
-                       [](const SelectionRequest&) { return std::string("kernel not built (test)"); });
+                       [](const CallSignature&) { return std::string("kernel not built (test)"); });
   Selection s = select_backend(cuda_request(128));  // preferred but cannot run: SDPA, and the reason is kept
   CHECK_EQ(s.backend, BackendId::TORCH_SDPA);
   CHECK(any_reason_contains(s.reasons, "kernel not built (test)"));
@@ -161,7 +161,7 @@ TEST(select_in_uses_the_given_context_not_the_threads) {
 
 TEST(capability_check_hook_refuses_with_its_reason) {
   attnsel_test::reset_state();
-  set_capability_check(BackendId::NATIVE, DeviceType::CUDA, [](const SelectionRequest& r) -> std::string {
+  set_capability_check(BackendId::NATIVE, DeviceType::CUDA, [](const CallSignature& r) -> std::string {
     return r.dtype == DType::F32 ? "the CUDA kernel needs f16/bf16" : "";
   });
   CHECK_EQ(select_backend(cuda_request(512, DType::BF16)).backend, BackendId::NATIVE);

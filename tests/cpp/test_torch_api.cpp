@@ -75,7 +75,7 @@ TEST(same_answer_as_the_registered_op) {
 TEST(refusal_is_a_value_error_with_reasons) {
   at::Tensor q = at::randn({1, 1, 4, 16});
   AttentionOptions opts;
-  opts.backend = BackendId::SDPA_MATH;  // CUDA-only
+  opts.backend = BackendId::SDPA_MATH;  // CUDA-only (registered by the torch glue)
   CHECK_THROWS_WITH(attnsel::attention(q, q, q, opts), c10::ValueError, "runs only on cuda");
   ComponentScope scope("vae", BackendId::NO_ATTENTION);
   CHECK_THROWS_WITH(attnsel::attention(q, q, q), c10::ValueError, "component 'vae'");

@@ -19,25 +19,72 @@ inline std::ostream& operator<<(std::ostream& os, const std::optional<BackendId>
 
 namespace attnsel_test {
 
-// No torch glue is loaded in these tests, so nothing reports availability: the tests do it, like a runtime layer.
-// CPU: native and torch_sdpa run; CUDA: a compute capability 9.0 GPU with torch_sdpa and native, no flash-attn.
+// No torch glue is loaded in these tests, so nothing registers backends: the tests do it, like the runtime layers,
+// with descriptors that mirror the real ones. CPU: native and torch_sdpa run; CUDA: a compute capability 9.0 GPU
+// with torch_sdpa and native, no flash-attn.
+inline attnsel::BackendDescriptor test_descriptor(attnsel::BackendId id, attnsel::DeviceType device) {
+  using namespace attnsel;
+  BackendDescriptor d;
+  d.backend = id;
+  d.device = device;
+  Features& f = d.features;
+  switch (id) {
+    case BackendId::NATIVE:
+      d.f32 = d.f16 = d.bf16 = true;  // (the real CUDA glue's kernel check refuses f32)
+      d.max_head = 512;
+      f.causal = f.causal_any_lengths = f.grouped_query = f.different_lengths = true;
+      f.bool_mask = f.additive_mask = f.lse = device == DeviceType::CPU;
+      d.auto_rank = device == DeviceType::CPU ? 10 : 40;
+      d.preferred_rank = 20;  // head sizes above 256: PyTorch's fast kernels refuse them
+      d.prefers = [](const CallSignature& c) { return c.head_dim > 256; };
+      break;
+    case BackendId::TORCH_SDPA:
+      d.f32 = d.f16 = d.bf16 = true;
+      f.bool_mask = f.additive_mask = f.causal = f.causal_any_lengths = f.grouped_query = true;
+      f.different_lengths = f.different_value_head = true;
+      d.auto_rank = device == DeviceType::CPU ? 20 : 30;
+      break;
+    case BackendId::SDPA_MATH:
+      d.f32 = d.f16 = d.bf16 = true;
+      f.bool_mask = f.additive_mask = f.causal = f.grouped_query = f.different_lengths = true;
+      break;
+    case BackendId::FA:
+    case BackendId::FA2:
+      d.f16 = d.bf16 = true;
+      d.min_head = 8;
+      d.max_head = 256;
+      d.head_multiple = 8;
+      d.min_sm = 80;
+      f.causal = f.grouped_query = f.different_lengths = true;
+      d.auto_rank = id == BackendId::FA ? 10 : -1;
+      break;
+    case BackendId::SAGE_ATTN:
+      d.f16 = d.bf16 = true;
+      d.min_head = 64;
+      d.max_head = 128;
+      d.head_multiple = 64;
+      d.min_sm = 80;
+      f.causal = f.different_lengths = true;
+      break;
+    default:
+      break;
+  }
+  return d;
+}
+
 inline void reset_state() {
   using namespace attnsel;
   set_global_backend(std::nullopt);
-  for (BackendId id : all_backends()) {
-    set_backend_availability(id, DeviceType::CPU, false, "not installed (test)");
-    set_backend_availability(id, DeviceType::CUDA, false, "not installed (test)");
-    set_capability_check(id, DeviceType::CPU, nullptr);
-    set_capability_check(id, DeviceType::CUDA, nullptr);
-  }
-  set_native_preference(DeviceType::CPU, nullptr);
-  set_native_preference(DeviceType::CUDA, nullptr);
-  set_backend_availability(BackendId::NATIVE, DeviceType::CPU, true, "");
-  set_backend_availability(BackendId::TORCH_SDPA, DeviceType::CPU, true, "");
-  set_backend_availability(BackendId::NATIVE, DeviceType::CUDA, true, "");
-  set_backend_availability(BackendId::TORCH_SDPA, DeviceType::CUDA, true, "");
+  clear_backends();
+  for (BackendId id : {BackendId::NATIVE, BackendId::TORCH_SDPA})
+    for (DeviceType dev : {DeviceType::CPU, DeviceType::CUDA}) register_backend(test_descriptor(id, dev));
+  for (BackendId id : {BackendId::FA, BackendId::FA2, BackendId::SAGE_ATTN, BackendId::SDPA_MATH})
+    register_backend(test_descriptor(id, DeviceType::CUDA));
   set_backend_availability(BackendId::FA, DeviceType::CUDA, false, "flash_attn_interface is not installed");
+  set_backend_availability(BackendId::FA2, DeviceType::CUDA, false, "flash-attn 2 is not installed");
+  set_backend_availability(BackendId::SAGE_ATTN, DeviceType::CUDA, false, "sageattention is not installed");
   set_cuda_compute_capability(9, 0);
+  clear_tuning_table();
   clear_selection_cache();
 }
 

@@ -4,7 +4,13 @@
 #include <iostream>
 
 int main() {
-  attnsel::set_backend_availability(attnsel::BackendId::NATIVE, attnsel::DeviceType::CPU, true, "");
+  // Without the torch layer nothing is registered: a torch-free caller registers what it implements.
+  attnsel::BackendDescriptor native;
+  native.backend = attnsel::BackendId::NATIVE;
+  native.device = attnsel::DeviceType::CPU;
+  native.f32 = true;
+  native.max_head = 512;
+  attnsel::register_backend(native);
   attnsel::ComponentScope scope("vae", attnsel::find_backend(" Native "));
   attnsel::SelectionRequest request;
   request.head_size = 512;
