@@ -2,7 +2,8 @@
 
 Every function takes (B, H, S_local, D) shards of a sequence split over the ranks of a process group (rank i holds
 the i-th piece, in order) and returns this rank's shard of the output. The attention itself runs through
-`attnsel.attention` on the backend the caller (or the layer's policy) chose; `None` = automatic, on the local shapes.
+`attnsel.attention` on the backend the caller (or the layer's policy) chose; `None` is the task's policy, as for
+attnsel.attention, and `auto` plans each call on the local shapes.
 
 - Ulysses: an all-to-all turns sequence shards into head shards (each rank: the whole sequence, H/U heads), plain
   attention runs there (so causal and masks are the single-process ones), a second all-to-all turns it back. Needs
@@ -73,7 +74,7 @@ def shard_lengths(length: int, parts: int) -> list[int]:
 
 
 # -- small helpers -----------------------------------------------------------------------------------------------
-def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, backend=None, return_lse=False):
+def _attend(q, k, v, attn_mask=None, is_causal=False, scale=None, backend=None, return_lse=False):
     """attnsel.attention, where `backend` may also be `AUTO` (a layer whose policy is auto: plan this call)."""
     if type(backend) is int and backend == AUTO:
         out = _OP(q, k, v, attn_mask, is_causal, scale, AUTO, return_lse)
@@ -296,12 +297,12 @@ def ulysses_attention(q, k, v, group=None, attn_mask=None, is_causal=False, scal
     _check_qkv(q, k, v, "ulysses_attention")
     group = group or dist.group.WORLD
     if _group_size(group) == 1:
-        return attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, backend=backend)
+        return _attend(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, backend=backend)
     mask = _key_padding(attn_mask, q.shape[0], k.shape[2], "ulysses_attention")
     q_lens, k_lens = _resolve_lengths(group, q, q.shape[2], k.shape[2], shard_lengths, "ulysses_attention")
 
     def local(qh, kh, vh, full_mask):
-        return attention(qh, kh, vh, attn_mask=full_mask, is_causal=is_causal, scale=scale, backend=backend)
+        return _attend(qh, kh, vh, attn_mask=full_mask, is_causal=is_causal, scale=scale, backend=backend)
 
     return _ulysses(q, k, v, mask, group, q_lens, k_lens, local, chunks)
 
@@ -320,7 +321,7 @@ def _lse_backend(backend, q: torch.Tensor, where: str):
     if key not in _LSE_CHECKED:
         probe = q.new_zeros(1, 1, 1, q.shape[-1])
         try:
-            attention(probe, probe, probe, backend=backend, return_lse=True)
+            _attend(probe, probe, probe, backend=backend, return_lse=True)
         except ValueError as err:
             name = {None: "this task's policy", AUTO: "auto"}.get(backend) or f"backend {to_backend(backend)}"
             raise ValueError(f"attnsel.distributed.{where}: ring attention merges partial results with their "
@@ -393,7 +394,7 @@ def _ring(q, k, v, pad, group, q_lens, k_lens, is_causal, scale, backend):
             block_pad = None if pad is None else (wire[2].bool() if bool_pad else wire[2])
             causal_mask = kind if isinstance(kind, torch.Tensor) else None
             mask = _block_mask(block_pad, causal_mask)
-            out, lse = attention(q, wire[0], wire[1], attn_mask=mask, is_causal=kind == "local", scale=scale,
+            out, lse = _attend(q, wire[0], wire[1], attn_mask=mask, is_causal=kind == "local", scale=scale,
                                  backend=backend, return_lse=True)
             if mask is not None:  # a row that saw no key here may hold anything: its weight is 0, make it 0 too
                 out = out.masked_fill((lse == float("-inf")).unsqueeze(-1), 0)
@@ -417,7 +418,7 @@ def ring_attention(q, k, v, group=None, attn_mask=None, is_causal=False, scale=N
     _check_qkv(q, k, v, "ring_attention")
     group = group or dist.group.WORLD
     if _group_size(group) == 1:
-        return attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, backend=backend)
+        return _attend(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, backend=backend)
     _forward_only("ring_attention", q, k, v)
     backend = _lse_backend(backend, q, "ring_attention")
     pad = _key_padding(attn_mask, q.shape[0], k.shape[2], "ring_attention")
@@ -514,7 +515,7 @@ class SequenceParallel:
         """
         backend = AUTO if layer.policy is None else layer.policy
         if layer.role == "cross":
-            return attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=layer.scale, backend=backend)
+            return _attend(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=layer.scale, backend=backend)
         return self.attention(q, k, v, attn_mask, is_causal, layer.scale, backend)
 
     def scatter(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
