@@ -278,6 +278,8 @@ def _ulysses(q, k, v, mask, group, q_lens, k_lens, local: LocalFn, chunks: int |
     outputs = []
     for pq, pk, pv in inputs:
         outputs.append(_start_heads_to_seq(local(pq.wait(), pk.wait(), pv.wait(), full_mask), group, q_lens, rank))
+    if n == 1:  # (U, B, hu, S_local, Dv) -> (B, H, S_local, Dv): a view when B == 1
+        return outputs[0].wait().transpose(0, 1).reshape(b, h, q_lens[rank], v.shape[3])
     out = q.new_empty(b, h, q_lens[rank], v.shape[3])
     blocks = out.unflatten(1, (size, h // size))  # (B, U, hu, S_local, Dv), a view of out
     for (k0, k1), pending in zip(bounds, outputs):
@@ -331,15 +333,22 @@ def _lse_backend(backend, q: torch.Tensor, where: str):
     return backend
 
 
-def _merge(acc, lse_acc, out, lse):
-    """Fold one block's (out, lse) into the fp32 running (acc, lse_acc); rows with lse -inf contribute nothing."""
+def _merge(acc, lse_acc, out, lse, final_dtype=None):
+    """Fold one block's (out, lse) into the running (acc, lse_acc).
+
+    Weights exp(lse_i - lse_total) and sums are fp32; acc is the first block's output as it came, fp32 after a
+    merge, and with `final_dtype` the last merge writes the result in that dtype (one rounding). A row with lse -inf
+    in a block gets weight 0 there (a row no block reached: both weights exp(-inf) = 0).
+    """
     if acc is None:
-        return out.float(), lse
+        return out, lse
     new = torch.logaddexp(lse_acc, lse)
-    ref = new.masked_fill(new == float("-inf"), 0.0)  # a row no block reached: both weights exp(-inf) = 0
-    acc.mul_(torch.exp(lse_acc - ref).unsqueeze(-1))
-    acc.add_(out.float() * torch.exp(lse - ref).unsqueeze(-1))
-    return acc, new
+    ref = new.masked_fill(new == float("-inf"), 0.0)
+    scaled = torch.mul(acc, torch.exp(lse_acc - ref).unsqueeze(-1))  # fp32 (the weights are)
+    w = torch.exp(lse - ref).unsqueeze(-1)
+    if final_dtype is None:
+        return scaled.addcmul_(out, w), new
+    return torch.addcmul(scaled, out, w, out=torch.empty_like(out, dtype=final_dtype)), new
 
 
 def _causal_block(q_off, nq, k_off, nk, device):
@@ -378,6 +387,9 @@ def _ring(q, k, v, pad, group, q_lens, k_lens, is_causal, scale, backend):
     bool_pad = pad is not None and pad.dtype == torch.bool
     if pad is not None:
         wire.append((pad.to(torch.uint8) if bool_pad else pad).contiguous())
+    kinds = [_causal_block(q_off, q_lens[rank], k_offs[(rank - i) % size], k_lens[(rank - i) % size], q.device)
+             if is_causal else "full" for i in range(size)]
+    last = max(i for i, kind in enumerate(kinds) if kind is not None)  # block 0 is never wholly in the future
     acc = lse_acc = None
     for step in range(size):
         src = (rank - step) % size
@@ -389,23 +401,21 @@ def _ring(q, k, v, pad, group, q_lens, k_lens, is_causal, scale, backend):
             ops = [dist.P2POp(dist.isend, t, nxt, group) for t in wire]
             ops += [dist.P2POp(dist.irecv, t, prv, group) for t in recv]
             pending = dist.batch_isend_irecv(ops)
-        kind = _causal_block(q_off, q_lens[rank], k_offs[src], k_lens[src], q.device) if is_causal else "full"
+        kind = kinds[step]
         if kind is not None:
             block_pad = None if pad is None else (wire[2].bool() if bool_pad else wire[2])
             causal_mask = kind if isinstance(kind, torch.Tensor) else None
             mask = _block_mask(block_pad, causal_mask)
-            out, lse = _attend(q, wire[0], wire[1], attn_mask=mask, is_causal=kind == "local", scale=scale,
-                                 backend=backend, return_lse=True)
+            out, lse = _attend(q, wire[0], wire[1], attn_mask=mask, is_causal=isinstance(kind, str) and kind == "local",
+                               scale=scale, backend=backend, return_lse=True)
             if mask is not None:  # a row that saw no key here may hold anything: its weight is 0, make it 0 too
                 out = out.masked_fill((lse == float("-inf")).unsqueeze(-1), 0)
-            acc, lse_acc = _merge(acc, lse_acc, out, lse)
+            acc, lse_acc = _merge(acc, lse_acc, out, lse, q.dtype if step == last else None)
         if pending is not None:
             for work in pending:
                 work.wait()
             wire = recv
-    if acc is None:
-        return q.new_zeros(q.shape[:-1] + (v.shape[-1],))
-    return acc.to(q.dtype)
+    return acc.to(q.dtype)  # already q's dtype unless the last block merged was not the last computed
 
 
 def ring_attention(q, k, v, group=None, attn_mask=None, is_causal=False, scale=None, backend=None, *,

@@ -103,9 +103,11 @@ def main():
     ap.add_argument("--ring-backend", default="native",
                     help="ring's local backend: must return the log-sum-exp (default: %(default)s)")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: gloo, for a smoke test")
-    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: " + ", ".join(SHAPES))
+    ap.add_argument("--shapes", default="wan-14b,hunyuanvideo", help="comma-separated: " + ", ".join(SHAPES))
     ap.add_argument("--chunks", default="1,2,4", help="Ulysses head chunks to try (default: %(default)s)")
     ap.add_argument("--reps", type=int, default=0, help="timed calls per variant (default: by shape)")
+    ap.add_argument("--high-priority", action="store_true",
+                    help="NCCL on high-priority streams (its blocks go ahead of queued attention blocks)")
     ap.add_argument("--out", help="JSON file (rank 0 writes it)")
     args = ap.parse_args()
 
@@ -114,7 +116,12 @@ def main():
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        options = dist.ProcessGroupNCCL.Options()
+        options.is_high_priority_stream = args.high_priority
+        dist.init_process_group("nccl", pg_options=options)
+    else:
+        dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     group = dist.group.WORLD
     dtype = torch.bfloat16
@@ -145,7 +152,7 @@ def main():
         one_ms, one_worst = timed(lambda: attnsel.attention(q, k, v, backend=backend), reps, warmup, device)
         full_out = attnsel.attention(q, k, v, backend=backend)
         row = {"shape": name, "B": b, "H": h, "S": s, "D": d, "dtype": "bf16", "processes": world,
-               "device": device.type, "backend": backend,
+               "device": device.type, "backend": backend, "nccl_high_priority": args.high_priority,
                "one_gpu_ms": one_ms, "one_gpu_tflops": flops / one_ms / 1e9, "variants": []}
         say(f"{name} {b}x{h}x{s}x{d}: 1 GPU {one_ms:.2f} ms ({flops / one_ms / 1e9:.0f} TFLOP/s)")
 

@@ -268,8 +268,8 @@ def test_shard_lengths():
 
 
 def test_nvls_kept_off(tmp_path):
-    code = "import os, attnsel.distributed; print(os.environ['NCCL_NVLS_ENABLE'], os.environ['NVSHMEM_DISABLE_NVLS'], " \
-           "os.environ['TORCH_SYMM_MEM_DISABLE_MULTICAST'])"
+    code = ("import os, attnsel.distributed; print(os.environ['NCCL_NVLS_ENABLE'], "
+            "os.environ['NVSHMEM_DISABLE_NVLS'], os.environ['TORCH_SYMM_MEM_DISABLE_MULTICAST'])")
     env = {k: v for k, v in _env().items() if k not in ("NCCL_NVLS_ENABLE", "NVSHMEM_DISABLE_NVLS",
                                                          "TORCH_SYMM_MEM_DISABLE_MULTICAST")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
@@ -324,7 +324,8 @@ def test_torchrun_run_on_two_gpus_writes_the_same_image(tmp_path):
 
 def _check_torchrun_image(tmp_path, one_process_image, degrees, args):
     env = _env(OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "attnsel", *args, "--output", str(tmp_path / "two.png"),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "attnsel",
+           *args, "--output", str(tmp_path / "two.png"),
            "--ulysses-degree", degrees[0], "--ring-degree", degrees[1]]
     multi = subprocess.run(cmd, capture_output=True, text=True, timeout=DEADLINE_S, env=env, cwd=tmp_path)
     assert multi.returncode == 0, multi.stderr[-3000:]
