@@ -7,8 +7,9 @@ attnsel.attention, and `auto` plans each call on the local shapes.
 
 - Ulysses: an all-to-all turns sequence shards into head shards (each rank: the whole sequence, H/U heads), plain
   attention runs there (so causal and masks are the single-process ones), a second all-to-all turns it back. Needs
-  H and H_kv divisible by the Ulysses degree. On CUDA the heads are cut into chunks so that the all-to-alls of one
-  chunk run while another chunk's attention computes.
+  H and H_kv divisible by the Ulysses degree. `chunks=` cuts the heads so that one chunk's all-to-alls can run
+  while another chunk's attention computes (default 1: on 2 H200s that measured slower, NCCL's kernels and the
+  attention kernel competing for the SMs).
 - Ring: K/V shards travel around the ring while each rank attends its queries to the block it holds; the partial
   results are merged with their log-sum-exp in fp32. The next block's send/recv runs during the current block's
   attention. Needs a backend that returns the log-sum-exp (`attnsel.attention(..., return_lse=True)`).
@@ -246,12 +247,6 @@ class _HeadsToSeq(torch.autograd.Function):
 LocalFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
-def _default_chunks(q: torch.Tensor, kv_heads_per_rank: int) -> int:
-    # On CUDA, cut the heads so a chunk's all-to-alls overlap another chunk's attention; on CPU (gloo) the
-    # collectives are not asynchronous to compute in a useful way, so one chunk.
-    return min(kv_heads_per_rank, 4) if q.is_cuda else 1
-
-
 def _ulysses(q, k, v, mask, group, q_lens, k_lens, local: LocalFn, chunks: int | None):
     size, rank = len(q_lens), dist.get_rank(group)
     b, h, _, _ = q.shape
@@ -268,7 +263,7 @@ def _ulysses(q, k, v, mask, group, q_lens, k_lens, local: LocalFn, chunks: int |
         return _HeadsToSeq.apply(local(qh, kh, vh, full_mask), group, q_lens, rank)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     hkv_u, group_size = hkv // size, h // hkv
-    n = max(1, min(chunks or _default_chunks(q, hkv_u), hkv_u))
+    n = max(1, min(chunks or 1, hkv_u))
     bounds = [(hkv_u * i // n, hkv_u * (i + 1) // n) for i in range(n)]
     # Launch every chunk's input all-to-alls up front (they queue on the communication stream in order), then
     # compute chunk by chunk, sending each output back while the next chunk computes.
@@ -293,7 +288,7 @@ def ulysses_attention(q, k, v, group=None, attn_mask=None, is_causal=False, scal
 
     group: the process group whose ranks hold the shards in order (None = the default group). attn_mask: a key-padding
     shard (B, S_local) or (B, 1, 1, S_local), all-gathered. shard_lengths: every rank's local length (self-attention),
-    saves one all-gather. chunks: head chunks for overlapping communication with compute (None: 4 on CUDA, 1 on CPU).
+    saves one all-gather. chunks: head chunks whose communication may overlap other chunks' compute (default 1).
     Raises ValueError when the group size does not divide the q and k/v heads.
     """
     _check_qkv(q, k, v, "ulysses_attention")

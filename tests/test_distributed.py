@@ -50,12 +50,13 @@ def _reference(q, k, v, mask=None, is_causal=False):
 
 
 # name -> (world sizes, kind, dtype, B, H, Hkv, Sq, Sk, D, causal, mask kind)
-# kind: ulysses / ring over the world, usp over SequenceParallel(2, world // 2) or (u, r) given in the name.
+# kind: ulysses (ulysses_chunked: chunks=2) / ring over the world, usp over SequenceParallel(2, world // 2).
 CASES = {
     "ulysses_fp32": ((2, 4), "ulysses", torch.float32, 1, 4, 4, 64, 64, 32, False, None),
     "ulysses_bf16_causal_uneven_gqa": ((2,), "ulysses", torch.bfloat16, 2, 4, 2, 37, 37, 32, True, None),
     "ulysses_mask_uneven": ((2,), "ulysses", torch.float32, 2, 2, 2, 29, 29, 16, False, "bool"),
     "ulysses_cross": ((2,), "ulysses", torch.float32, 1, 2, 2, 40, 23, 16, False, None),
+    "ulysses_chunked_causal_mask_uneven": ((2,), "ulysses_chunked", torch.float32, 1, 6, 6, 31, 31, 16, True, "bool"),
     "ring_fp32": ((2, 4), "ring", torch.float32, 1, 2, 2, 64, 64, 32, False, None),
     "ring_bf16_causal_uneven": ((2, 4), "ring", torch.bfloat16, 1, 3, 3, 45, 45, 64, True, None),
     "ring_causal_mask_uneven": ((2,), "ring", torch.float32, 2, 2, 1, 33, 33, 16, True, "bool"),
@@ -97,6 +98,8 @@ def _run_case(D, sp, name, case, seed, device):
         ms = ms[:, None, None, :]  # the (B, 1, 1, S_local) form
     if kind == "ulysses":
         out = D.ulysses_attention(qs, ks, vs, attn_mask=ms, is_causal=causal)
+    elif kind == "ulysses_chunked":  # 3 heads per rank in 2 chunks (1 + 2): communication pipelined with compute
+        out = D.ulysses_attention(qs, ks, vs, attn_mask=ms, is_causal=causal, chunks=2)
     elif kind == "ring":
         out = D.ring_attention(qs, ks, vs, attn_mask=ms, is_causal=causal)
     else:
@@ -110,8 +113,14 @@ def _run_case(D, sp, name, case, seed, device):
     single_mask = None if mask is None else mask[:, None, None, :]
     # The single-process run on the backend the sequence-parallel run picks for its blocks (automatic).
     single = attnsel.attention(q, k, v, attn_mask=single_mask, is_causal=causal)
+    # Ring and USP merge block outputs the kernel already rounded to q's dtype: at 16 bits that is one more rounding
+    # than one process makes (measured on one process: 1.0-3.0x its error, median 1.7x), so half an ulp of the
+    # output's magnitude is allowed on top of 2x there.
+    merged16 = kind in ("ring", "usp") and dtype in (torch.bfloat16, torch.float16)
+    top = ref.abs().max().item()
+    allowance = torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(top)) / 2 if merged16 else 0.0
     return {"sp": (full.double() - ref).abs().max().item(), "single": (single.double() - ref).abs().max().item(),
-            "shape": list(full.shape)}
+            "allowance": allowance, "shape": list(full.shape)}
 
 
 def _errors_case(D):
@@ -227,7 +236,7 @@ def results_nccl(tmp_path_factory):
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if 2 in c[0]])
 def test_two_processes_match_one(results2, name):
     r = results2[name]
-    assert r["sp"] <= 2 * r["single"] + FLOOR, r
+    assert r["sp"] <= 2 * r["single"] + FLOOR + r["allowance"], r
 
 
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if 2 in c[0]])
@@ -237,13 +246,13 @@ def test_two_gpus_nccl_match_one(results_nccl, name):
         # Ring needs the log-sum-exp; where no CUDA backend returns it, every rank must refuse and say so.
         assert CASES[name][1] == "ring" and "log-sum-exp" in r["refused"], r
         pytest.skip(f"ring on CUDA: {r['refused']}")
-    assert r["sp"] <= 2 * r["single"] + FLOOR, r
+    assert r["sp"] <= 2 * r["single"] + FLOOR + r["allowance"], r
 
 
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if 4 in c[0]])
 def test_four_processes_match_one(results4, name):
     r = results4[name]
-    assert r["sp"] <= 2 * r["single"] + FLOOR, r
+    assert r["sp"] <= 2 * r["single"] + FLOOR + r["allowance"], r
 
 
 def test_caller_mistakes_are_value_errors(results2):
