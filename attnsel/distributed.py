@@ -38,6 +38,7 @@ for _name, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTIC
     os.environ.setdefault(_name, _value)
 
 import contextvars  # noqa: E402
+import threading  # noqa: E402
 from typing import Callable, Sequence  # noqa: E402
 
 import torch  # noqa: E402
@@ -58,11 +59,15 @@ __all__ = [
 ]
 
 _ACTIVE: contextvars.ContextVar["SequenceParallel | None"] = contextvars.ContextVar("attnsel_sp", default=None)
+# Scopes entered anywhere in the process: while none is, active() reads only this int, which torch.compile traces
+# (it cannot trace ContextVar.get: inside a scope, a compiled attnsel.nn.Attention breaks the graph there).
+_ENTERED = 0
+_ENTERED_LOCK = threading.Lock()
 
 
 def active() -> "SequenceParallel | None":
     """The sequence-parallel setting of the current `sequence_parallel(...)` scope, or None outside one."""
-    return _ACTIVE.get()
+    return _ACTIVE.get() if _ENTERED else None
 
 
 def shard_lengths(length: int, parts: int) -> list[int]:
@@ -486,7 +491,7 @@ class SequenceParallel:
         u, r = ulysses_degree, ring_degree
         self.ulysses_group = self._subgroup([[i * u + j for j in range(u)] for i in range(r)])
         self.ring_group = self._subgroup([[j + i * u for i in range(r)] for j in range(u)])
-        self._tokens: list = []
+        self._local = threading.local()  # this thread's stack of ContextVar tokens (the scope nests and is shared)
 
     def _subgroup(self, layouts):
         if len(layouts) == 1:
@@ -502,11 +507,17 @@ class SequenceParallel:
         return f"SequenceParallel(ulysses_degree={self.ulysses_degree}, ring_degree={self.ring_degree})"
 
     def __enter__(self) -> "SequenceParallel":
-        self._tokens.append(_ACTIVE.set(self))
+        global _ENTERED
+        with _ENTERED_LOCK:
+            _ENTERED += 1
+        self._local.__dict__.setdefault("tokens", []).append(_ACTIVE.set(self))
         return self
 
     def __exit__(self, *exc) -> None:
-        _ACTIVE.reset(self._tokens.pop())
+        global _ENTERED
+        _ACTIVE.reset(self._local.tokens.pop())
+        with _ENTERED_LOCK:
+            _ENTERED -= 1
 
     def attention(self, q, k, v, attn_mask=None, is_causal=False, scale=None, backend=None):
         """USP attention of this rank's shards over the scope's groups."""
