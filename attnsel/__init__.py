@@ -15,7 +15,7 @@ from .context import (
     run_with_context,
 )
 from .ops import attention
-from .selection import Explanation, explain_attn_backend, get_attn_backend
+from .selection import Explanation, explain_attn_backend, explain_call, get_attn_backend
 
 _bridges.detect()
 
@@ -25,6 +25,7 @@ from .config import AttentionConfig, get_config, parse_component_backends, set_c
 from .loader import ComponentLoader  # noqa: E402
 from .pipeline import ComposedPipeline, DenoisingStage  # noqa: E402
 from .sdk import get_cmake_dir, get_include  # noqa: E402
+from .tracing import Trace, trace  # noqa: E402
 
 __all__ = [
     "AttentionConfig",
@@ -34,11 +35,13 @@ __all__ = [
     "DenoisingStage",
     "ContextThreadPoolExecutor",
     "Explanation",
+    "Trace",
     "attention",
     "backend_aliases",
     "backend_names",
     "component_attention_backend",
     "explain_attn_backend",
+    "explain_call",
     "force_attention_backend",
     "get_attn_backend",
     "get_component_attn_backend_name",
@@ -52,5 +55,11 @@ __all__ = [
     "parse_component_backends",
     "run_with_context",
     "set_config",
+    "trace",
 ]
 __version__ = "0.1.0"
+
+from . import tuning as _tuning  # noqa: E402
+
+_tuning.load()  # this machine's tuning table into the planner (nothing to do when no file exists)
+_tuning.autotune_from_env()

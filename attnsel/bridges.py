@@ -101,10 +101,11 @@ _DESCRIPTORS: dict[Backend, dict] = {
 }
 
 
-def register(backend: Backend, fn: BridgeFn | None, library: str, device: str = "cuda", reason: str = "") -> None:
-    """Register a bridged backend on `device`: its descriptor (available when `fn` is given and `reason` is empty)
-    and its kernel, which the op reaches through attnsel::bridge."""
-    descriptor = dict(_DESCRIPTORS[backend], library=library)
+def register(backend: Backend, fn: BridgeFn | None, library: str, device: str = "cuda", reason: str = "",
+             **overrides) -> None:
+    """Register a bridged backend on `device`: its descriptor (available when `fn` is given and `reason` is empty;
+    `overrides` replace descriptor fields) and its kernel, which the op reaches through attnsel::bridge."""
+    descriptor = dict(_DESCRIPTORS[backend], library=library, **overrides)
     available = fn is not None and not reason
     descriptor.update(available=available, unavailable_reason="" if available else reason)
     _C.register_backend(int(backend), device, descriptor)

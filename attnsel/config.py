@@ -3,20 +3,30 @@
 Forms
 -----
 * ``--attention-backend NAME``: the global backend (any name or alias, e.g. ``fa3`` -> ``fa``).
-* ``--component-attention-backends VALUE``: ``text-encoder=fa3,vae=torch_sdpa`` or a JSON object
-  ``{"text-encoder": "fa3"}``.
-* ``--component-attention-backends.text-encoder fa3`` / ``--component-attention-backends.vae=torch_sdpa``:
-  one component per flag.
+* ``--component-attention-backends VALUE``: ``text-encoder=fa3,transformer.cross=torch_sdpa`` or a JSON object
+  ``{"text-encoder": "fa3", "transformer.cross": "torch_sdpa"}``.
+* ``--component-attention-backends.text-encoder fa3`` / ``--component-attention-backends.transformer.cross=fa``:
+  one key per flag.
+* Underscore spellings are accepted too: ``--attention_backend``, ``--component_attention_backends`` and
+  ``--component_attention_backends.<key>``.
 * ``--config FILE``: JSON or TOML with the keys ``attention_backend`` and ``component_attention_backends``
-  (``-`` spellings accepted too; the components may be a string, an object or a TOML table).
+  (``-`` spellings accepted too; the components may be a string, an object or a TOML table, and a component's
+  value may be a table of roles: ``[component_attention_backends.transformer]`` ``cross = "fa"``).
 * Environment: ``ATTNSEL_ATTENTION_BACKEND`` and ``ATTNSEL_COMPONENT_ATTENTION_BACKENDS`` (same formats as the flags).
 
-Component keys are stripped and ``-`` becomes ``_`` (case is kept); backend names are normalised with
-:func:`attnsel.backends.normalize_backend_name`. Repeated component flags merge, the later one winning per
-component; the same component twice within ONE value is an error.
+Keys are ``component`` or ``component.role``. The component part is stripped and ``-`` becomes ``_`` (case is
+kept: component names are the pipeline's own identifiers); the role part is stripped and lower-cased (a fixed
+vocabulary, like backend names) and must be one of :data:`ROLES` (``cross``, ``self``). Backend names are
+normalised with :func:`attnsel.backends.normalize_backend_name`. Repeated component flags merge, the later one
+winning per key; the same key twice within ONE value is an error.
 
 Precedence: command line > environment > config file. The component maps merge per key in that order
-(file, then environment, then command line).
+(file, then environment, then command line). A layer of component C with role R resolves to the first of
+``C.R``, ``C``, and for a numbered component (``text_encoder_2``) ``text_encoder.R``, ``text_encoder``
+(:meth:`AttentionConfig.resolve`).
+
+Every bad input is a ValueError with one line (never a TypeError, RecursionError or an interpreter exit):
+``AttentionConfig.from_cli`` raises :class:`HelpRequested` (a ValueError carrying the help text) for ``-h``.
 
 :func:`set_config` makes a config the process-wide one and pushes its global backend into the native core.
 """
@@ -26,6 +36,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import reprlib
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -38,19 +50,35 @@ __all__ = [
     "AttentionConfig",
     "ENV_ATTENTION_BACKEND",
     "ENV_COMPONENT_ATTENTION_BACKENDS",
+    "HelpRequested",
+    "ROLES",
     "get_config",
+    "numbered_component_base",
     "parse_component_backends",
     "set_config",
+    "split_component_key",
 ]
 
 ENV_ATTENTION_BACKEND = "ATTNSEL_ATTENTION_BACKEND"
 ENV_COMPONENT_ATTENTION_BACKENDS = "ATTNSEL_COMPONENT_ATTENTION_BACKENDS"
+
+# The roles an attention layer can have; a component key may name one (``transformer.cross``).
+ROLES = ("cross", "self")
 
 _FLAG_BACKEND = "--attention-backend"
 _FLAG_COMPONENTS = "--component-attention-backends"
 _FLAG_CONFIG = "--config"
 _OUR_FLAGS = (_FLAG_BACKEND, _FLAG_COMPONENTS, _FLAG_CONFIG)
 _DOTTED_PREFIX = _FLAG_COMPONENTS + "."
+# sglang also accepts the underscore spellings: --attention_backend, --component_attention_backends(.<key>).
+_UNDERSCORE_FLAGS = {"--attention_backend": _FLAG_BACKEND, "--component_attention_backends": _FLAG_COMPONENTS}
+_UNDERSCORE_DOTTED_PREFIX = "--component_attention_backends."
+
+_NUMBERED = re.compile(r"(.+)_[0-9]+")  # text_encoder_2 -> text_encoder
+_MAX_CONFIG_BYTES = 1 << 20  # a config file is a few lines; refuse e.g. /dev/zero instead of reading forever
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 120
 
 # Accepted config-file keys -> canonical key.
 _FILE_KEYS = {
@@ -66,29 +94,77 @@ _FILE_KEYS = {
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _normalize_key(key: object) -> str:
+def _short(value: object) -> str:
+    """A bounded one-line repr for error messages (safe on huge or deeply nested values)."""
+    return _REPR.repr(value)
+
+
+def _component_part(text: str, key: object) -> str:
+    component = text.strip().replace("-", "_")
+    if not component:
+        raise ValueError(f"component key must not be empty (got {_short(key)})")
+    return component
+
+
+def _role_part(text: object, key: object) -> str:
+    if not isinstance(text, str):
+        raise ValueError(f"component key {_short(key)}: role must be a string, got {type(text).__name__}")
+    role = text.strip().lower()
+    if role not in ROLES:
+        raise ValueError(f"component key {_short(key)}: role {text.strip()!r} not in {list(ROLES)}")
+    return role
+
+
+def split_component_key(key: object) -> tuple[str, str | None]:
+    """``(component, role or None)`` of a key such as ``text-encoder`` or ``transformer.cross``.
+
+    The component part is stripped and ``-`` becomes ``_`` (case kept); the role part is stripped and lower-cased
+    and must be one of :data:`ROLES`. Raises ValueError otherwise.
+    """
     if not isinstance(key, str):
-        raise ValueError(f"component key must be a string, got {type(key).__name__}: {key!r}")
-    normalized = key.strip().replace("-", "_")
-    if not normalized:
-        raise ValueError(f"component key must not be empty (got {key!r})")
-    return normalized
+        raise ValueError(f"component key must be a string, got {type(key).__name__}: {_short(key)}")
+    component, dot, role = key.partition(".")
+    return _component_part(component, key), (_role_part(role, key) if dot else None)
+
+
+def _join_key(component: str, role: str | None) -> str:
+    return component if role is None else f"{component}.{role}"
+
+
+def numbered_component_base(name: str) -> str | None:
+    """The component a numbered copy falls back to (``text_encoder_2`` -> ``text_encoder``), else None."""
+    match = _NUMBERED.fullmatch(name)
+    return match.group(1) if match else None
+
+
+def _flatten(pairs: Iterable[tuple[object, object]]) -> Iterable[tuple[str, object, object]]:
+    """(canonical key, key as spelled, backend); a mapping value is a role table: ``{"transformer": {"cross": ..}}``."""
+    for key, value in pairs:
+        component, role = split_component_key(key)
+        if not isinstance(value, Mapping):
+            yield _join_key(component, role), key, value
+            continue
+        if role is not None:
+            raise ValueError(f"component key {_short(key)} already names a role; its value must be a backend name, "
+                             f"got a table")
+        for role_key, backend in value.items():
+            spelled = f"{key}.{role_key}" if isinstance(role_key, str) else key
+            yield _join_key(component, _role_part(role_key, spelled)), spelled, backend
 
 
 def _normalize_entries(pairs: Iterable[tuple[object, object]]) -> dict[str, str]:
     """Normalise (key, backend) pairs; a key given twice (also after normalisation) is an error."""
     result: dict[str, str] = {}
     spelled: dict[str, object] = {}
-    for key, value in pairs:
-        normalized = _normalize_key(key)
+    for normalized, key, value in _flatten(pairs):
         if normalized in result:
             raise ValueError(
-                f"component {normalized!r} is given twice: as {spelled[normalized]!r} and as {key!r}"
+                f"component {normalized!r} is given twice: as {_short(spelled[normalized])} and as {_short(key)}"
             )
         try:
-            result[normalized] = normalize_backend_name(value)
+            result[normalized] = _backend_name(value)
         except ValueError as err:
-            raise ValueError(f"component {key!r}: {err}") from None
+            raise ValueError(f"component {_short(key)}: {err}") from None
         spelled[normalized] = key
     return result
 
@@ -98,19 +174,27 @@ def _unique_keys_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     seen: dict[str, Any] = {}
     for key, value in pairs:
         if key in seen:
-            raise ValueError(f"key {key!r} is given twice in a JSON object")
+            raise ValueError(f"key {_short(key)} is given twice in a JSON object")
         seen[key] = value
     return seen
 
 
+def _load_json(text: str) -> Any:
+    """json.loads refusing duplicate keys; too deep nesting is a ValueError (json raises RecursionError)."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys_object)
+    except RecursionError:
+        raise ValueError("JSON is nested too deeply") from None
+
+
 def _parse_json_object(text: str) -> dict[str, str]:
     try:
-        data = json.loads(text, object_pairs_hook=_unique_keys_object)
+        data = _load_json(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"invalid JSON for component attention backends: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(
-            f"component attention backends in JSON must be an object like {{\"vae\": \"fa\"}}, got {text!r}"
+            f"component attention backends in JSON must be an object like {{\"vae\": \"fa\"}}, got {_short(text)}"
         )
     return _normalize_entries(data.items())
 
@@ -119,7 +203,8 @@ def parse_component_backends(value: object) -> dict[str, str]:
     """Parse per-component backends into ``{component_key: canonical_backend_name}``.
 
     ``value`` is None (-> ``{}``), a mapping, a ``component=backend[,component=backend...]`` string or a JSON
-    object string. Raises ValueError on anything malformed.
+    object string. A key may name a role (``transformer.cross``); in a mapping, a component's value may also be a
+    table of roles (``{"transformer": {"cross": "fa"}}``). Raises ValueError on anything malformed.
     """
     if value is None:
         return {}
@@ -128,7 +213,7 @@ def parse_component_backends(value: object) -> dict[str, str]:
     if not isinstance(value, str):
         raise ValueError(
             "component attention backends must be a dict, a 'component=backend,...' string or a JSON object, "
-            f"got {type(value).__name__}: {value!r}"
+            f"got {type(value).__name__}: {_short(value)}"
         )
     text = value.strip()
     if not text:
@@ -141,16 +226,20 @@ def parse_component_backends(value: object) -> dict[str, str]:
         if not entry:
             continue  # tolerate "a=fa,,b=fa2" and a trailing comma
         if "=" not in entry:
-            raise ValueError(f"component attention backend entries must be 'component=backend', got {entry!r}")
+            raise ValueError(f"component attention backend entries must be 'component=backend', got {_short(entry)}")
         key, backend = entry.split("=", 1)
         pairs.append((key, backend.strip()))
     return _normalize_entries(pairs)
 
 
-def _normalize_global(value: object) -> str | None:
-    if value is None:
-        return None
+def _backend_name(value: object) -> str:
+    if not isinstance(value, (str, Backend)):  # checked here so that the error quotes a bounded repr
+        raise ValueError(f"attention backend name must be a string, got {type(value).__name__}: {_short(value)}")
     return normalize_backend_name(value)
+
+
+def _normalize_global(value: object) -> str | None:
+    return None if value is None else _backend_name(value)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -166,27 +255,49 @@ def _load_toml(text: str) -> dict:
             import tomli as tomllib  # type: ignore[no-redef]
         except ImportError:
             raise ValueError("reading a TOML config needs Python 3.11+ or the 'tomli' package") from None
-    return tomllib.loads(text)
-
-
-def _read_config_file(path: str) -> tuple[str | None, dict[str, str]]:
-    """(attention_backend, component backends) from a JSON or TOML file; errors name the file."""
-    source = f"config file {path!r}"
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        return tomllib.loads(text)
+    except RecursionError:  # tomllib recurses per nesting level
+        raise ValueError("TOML is nested too deeply") from None
+
+
+def _config_path(value: object) -> str:
+    """A config path as str: str, bytes or os.PathLike; anything else (e.g. 0) is a ValueError."""
+    try:
+        if isinstance(value, (str, bytes, os.PathLike)):
+            return os.fsdecode(value)
+    except (TypeError, UnicodeError):  # a PathLike returning neither str nor bytes; undecodable bytes
+        pass
+    raise ValueError(f"{_FLAG_CONFIG}: expected a file path, got {type(value).__name__}: {_short(value)}")
+
+
+def _read_config_file(path: object) -> tuple[str | None, dict[str, str]]:
+    """(attention_backend, component backends) from a JSON or TOML file; errors name the file."""
+    path = _config_path(path)
+    source = f"config file {_short(path)}"
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_CONFIG_BYTES + 1)
     except OSError as err:
         raise ValueError(f"{source}: cannot read: {err.strerror or err}") from None
+    except ValueError as err:  # e.g. an embedded NUL in the path
+        raise ValueError(f"{source}: cannot read: {err}") from None
+    if len(raw) > _MAX_CONFIG_BYTES:
+        raise ValueError(f"{source}: larger than {_MAX_CONFIG_BYTES} bytes; a config file is a few lines")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{source}: not UTF-8 text: {err.reason} at byte {err.start}") from None
 
     lower = path.lower()
     try:
         if lower.endswith(".toml"):
             data = _load_toml(text)
         elif lower.endswith(".json"):
-            data = json.loads(text, object_pairs_hook=_unique_keys_object)
+            data = _load_json(text)
         else:  # no telling suffix: JSON first, then TOML
             try:
-                data = json.loads(text, object_pairs_hook=_unique_keys_object)
+                data = _load_json(text)
             except json.JSONDecodeError:
                 data = _load_toml(text)
     except ValueError as err:  # JSONDecodeError and TOMLDecodeError are ValueErrors
@@ -198,7 +309,8 @@ def _read_config_file(path: str) -> tuple[str | None, dict[str, str]]:
     for key, value in data.items():
         canonical = _FILE_KEYS.get(key)
         if canonical is None:
-            raise ValueError(f"{source}: unknown key {key!r}; expected attention_backend and/or component_attention_backends")
+            raise ValueError(f"{source}: unknown key {_short(key)}; expected attention_backend and/or "
+                             "component_attention_backends")
         if canonical in found:
             raise ValueError(f"{source}: {canonical} is given twice: as {found[canonical][0]!r} and as {key!r}")
         found[canonical] = (key, value)
@@ -263,11 +375,38 @@ class _MergeComponentsAction(argparse.Action):
         setattr(namespace, self.dest, merged)
 
 
+class HelpRequested(ValueError):
+    """Raised by :meth:`AttentionConfig.from_cli` for ``-h``/``--help``: a library call neither prints nor exits.
+
+    ``.help`` holds the help text; print it yourself, or run ``attnsel explain -h`` on the command line.
+    """
+
+    def __init__(self, help_text: str):
+        super().__init__("-h/--help: AttentionConfig.from_cli does not print help or exit; the text is in this "
+                         "exception's .help (or run `attnsel explain -h`)")
+        self.help = help_text
+
+
+class _HelpAction(argparse.Action):
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise HelpRequested(parser.format_help())
+
+
 class _RaisingArgumentParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors raise ValueError (one line) instead of printing usage and exiting."""
+    """An ArgumentParser that raises ValueError (one line) instead of printing usage and exiting."""
+
+    def __init__(self, **kwargs):
+        super().__init__(add_help=False, **kwargs)
+        self.add_argument("-h", "--help", action=_HelpAction, help="show this help (raised as HelpRequested)")
 
     def error(self, message):  # noqa: D401 - argparse API
         raise ValueError(message)
+
+    def exit(self, status=0, message=None):  # never leave the interpreter from a library call
+        raise ValueError(" ".join((message or f"argument parsing ended with status {status}").split()))
 
 
 def _fail(parser: argparse.ArgumentParser, message: str):
@@ -292,6 +431,11 @@ def _rewrite_args(parser: argparse.ArgumentParser, args: list[str]) -> list[str]
                 out.extend(args[i:])  # everything after "--" is positional: leave it alone
                 break
             continue
+        if token.startswith(_UNDERSCORE_DOTTED_PREFIX):
+            token = _DOTTED_PREFIX + token[len(_UNDERSCORE_DOTTED_PREFIX):]
+        name, eq, rest = token.partition("=")
+        if name in _UNDERSCORE_FLAGS and name not in known:
+            token = _UNDERSCORE_FLAGS[name] + eq + rest
         if token.startswith(_DOTTED_PREFIX):
             flag, eq, value = token.partition("=")
             if not eq:
@@ -306,11 +450,25 @@ def _rewrite_args(parser: argparse.ArgumentParser, args: list[str]) -> list[str]
         if check_abbrev and token.startswith("--"):
             name = token.split("=", 1)[0]
             if name not in known and len(name) > 2:
-                meant = [flag for flag in _OUR_FLAGS if flag.startswith(name)]
+                meant = [flag for flag in _OUR_FLAGS if flag.startswith(name.replace("_", "-"))]
                 if meant:
                     _fail(parser, f"abbreviated option {name} is not accepted; write it in full: {' or '.join(meant)}")
         out.append(token)
     return out
+
+
+def check_argv(argv: object) -> list[str]:
+    """``argv`` as a list of strings; a bare string or non-string items are a ValueError (not a TypeError)."""
+    if isinstance(argv, (str, bytes)):
+        raise ValueError(f"argv must be a list of strings, not one {type(argv).__name__}: {_short(argv)}")
+    try:
+        items = list(argv)  # type: ignore[call-overload]
+    except TypeError:
+        raise ValueError(f"argv must be a list of strings, got {type(argv).__name__}: {_short(argv)}") from None
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise ValueError(f"argv[{i}] must be a string, got {type(item).__name__}: {_short(item)}")
+    return items
 
 
 def _install_rewriter(parser: argparse.ArgumentParser) -> None:
@@ -360,13 +518,15 @@ class AttentionConfig:
         group = parser.add_argument_group("attention backends")
         group.add_argument(
             _FLAG_BACKEND, dest="attention_backend", metavar="NAME", type=_backend_type, default=None,
-            help="global attention backend (e.g. fa, fa3, torch_sdpa); overrides $" + ENV_ATTENTION_BACKEND,
+            help="global attention backend (e.g. fa, fa3, torch_sdpa); overrides $" + ENV_ATTENTION_BACKEND
+            + "; also spelled --attention_backend",
         )
         group.add_argument(
             _FLAG_COMPONENTS, dest="component_attention_backends", metavar="VALUE", type=_components_type,
             action=_MergeComponentsAction, default=None,
-            help="per-component backends: 'text-encoder=fa3,vae=torch_sdpa' or a JSON object; also "
-            f"{_DOTTED_PREFIX}<component> NAME; repeatable, the later flag wins per component",
+            help="per-component backends: 'text-encoder=fa3,transformer.cross=torch_sdpa' or a JSON object; a key "
+            f"may name a role ({' or '.join(ROLES)}); also {_DOTTED_PREFIX}<key> NAME; repeatable, the later flag wins "
+            "per key; also spelled with underscores (--component_attention_backends)",
         )
         group.add_argument(
             _FLAG_CONFIG, dest="config", metavar="FILE", type=_config_file_type, default=None,
@@ -383,7 +543,7 @@ class AttentionConfig:
         file_components: dict[str, str] = {}
         config_path = getattr(namespace, "config", None)
         if config_path is not None:
-            file_backend, file_components = _read_config_file(os.fspath(config_path))
+            file_backend, file_components = _read_config_file(config_path)
 
         env_backend, env_components = _read_env()
 
@@ -403,36 +563,56 @@ class AttentionConfig:
 
     @classmethod
     def from_cli(cls, argv: list[str] | None = None) -> "AttentionConfig":
-        """Parse ``argv`` (default ``sys.argv[1:]``); every argument must be one of ours. Errors raise ValueError."""
+        """Parse ``argv`` (default ``sys.argv[1:]``); every argument must be one of ours.
+
+        Never prints or exits: errors raise ValueError (one line), ``-h``/``--help`` raises :class:`HelpRequested`
+        (a ValueError carrying the help text in ``.help``).
+        """
         parser = _RaisingArgumentParser(
             prog="attnsel", description="attention backend configuration", allow_abbrev=False
         )
         cls.add_cli_args(parser)
-        return cls.from_cli_args(parser.parse_args(argv))
+        return cls.from_cli_args(parser.parse_args(check_argv(sys.argv[1:] if argv is None else argv)))
 
     # ---- lookup ---------------------------------------------------------------------------------------------
 
-    def resolve_component_backend(self, *names: str | None) -> tuple[Backend | None, str | None]:
-        """(backend, matched key) for the first name with a configured backend, else (None, None).
+    def resolve(self, component: str, role: str | None = None) -> tuple[Backend | None, str | None]:
+        """(backend, matched key) for a layer of ``component`` with ``role`` (None, "self" or "cross").
 
-        Names are stripped and ``-`` becomes ``_`` (case-sensitive); None names are skipped. A name ending in
-        ``_2`` (e.g. ``text_encoder_2``) falls back to the name without it.
+        Tried in order: ``component.role``, ``component``, then for a numbered component (``text_encoder_2``) its
+        base's ``text_encoder.role`` and ``text_encoder``. (None, None) when no key matches. The component name is
+        normalised like keys (stripped, ``-`` -> ``_``, case kept); the role is stripped and lower-cased.
         """
-        table = self.component_attention_backends
+        if not isinstance(component, str) or "." in component:
+            raise ValueError(f"component name must be a string without '.' (give the role as role=...), "
+                             f"got {_short(component)}")
+        name = _component_part(component, component)
+        if role is not None:
+            role = _role_part(role, f"{name}.{role}" if isinstance(role, str) else role)
+        base = numbered_component_base(name)
+        for candidate in (name, base):
+            if candidate is None:
+                continue
+            for key in (_join_key(candidate, role), candidate):
+                if key in self.component_attention_backends:
+                    return to_backend(self.component_attention_backends[key]), key
+        return None, None
+
+    def component_keys(self) -> list[tuple[str, str | None]]:
+        """The configured keys as (component, role or None) pairs, in order (for strict "does it match" checks)."""
+        return [split_component_key(key) for key in self.component_attention_backends]
+
+    def resolve_component_backend(self, *names: str | None) -> tuple[Backend | None, str | None]:
+        """(backend, matched key) for the first name that :meth:`resolve` matches (no role), else (None, None).
+
+        None and blank names are skipped.
+        """
         for name in names:
-            if name is None:
+            if name is None or (isinstance(name, str) and not name.strip()):
                 continue
-            if not isinstance(name, str):
-                raise ValueError(f"component name must be a string or None, got {type(name).__name__}: {name!r}")
-            key = name.strip().replace("-", "_")
-            if not key:
-                continue
-            candidates = [key]
-            if key.endswith("_2") and len(key) > 2:
-                candidates.append(key[:-2])
-            for candidate in candidates:
-                if candidate in table:
-                    return to_backend(table[candidate]), candidate
+            found = self.resolve(name)
+            if found[1] is not None:
+                return found
         return None, None
 
 

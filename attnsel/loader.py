@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from torch import nn
 
 from . import _C
 from .backends import Backend
-from .context import component_attention_backend
+from .context import ROLES, component_attention_backend
 from .nn import Attention
 
 
@@ -72,6 +71,7 @@ class LoadedComponent:
     load_seconds: float
     layers: list[tuple[str, Attention]] = field(default_factory=list)
     run_seconds: float = 0.0
+    roles: dict[str, Backend] = field(default_factory=dict)  # role overrides resolved from the config (role keys)
 
     @property
     def backend_counts(self) -> Counter:
@@ -91,6 +91,9 @@ class LoadedComponent:
     def describe_backends(self) -> str:
         if not self.layers:
             return "no attention layers"
+        if self.roles:  # role keys applied: say which role got which backend
+            by_role = _ordered(Counter((layer.backend, layer.role or "-") for _, layer in self.layers))
+            return ", ".join(f"{b.name.lower()} ({n} {role} layer{'s' if n != 1 else ''})" for (b, role), n in by_role)
         counts = _ordered(self.backend_counts)
         return ", ".join(f"{b.name.lower()} ({n} layer{'s' if n != 1 else ''})" for b, n in counts)
 
@@ -102,10 +105,10 @@ class LoadedComponent:
         for source, n in _ordered(self.source_counts):
             text = source
             if source == "component":
-                key = f"{self.matched_key}=" if self.matched_key else ""
-                requested = self.requested_backend.name.lower() if self.requested_backend is not None else "?"
+                overrides = [f"{self.matched_key}={self.requested_backend.name.lower()}"] if self.matched_key else []
+                overrides += [f"{self.name}.{role}={b.name.lower()}" for role, b in sorted(self.roles.items())]
                 via = f" via '{self.matched_key}'" if self.matched_key and self.matched_key != self.name else ""
-                text = f"component '{self.name}'{via} ({key}{requested})"
+                text = f"component '{self.name}'{via} ({', '.join(overrides)})"
             elif source == "global":
                 text = "global (--attention-backend)"
             elif source == "forced":
@@ -147,10 +150,11 @@ def _resolve_factory(factory: Any) -> Callable[..., Any]:
 
 def native_factory(component_name: str) -> Callable[..., Any]:
     """The embedded model for a component name; `text_encoder_2` builds another `text_encoder`."""
+    from .config import numbered_component_base
     from .models import NATIVE_COMPONENTS
 
     name = component_name.replace("-", "_")
-    base = re.sub(r"_\d+$", "", name)
+    base = numbered_component_base(name) or name
     if base not in NATIVE_COMPONENTS:
         raise ValueError(
             f"no embedded model for component {component_name!r}; embedded components: {', '.join(NATIVE_COMPONENTS)}"
@@ -177,6 +181,19 @@ class ComponentLoader:
         """(backend, matched config key) for a component; `family` lists further names to try, in order."""
         return self.config.resolve_component_backend(component_name, *family)
 
+    def resolve_roles(self, component_name: str, family: Iterable[str] = (),
+                      component_key: str | None = None) -> dict[str, Backend]:
+        """Role-specific backends (`transformer.cross=...`) for a component: role -> backend, where a role key
+        matched (layers of other roles get the component's backend)."""
+        roles: dict[str, Backend] = {}
+        for role in ROLES:
+            for name in (component_name, *family):
+                backend, key = self.config.resolve(name, role)
+                if key is not None and key != component_key and "." in key:
+                    roles[role] = backend
+                    break
+        return roles
+
     def load_native(self, component_name: str, factory: Callable[..., Any] | None = None, *args: Any,
                     family: Iterable[str] = (), **kwargs: Any) -> Any:
         """Build an embedded model (`factory` defaults to the one for `component_name`) in the component scope."""
@@ -194,8 +211,9 @@ class ComponentLoader:
             raise ValueError(f"component name must be a non-empty string, got {component_name!r}")
         with using_config(self._config):
             backend, matched_key = self.resolve(component_name, tuple(family))
+            roles = self.resolve_roles(component_name, tuple(family), matched_key)
             start = time.perf_counter()
-            with component_attention_backend(component_name, backend):
+            with component_attention_backend(component_name, backend, roles=roles):
                 try:
                     module = factory(*args, **kwargs)
                 except ValueError as exc:  # e.g. a backend that cannot run here: say which component asked
@@ -210,5 +228,6 @@ class ComponentLoader:
             matched_key=matched_key,
             load_seconds=elapsed,
             layers=attention_layers(module),
+            roles=roles,
         )
         return module

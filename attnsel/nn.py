@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from . import distributed
+from . import tracing as _tracing
 from .backends import Backend
-from .ops import _OP, AUTO
+from .ops import _OP, AUTO, CALL_HOOKS, _call_hooks
 from .selection import Explanation, explain_attn_backend
 
 
@@ -66,6 +67,14 @@ class Attention(nn.Module):
             raise ValueError(f"attnsel.nn.Attention: built for head_dim {self.head_dim}, got q of shape {tuple(q.shape)}")
         if (sp := distributed.active()) is not None:  # inside attnsel.distributed.sequence_parallel(...)
             return sp.layer_attention(self, q, k, v, attn_mask, is_causal)
+        if CALL_HOOKS:
+            _call_hooks(q, k, v, attn_mask, is_causal, self.scale, self._op_backend)
+        if _tracing.ACTIVE:  # an attnsel.trace() is open: record this call
+            return _tracing.run(self.selection.component, self.role, self.policy, self._attend, q, k, v,
+                                attn_mask=attn_mask, is_causal=is_causal)
+        return _OP(q, k, v, attn_mask, is_causal, self.scale, self._op_backend)[0]
+
+    def _attend(self, q, k, v, attn_mask=None, is_causal=False):
         return _OP(q, k, v, attn_mask, is_causal, self.scale, self._op_backend)[0]
 
     def extra_repr(self) -> str:

@@ -23,6 +23,17 @@ _is_compiling = torch.compiler.is_compiling
 _call_policy = _C.call_policy
 _scope_get = _SCOPE.get
 
+# Call hooks (attnsel.tuning: shape recording, online tuning): hook(q, k, v, attn_mask, is_causal, scale, backend_id)
+# runs before each eager call of `attention` and `attnsel.nn.Attention`. Empty in normal runs: one check per call.
+CALL_HOOKS: list = []
+
+
+def _call_hooks(q, k, v, attn_mask, is_causal, scale, bid) -> None:
+    if _is_compiling():  # traced graphs run no Python hooks
+        return
+    for hook in tuple(CALL_HOOKS):
+        hook(q, k, v, attn_mask, is_causal, scale, bid)
+
 
 def _backend_id(backend: object) -> int:
     if backend.__class__ in _NAME_TYPES:
@@ -67,6 +78,8 @@ def attention(
         bid = CONTEXT  # the native op resolves this thread's policy at run time
     else:
         bid = _policy_id()
+    if CALL_HOOKS:
+        _call_hooks(q, k, v, attn_mask, is_causal, scale, bid)
     if return_lse:
         return _OP(q, k, v, attn_mask, is_causal, scale, bid, True)
     return _OP(q, k, v, attn_mask, is_causal, scale, bid)[0]

@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from .backends import Backend
+from .config import numbered_component_base
+from .context import ROLES
 from .loader import ComponentLoader, LoadedComponent, attention_layers, using_config
 from .selection import cuda_unavailable_reason
 
@@ -195,6 +197,12 @@ class ComposedPipeline:
             _, key = self.loader.resolve(name, spec.family)
             if key is not None:
                 used.setdefault(key, []).append(name)
+            for role in ROLES:  # role keys (transformer.cross) apply to the component they name
+                for candidate in (name, *spec.family):
+                    _, role_key = self.loader.config.resolve(candidate, role)
+                    if role_key is not None and "." in role_key:
+                        used.setdefault(role_key, []).append(name)
+                        break
         unknown = [key for key in self._overrides() if key not in used]
         if unknown:
             key = unknown[0]
@@ -212,7 +220,18 @@ class ComposedPipeline:
         overrides = self._overrides()
         for key, names in used.items():
             records = [self.records[n] for n in names]
-            if any(r.override_applied for r in records):
+            if "." in key:  # a role key: some layer of that role must have taken it
+                role = key.split(".", 1)[1]
+                of_role = [layer for r in records for _, layer in r.layers if layer.role == role]
+                if not of_role:
+                    roles = sorted({layer.role or "none" for r in records for _, layer in r.layers})
+                    comps = ", ".join(repr(n) for n in names)
+                    raise ValueError(f"component attention backend override {key}={overrides[key]} matches no "
+                                     f"attention layer: {comps} has no {role!r} layers (its layers' roles: "
+                                     f"{', '.join(roles) or 'no attention layers'})")
+                if any(layer.selection.source == "component" for layer in of_role):
+                    continue
+            elif any(r.override_applied for r in records):
                 continue
             requested = records[0].requested_backend
             layers = sum(len(r.layers) for r in records)
@@ -269,7 +288,7 @@ class ComposedPipeline:
             self.load_modules()
         for record in self.records.values():
             record.run_seconds = 0.0
-        encoders = [(n, m) for n, m in self.modules.items() if n == "text_encoder" or n.startswith("text_encoder_")]
+        encoders = [(n, m) for n, m in self.modules.items() if (numbered_component_base(n) or n) == "text_encoder"]
         if not encoders:
             raise ValueError(f"the pipeline has no text encoder (components: {', '.join(self.component_names)})")
         transformer, vae = self._require("transformer"), self._require("vae")

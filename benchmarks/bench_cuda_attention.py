@@ -6,7 +6,10 @@ when importable), one GPU, one run.
 
 Timing: per shape, every backend warmed up (>= 200 ms), then timed in --reps (>= 20) interleaved rounds with CUDA
 events around each call, calls queued back to back (host launch work overlaps the GPU); the median per backend.
-TFLOP/s = 4*B*H*Sq*Sk*D / time, halved for causal.
+TFLOP/s = 4*B*H*Sq*Sk*D / time, halved for causal; masked shapes count the dense work too.
+Masks: "keypad" is a boolean (B, 1, 1, Sk) key-padding mask (batch b keeps its first lengths[b] keys, the rest
+padding, as text encoders and cross-attention send); "bool" a full (B, H, Sq, Sk) boolean mask (random, 80% kept).
+--gemm also measures the dense bf16 GEMM ceiling (torch.matmul 8192^3), recorded as "gemm_bf16_tflops".
 """
 import argparse
 import json
@@ -21,15 +24,30 @@ import time
 import torch
 import torch.nn.functional as F
 
-SHAPES = [  # name, (B, H, S, D), causal
-    ("flux", (1, 24, 4608, 128), False),
-    ("wan-1.3b", (1, 12, 32760, 128), False),
-    ("wan-14b", (1, 40, 32760, 128), False),
-    ("sd-unet", (2, 10, 4096, 64), False),
-    ("t5-xxl", (1, 64, 512, 64), False),
-    ("vae-4k", (1, 1, 4096, 512), False),
-    ("vae-16k", (1, 1, 16384, 512), False),
-    ("causal-8k", (1, 32, 8192, 128), True),
+SHAPES = [  # name, (B, H, Sq, Sk, D), causal, mask
+    ("flux", (1, 24, 4608, 4608, 128), False, None),
+    ("wan-1.3b", (1, 12, 32760, 32760, 128), False, None),
+    ("wan-14b", (1, 40, 32760, 32760, 128), False, None),
+    ("wan-cross", (1, 40, 32760, 512, 128), False, None),
+    ("dit-8x1k", (8, 24, 1024, 1024, 128), False, None),
+    ("sd-unet", (2, 10, 4096, 4096, 64), False, None),
+    ("sd3-joint", (1, 38, 4429, 4429, 64), False, None),
+    ("t5-xxl", (1, 64, 512, 512, 64), False, None),
+    ("pixart-72", (2, 16, 4096, 4096, 72), False, None),
+    ("hunyuan-88", (2, 16, 4096, 4096, 88), False, None),
+    ("lumina-96", (2, 24, 4096, 4096, 96), False, None),
+    ("hd-256", (1, 8, 8192, 8192, 256), False, None),
+    ("vae-4k", (1, 1, 4096, 4096, 512), False, None),
+    ("vae-12k", (1, 1, 12544, 12544, 512), False, None),
+    ("vae-16k", (1, 1, 16384, 16384, 512), False, None),
+    ("causal-8k", (1, 32, 8192, 8192, 128), True, None),
+    # masked: key padding on text-encoder / cross-attention shapes, full boolean masks
+    ("t5-keypad", (4, 64, 512, 512, 64), False, "keypad"),
+    ("wan-cross-keypad", (1, 40, 32760, 512, 128), False, "keypad"),
+    ("pixart-cross-keypad", (2, 16, 4096, 300, 72), False, "keypad"),
+    ("flux-keypad", (2, 24, 4608, 4608, 128), False, "keypad"),
+    ("bool-2k-128", (2, 16, 2048, 2048, 128), False, "bool"),
+    ("bool-4k-64", (1, 24, 4096, 4096, 64), False, "bool"),
 ]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MATH_MAX_BYTES = 12 << 30  # the math path materialises fp32 scores (and their softmax)
@@ -39,11 +57,16 @@ def native_fn(impl, variant):
     if impl == "attnsel":
         import attnsel
 
-        return lambda q, k, v, causal: attnsel.attention(q, k, v, is_causal=causal, backend="native")
+        return lambda q, k, v, causal, mask=None: attnsel.attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                                     backend="native")
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools", "cuda_dev"))
     import devattn
 
-    return lambda q, k, v, causal: devattn.attention(q, k, v, is_causal=causal, variant=variant)
+    def dev(q, k, v, causal, mask=None):
+        assert mask is None, "the dev harness passes no mask"
+        return devattn.attention(q, k, v, is_causal=causal, variant=variant)
+
+    return dev
 
 
 def sdpa_fn(backend):
@@ -52,9 +75,9 @@ def sdpa_fn(backend):
     b = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
          "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa_math": SDPBackend.MATH}[backend]
 
-    def run(q, k, v, causal):
+    def run(q, k, v, causal, mask=None):
         with sdpa_kernel([b]):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
     return run
 
@@ -66,14 +89,14 @@ def optional_fns():
         from flash_attn import flash_attn_func
 
         name = "fa2" if flash_attn.__version__.startswith("2") else "fa"
-        fns[name] = lambda q, k, v, causal: flash_attn_func(
+        fns[name] = lambda q, k, v, causal, mask=None: flash_attn_func(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal).transpose(1, 2)
     except Exception as e:  # not installed here
         missing["fa2"] = f"flash_attn not importable: {type(e).__name__}: {e}"
     try:
         from sageattention import sageattn
 
-        fns["sage_attn"] = lambda q, k, v, causal: sageattn(q, k, v, tensor_layout="HND", is_causal=causal)
+        fns["sage_attn"] = lambda q, k, v, causal, mask=None: sageattn(q, k, v, tensor_layout="HND", is_causal=causal)
     except Exception as e:
         missing["sage_attn"] = f"sageattention not importable: {type(e).__name__}: {e}"
     return fns, missing
@@ -103,6 +126,25 @@ def time_interleaved(fns, args, reps, warmup_ms):
     return {name: statistics.median(a.elapsed_time(b) for a, b in ev) for name, ev in events.items()}
 
 
+def make_mask(kind, B, H, Sq, Sk, gen):
+    if kind is None:
+        return None
+    if kind == "keypad":  # batch b keeps its first lengths[b] keys (full length, then shorter prompts)
+        lengths = torch.tensor([Sk if b == 0 else max(1, Sk * (4 - b % 4) // 5) for b in range(B)], device="cuda")
+        return (torch.arange(Sk, device="cuda")[None, :] < lengths[:, None])[:, None, None, :]
+    if kind == "bool":
+        return torch.rand((B, H, Sq, Sk), generator=gen, device="cuda") < 0.8
+    raise ValueError(kind)
+
+
+def gemm_ceiling(reps=20):
+    """Dense bf16 torch.matmul 8192^3 TFLOP/s (median): the H200's practical tensor-core ceiling."""
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ms = time_interleaved({"mm": lambda x, y: x @ y}, (a, b), reps, 300.0)["mm"]
+    return 2 * n**3 / ms / 1e9
+
+
 def env_info():
     info = dict(gpu=torch.cuda.get_device_name(), capability=".".join(map(str, torch.cuda.get_device_capability())),
                 torch=torch.__version__, cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
@@ -128,6 +170,7 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--warmup-ms", type=float, default=200.0, help="warm-up wall time per backend and shape")
     ap.add_argument("--out", default="")
+    ap.add_argument("--gemm", action="store_true", help="also measure the dense bf16 GEMM ceiling")
     args = ap.parse_args()
     assert args.reps >= 20 or os.environ.get("BENCH_ALLOW_FEW_REPS"), "median of >= 20 calls"
 
@@ -148,24 +191,35 @@ def main():
         parts = spec.split(",")
         if len(parts) not in (4, 5) or not all(p.isdigit() for p in parts[:4]) or parts[4:] not in ([], ["causal"]):
             ap.error(f"--shape {spec!r}: expected B,H,S,D or B,H,S,D,causal")
-        shapes.append(("x".join(parts[:4]), tuple(int(p) for p in parts[:4]), len(parts) == 5))
+        B, H, S, D = (int(p) for p in parts[:4])
+        shapes.append(("x".join(parts[:4]), (B, H, S, S, D), len(parts) == 5, None))
     gen = torch.Generator(device="cuda").manual_seed(0)
+    gemm = gemm_ceiling() if args.gemm else None
+    if gemm:
+        print(f"dense bf16 GEMM 8192^3: {gemm:.1f} TFLOP/s", flush=True)
     for dname in args.dtypes.split(","):
         dtype = DTYPES[dname]
-        for name, (B, H, S, D), causal in shapes:
-            q, k, v = (torch.randn((B, H, S, D), generator=gen, device="cuda").to(dtype) for _ in range(3))
-            flops = 4 * B * H * S * S * D / (2 if causal else 1)
+        for name, (B, H, Sq, Sk, D), causal, mkind in shapes:
+            q = torch.randn((B, H, Sq, D), generator=gen, device="cuda").to(dtype)
+            k, v = (torch.randn((B, H, Sk, D), generator=gen, device="cuda").to(dtype) for _ in range(2))
+            mask = make_mask(mkind, B, H, Sq, Sk, gen)
+            flops = 4 * B * H * Sq * Sk * D / (2 if causal else 1)
+            shape = [B, H, Sq, Sk, D]
             ref, ok, diffs = None, {}, {}
             for bname, fn in fns.items():  # one checked call each: refusals are recorded, results cross-checked
-                if bname == "sdpa_math" and 2 * 4 * B * H * S * S > MATH_MAX_BYTES:
-                    skipped.append(dict(shape=[B, H, S, D], causal=causal, dtype=dname, backend=bname,
-                                        reason=f"math would materialise {2 * 4 * B * H * S * S / 2**30:.0f} GiB of scores"))
+                if bname == "sdpa_math" and 2 * 4 * B * H * Sq * Sk > MATH_MAX_BYTES:
+                    skipped.append(dict(shape=shape, causal=causal, mask=mkind, dtype=dname, backend=bname,
+                                        reason=f"math would materialise {2 * 4 * B * H * Sq * Sk / 2**30:.0f} GiB of scores"))
+                    continue
+                if mask is not None and bname in ("fa", "fa2", "sage_attn"):
+                    skipped.append(dict(shape=shape, causal=causal, mask=mkind, dtype=dname, backend=bname,
+                                        reason="takes no mask"))
                     continue
                 try:
-                    out = fn(q, k, v, causal)
+                    out = fn(q, k, v, causal, mask)
                     torch.cuda.synchronize()
                 except Exception as e:
-                    skipped.append(dict(shape=[B, H, S, D], causal=causal, dtype=dname, backend=bname,
+                    skipped.append(dict(shape=shape, causal=causal, mask=mkind, dtype=dname, backend=bname,
                                         reason=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
                     continue
                 # sanity cross-check against the first backend that ran (not the accuracy test)
@@ -174,28 +228,33 @@ def main():
                 diffs[bname] = ((out.float() - ref).norm() / ref.norm()).item()
                 ok[bname] = fn
                 del out
-            times = time_interleaved(ok, (q, k, v, causal), args.reps, args.warmup_ms)
+            times = time_interleaved(ok, (q, k, v, causal, mask), args.reps, args.warmup_ms)
             for bname, ms in times.items():
-                rec = dict(shape=[B, H, S, D], causal=causal, dtype=dname, backend=bname, ms=ms,
+                rec = dict(shape=shape, causal=causal, mask=mkind, dtype=dname, backend=bname, ms=ms,
                            tflops=flops / ms / 1e9, name=name, rel_diff_vs_first=diffs[bname])
+                if gemm:
+                    rec["share_of_gemm"] = rec["tflops"] / gemm
                 records.append(rec)
-                print(f"{dname} {name:10s} {str([B, H, S, D]):22s} {'causal' if causal else '      '} "
+                print(f"{dname} {name:20s} {str(shape):28s} {'causal' if causal else '      '} "
                       f"{bname:14s} {ms:9.3f} ms {rec['tflops']:7.1f} TFLOP/s  diff {diffs[bname]:.1e}", flush=True)
-            del q, k, v, ref
+            del q, k, v, ref, mask
             torch.cuda.empty_cache()
-    result = dict(env_info(), impl=args.impl, reps=args.reps, warmup_ms=args.warmup_ms, records=records, skipped=skipped)
+    result = dict(env_info(), impl=args.impl, reps=args.reps, warmup_ms=args.warmup_ms, gemm_bf16_tflops=gemm,
+                  records=records, skipped=skipped)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
-    # short table: TFLOP/s per shape x backend
+    # short table: TFLOP/s per shape x backend, and native over PyTorch's best SDPA kernel
     names = list(dict.fromkeys(r["backend"] for r in records))
-    print("\n" + " " * 34 + "".join(f"{n:>13s}" for n in names))
+    print("\n" + " " * 45 + "".join(f"{n:>11s}" for n in names) + "   native/best-sdpa")
     for dname in args.dtypes.split(","):
-        for name, shape, causal in shapes:
+        for name, shape, causal, _ in shapes:
             row = {r["backend"]: r["tflops"] for r in records if r["name"] == name and r["dtype"] == dname}
-            print(f"{dname} {name:10s} {str(list(shape)):20s}" + "".join(
-                f"{row[n]:13.1f}" if n in row else f"{'-':>13s}" for n in names))
+            best = max((t for b, t in row.items() if b.startswith("sdpa_")), default=None)
+            ratio = f"{row['native'] / best:8.2f}x" if best and "native" in row else "       -"
+            print(f"{dname} {name:20s} {str(list(shape)):22s}" + "".join(
+                f"{row[n]:11.1f}" if n in row else f"{'-':>11s}" for n in names) + "   " + ratio)
     for s in skipped:
         print("skipped:", s)
 

@@ -1,7 +1,17 @@
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
 
-import attnsel
-from attnsel import _C
+# The suite never reads or writes the user's tuning table, and never tunes online (set before attnsel loads it).
+os.environ["ATTNSEL_CACHE_DIR"] = tempfile.mkdtemp(prefix="attnsel-test-cache-")
+atexit.register(shutil.rmtree, os.environ["ATTNSEL_CACHE_DIR"], True)
+os.environ.pop("ATTNSEL_AUTOTUNE", None)
+
+import attnsel  # noqa: E402
+from attnsel import _C  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -49,7 +49,7 @@ def run_main(capsys, *argv):
 
 
 def component_line(out: str, name: str) -> str:
-    (line,) = [l for l in out.splitlines() if l.startswith("  ") and l.split()[0] == name]
+    (line,) = [l for l in out.splitlines() if l.startswith("  ") and l.split()[0] == name and "backend:" in l]
     return line
 
 
@@ -143,6 +143,59 @@ def test_errors_exit_2_with_one_line(argv, needle, capsys, tmp_path):
     assert err.count("\n") == 1 and err.startswith("attnsel: error: ")
     assert needle in err
     assert not (tmp_path / "x.png").exists()
+
+
+# Issue 13's cases: deep nesting in values and files, non-string argv items, odd numbers: exit 2, one line.
+@pytest.mark.parametrize("kind", ["value", "json_file", "toml_file", "toml_table_file"])
+def test_deep_nesting_exits_2_with_one_line(kind, capsys, tmp_path):
+    deep = "[" * 1200
+    if kind == "value":
+        argv = ["explain", "--component-attention-backends", deep]
+    else:
+        name, text = {"json_file": ("d.json", deep),
+                      "toml_file": ("d.toml", "d=" + deep),
+                      "toml_table_file": ("t.toml", "component_attention_backends = " + "{a=" * 1200)}[kind]
+        (tmp_path / name).write_text(text)
+        argv = ["explain", "--config", str(tmp_path / name)]
+    code, _, err = run_main(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "nested too deeply" in err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    ([None], "argv[0] must be a string, got NoneType"),
+    (["explain", 3], "argv[1] must be a string, got int"),
+    (["run", "--seed", str(2 ** 64)], "--seed: expected an integer that fits 64 bits"),
+    (["run", "--seed", "x"], "--seed: expected an integer that fits 64 bits, got 'x'"),
+    (["explain", "--component-attention-backends.transformer.middle", "native"],
+     "role 'middle' not in ['cross', 'self']"),
+    (["explain", "--config", "/dev/zero"], "larger than"),
+    (["explain", "--config", "nul\0byte.toml"], "cannot read"),
+])
+def test_odd_arguments_exit_2_with_one_line(argv, needle, capsys, tmp_path):
+    if argv[:1] == ["run"]:
+        argv = argv + ["--output", str(tmp_path / "x.png")]
+    code, _, err = run_main(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("attnsel: error: ")
+    assert needle in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_seed_range_is_torchs(tmp_path, capsys):
+    from attnsel.cli import _seed
+
+    assert _seed(str(-(2 ** 63))) == -(2 ** 63) and _seed("-1") == -1
+    torch.Generator().manual_seed(-(2 ** 63))  # the lower end is torch's too
+    argv = ["run", "--steps", "1", "--seed", str(2 ** 64 - 1), "--output", str(tmp_path / "x.png")]
+    assert run_main(capsys, *argv)[0] == 0
+
+
+def test_underscore_and_role_flags_reach_the_layers(capsys):
+    code, out, err = run_main(capsys, "explain", "--attention_backend", "torch_sdpa",
+                              "--component_attention_backends.vae", "native")
+    assert (code, err) == (0, "")
+    assert "chosen by: global (--attention-backend)" in component_line(out, "transformer")
+    assert "backend: native (1 layer); chosen by: component 'vae' (vae=native)" in component_line(out, "vae")
 
 
 def test_help_exits_0(capsys):

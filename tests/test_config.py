@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import pytest
 
@@ -14,7 +15,10 @@ from attnsel.config import (
     ENV_ATTENTION_BACKEND,
     ENV_COMPONENT_ATTENTION_BACKENDS,
     AttentionConfig,
+    HelpRequested,
+    ROLES,
     get_config,
+    numbered_component_base,
     parse_component_backends,
     set_config,
 )
@@ -61,7 +65,7 @@ def test_component_lookup():
     # _2 falls back to the base name; no other suffix does
     assert cfg.resolve_component_backend("text_encoder_2") == (Backend.FA, "text_encoder")
     assert cfg.resolve_component_backend("text-encoder-2") == (Backend.FA, "text_encoder")
-    assert cfg.resolve_component_backend("text_encoder_3") == (None, None)
+    assert cfg.resolve_component_backend("text_encoder_3") == (Backend.FA, "text_encoder")  # SD3's third encoder
     # first name that matches wins; None names are skipped
     assert cfg.resolve_component_backend(None, "unknown", "vae", "text_encoder") == (Backend.TORCH_SDPA, "vae")
     assert cfg.resolve_component_backend("text_encoder", "vae") == (Backend.FA, "text_encoder")
@@ -102,6 +106,117 @@ def test_dynamic_dotted_cli_args():
     # a dotted value that looks like a list or JSON is kept whole, not split
     with pytest.raises(ValueError, match="unknown attention backend 'fa,vae=fa2'"):
         AttentionConfig.from_cli(["--component-attention-backends.dit=fa,vae=fa2"])
+
+
+# ---- roles ---------------------------------------------------------------------------------------------------
+
+ROLE_CONFIG = {"transformer": "fa2", "transformer.self": "fa", "transformer.cross": "torch_sdpa",
+               "text_encoder": "native", "text_encoder.cross": "sdpa_math", "vae.self": "fa"}
+
+
+def test_roles_resolve_in_order():
+    cfg = AttentionConfig(component_attention_backends=ROLE_CONFIG)
+    assert ROLES == ("cross", "self")
+    # component.role > component
+    assert cfg.resolve("transformer", "self") == (Backend.FA, "transformer.self")
+    assert cfg.resolve("transformer", "cross") == (Backend.TORCH_SDPA, "transformer.cross")
+    assert cfg.resolve("transformer") == (Backend.FA2, "transformer")
+    assert cfg.resolve(" transformer ", " CROSS ") == (Backend.TORCH_SDPA, "transformer.cross")
+    # a role key alone does not serve role-less or other-role layers
+    assert cfg.resolve("vae", "self") == (Backend.FA, "vae.self")
+    assert cfg.resolve("vae", "cross") == (None, None)
+    assert cfg.resolve("vae") == (None, None)
+    # numbered components: component.role > component > base.role > base
+    assert cfg.resolve("text_encoder_2", "cross") == (Backend.SDPA_MATH, "text_encoder.cross")
+    assert cfg.resolve("text-encoder-2", "self") == (Backend.NATIVE, "text_encoder")
+    both = AttentionConfig(component_attention_backends={"text_encoder_2": "fa2", "text_encoder.cross": "fa"})
+    assert both.resolve("text_encoder_2", "cross") == (Backend.FA2, "text_encoder_2")
+    assert both.resolve("text_encoder_2", "self") == (Backend.FA2, "text_encoder_2")
+    assert both.resolve("text_encoder", "cross") == (Backend.FA, "text_encoder.cross")
+    assert cfg.resolve("unet", "self") == (None, None)
+    # the role-less lookup used by the loader
+    assert cfg.resolve_component_backend(None, " ", "unet", "transformer") == (Backend.FA2, "transformer")
+
+
+@pytest.mark.parametrize(
+    "component, role, message",
+    [
+        ("transformer", "selfish", "role 'selfish' not in \\['cross', 'self'\\]"),
+        ("transformer", "", "role '' not in"),
+        ("transformer", 1, "role must be a string"),
+        ("transformer.cross", None, "without '.'"),
+        (None, None, "must be a string"),
+        ("  ", None, "must not be empty"),
+    ],
+)
+def test_resolve_errors(component, role, message):
+    with pytest.raises(ValueError, match=message):
+        AttentionConfig(component_attention_backends=ROLE_CONFIG).resolve(component, role)
+
+
+def test_component_keys():
+    cfg = AttentionConfig(component_attention_backends="Transformer.Cross=fa, text-encoder=fa2 ,vae . SELF=fa")
+    assert cfg.component_attention_backends == {"Transformer.cross": "fa", "text_encoder": "fa2", "vae.self": "fa"}
+    assert cfg.component_keys() == [("Transformer", "cross"), ("text_encoder", None), ("vae", "self")]
+    assert AttentionConfig().component_keys() == []
+
+
+def test_numbered_component_base():
+    assert numbered_component_base("text_encoder_2") == "text_encoder"
+    assert numbered_component_base("text_encoder_10") == "text_encoder"
+    assert numbered_component_base("a_2_3") == "a_2"
+    for name in ("text_encoder", "_2", "vae2", "text_encoder_x"):
+        assert numbered_component_base(name) is None
+
+
+def test_roles_in_every_form(tmp_path, monkeypatch):
+    expected = {"transformer.self": "fa", "transformer.cross": "torch_sdpa", "vae": "fa2"}
+    forms = [
+        ["--component-attention-backends", "transformer.self=fa3,transformer.cross=torch_sdpa,vae=fa2"],
+        ["--component-attention-backends", json.dumps({"transformer.self": "fa", "transformer": {"cross": "torch_sdpa"},
+                                                        "vae": "fa2"})],
+        ["--component-attention-backends.transformer.self", "fa",
+         "--component-attention-backends.transformer.cross=torch_sdpa", "--component-attention-backends.vae", "fa2"],
+        ["--component_attention_backends.transformer.self", "fa",
+         "--component_attention_backends.transformer.cross=torch_sdpa", "--component_attention_backends=vae=fa2"],
+        ["--config", write(tmp_path, "roles.toml", '[component_attention_backends]\nvae = "fa2"\n'
+                           '[component_attention_backends.transformer]\nself = "fa"\ncross = "torch_sdpa"\n')],
+        ["--config", write(tmp_path, "dotted.toml", '[component_attention_backends]\n"transformer.self" = "fa"\n'
+                           'transformer.cross = "torch_sdpa"\nvae = "fa2"\n')],
+        ["--config", write(tmp_path, "roles.json", json.dumps({"component_attention_backends": expected}))],
+    ]
+    for argv in forms:
+        assert AttentionConfig.from_cli(argv).component_attention_backends == expected, argv
+    monkeypatch.setenv(ENV_COMPONENT_ATTENTION_BACKENDS, "transformer.self=fa,transformer.cross=torch_sdpa,vae=fa2")
+    assert AttentionConfig.from_cli([]).component_attention_backends == expected
+    assert AttentionConfig.from_cli(["--attention_backend", "fa2"]).attention_backend == "fa2"
+    assert AttentionConfig.from_cli(["--attention_backend=fa2"]).attention_backend == "fa2"
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("transformer.selfish=fa", "component key 'transformer.selfish': role 'selfish' not in ['cross', 'self']"),
+        ("transformer.=fa", "role '' not in ['cross', 'self']"),
+        ("transformer.self.x=fa", "role 'self.x' not in"),
+        (".self=fa", "key must not be empty"),
+        ("transformer.self=fa,Transformer.self=fa", None),  # case of the component is kept: two keys
+        ("transformer.self=fa,transformer.SELF=fa2", "component 'transformer.self' is given twice"),
+        ({"transformer": {"self": "fa"}, "transformer.self": "fa"}, "'transformer.self' is given twice"),
+        ({"transformer.self": {"cross": "fa"}}, "already names a role"),
+        ({"transformer": {"self": {"x": "fa"}}},
+         "component 'transformer.self': attention backend name must be a string"),
+        ({"transformer": {1: "fa"}}, "role must be a string"),
+        ({"transformer": {"middle": "fa"}}, "component key 'transformer.middle': role 'middle' not in"),
+    ],
+)
+def test_role_errors(value, message):
+    if message is None:
+        assert len(parse_component_backends(value)) == 2
+        return
+    with pytest.raises(ValueError, match=message.replace("[", "\\[").replace("(", "\\(")) as info:
+        parse_component_backends(value)
+    assert "\n" not in str(info.value)
 
 
 # ---- parse_component_backends ---------------------------------------------------------------------------------
@@ -146,7 +261,7 @@ def test_parse_component_backends_forms(value, expected):
         ('"vae=fa"', "must be an object"),
         ('{"vae": ', "invalid JSON"),
         ('{"vae": null}', "component 'vae': attention backend name must be a string"),
-        ('{"vae": {"x": "fa"}}', "component 'vae'"),
+        ('{"vae": {"x": "fa"}}', "component key 'vae.x': role 'x' not in ['cross', 'self']"),
         ("vae=", "component 'vae': unknown attention backend ''"),
         ("vae=bogus", "component 'vae': unknown attention backend 'bogus'; valid options"),
         ({3: "fa"}, "key must be a string"),
@@ -448,3 +563,87 @@ def test_user_parser_without_exit_on_error_raises_argument_error():
     with pytest.raises(argparse.ArgumentError, match="component 'vae': unknown attention backend"):
         parser.parse_args(["--component-attention-backends.vae=nope"])
     assert parser.parse_args(["--component-attention-backends.vae=fa3"]).component_attention_backends == {"vae": "fa"}
+
+
+# ---- issue 13: every bad input is a ValueError with one line, and the API never exits --------------------------
+
+
+def test_help_does_not_exit():
+    for flag in ("-h", "--help"):
+        with pytest.raises(HelpRequested) as info:
+            AttentionConfig.from_cli(["--attention-backend", "fa", flag])
+        assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
+        assert "--component-attention-backends" in info.value.help and "--config" in info.value.help
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([None], "argv[0] must be a string, got NoneType"),
+    (["--attention-backend", 3], "argv[1] must be a string, got int"),
+    ([b"--attention-backend"], "argv[0] must be a string, got bytes"),
+    ("--attention-backend fa", "argv must be a list of strings, not one str"),
+    (7, "argv must be a list of strings, got int"),
+])
+def test_non_string_argv_is_value_error(argv, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        AttentionConfig.from_cli(argv)
+
+
+@pytest.mark.parametrize("value", [
+    "[" * 1200,
+    '{"a":' * 1200,
+    '{"vae": ' + "[" * 1200,
+    json.dumps({"vae": "fa"})[:-1] + ', "x": ' + "[" * 5000 + "]" * 5000 + "}",
+])
+def test_deep_json_value_is_value_error(value):
+    with pytest.raises(ValueError) as info:
+        parse_component_backends(value)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 1000
+    with pytest.raises(ValueError):
+        AttentionConfig.from_cli(["--component-attention-backends", value])
+
+
+@pytest.mark.parametrize("name, text", [
+    ("deep.json", "[" * 1200),
+    ("deep.toml", "d = " + "[" * 1200),
+    ("deep_inline.toml", "component_attention_backends = " + "{a = " * 1200),
+    ("deep_value.json", '{"component_attention_backends": {"vae": ' + "[" * 900 + "]" * 900 + "}}"),
+])
+def test_deep_config_file_is_value_error(tmp_path, name, text):
+    path = write(tmp_path, name, text)
+    with pytest.raises(ValueError, match=f"config file '.*{name}'") as info:
+        AttentionConfig.from_cli(["--config", path])
+    assert "\n" not in str(info.value) and len(str(info.value)) < 1000
+
+
+@pytest.mark.parametrize("value, message", [
+    (0, "--config: expected a file path, got int: 0"),
+    (1.5, "expected a file path, got float"),
+    (["a.toml"], "expected a file path, got list"),
+    ("nul\0byte.toml", "cannot read: embedded null byte"),
+    ("", "cannot read"),
+    ("/dev/zero", "larger than 1048576 bytes"),
+])
+def test_bad_config_values_are_value_errors(value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        AttentionConfig.from_cli_args(argparse.Namespace(config=value))
+
+
+def test_config_path_forms(tmp_path):
+    path = write(tmp_path, "a.json", '{"attention_backend": "fa2"}')
+    from pathlib import Path
+
+    for value in (path, Path(path), path.encode()):
+        assert AttentionConfig.from_cli_args(argparse.Namespace(config=value)).attention_backend == "fa2"
+    binary = tmp_path / "bin.json"
+    binary.write_bytes(b'{"attention_backend": "\xff"}')
+    with pytest.raises(ValueError, match="bin.json': not UTF-8 text"):
+        AttentionConfig.from_cli(["--config", str(binary)])
+
+
+def test_huge_values_give_bounded_one_line_errors():
+    with pytest.raises(ValueError) as info:
+        parse_component_backends({"x" * 100000: ["nested"] * 100000})
+    assert len(str(info.value)) < 1000 and "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="entries must be 'component=backend'") as info:
+        parse_component_backends("v\nae" * 10000)
+    assert "\n" not in str(info.value)

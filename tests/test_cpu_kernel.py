@@ -360,3 +360,27 @@ def test_unusual_scales(isa, scale, causal):
         if math.isnan(theirs):  # SDPA itself returns NaN for causal with scale <= 0 (torch 2.13); floor only
             theirs = 0.0
         assert max_err(out, ref, ~dead) <= 2 * theirs + 1e-6
+
+
+@pytest.mark.parametrize("scale", [1e10, 1e20, 1e30, None])
+@pytest.mark.parametrize("causal", [False, True])
+def test_huge_scores_keep_the_argmax(isa, scale, causal):
+    # Regression (found by tests/test_properties.py): once scale * |q·k| passed ~2^31, the fused exponent
+    # fma(s, scale*log2 e, -max) kept the max's rounding residue (hundreds in log2 units), so exp2 underflowed or
+    # overflowed and rows came out as zeros (l = 0) or garbage. The softmax is one-hot there: the output is the
+    # value of the best key, and the log-sum-exp its scaled score. `None` gets its huge scores from q's magnitude.
+    g = torch.Generator().manual_seed(23)
+    sq, sk = 40, 300  # several key tiles, so the best key can sit in an earlier or a later tile than others
+    q = torch.randn(1, 2, sq, 16, generator=g) * (1e5 if scale is None else 1.0)
+    k, v = torch.randn(1, 2, sk, 16, generator=g), torch.randn(1, 2, sk, 8, generator=g)
+    for qq in (q, -q):
+        out, lse = attnsel.attention(qq, k, v, is_causal=causal, scale=scale, backend="native", return_lse=True)
+        ref, dead = reference(qq, k, v, causal=causal, scale=scale)
+        assert not dead.any()
+        assert max_err(out, ref, ~dead) <= 1e-6
+        s = (qq.double() @ k.double().transpose(-1, -2)) * (0.25 if scale is None else scale)
+        if causal:
+            s = s.masked_fill(~torch.ones(sq, sk, dtype=torch.bool).tril(), -math.inf)
+        best = s.amax(-1)
+        assert torch.isfinite(lse).all()
+        assert ((lse.double() - best).abs() <= 1e-6 * best.abs()).all()

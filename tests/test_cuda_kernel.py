@@ -1,14 +1,18 @@
 """GPU tests of the native CUDA attention kernel (backend "native").
 
 Error vs an fp32 reference must stay within 2x PyTorch SDPA's own bf16/fp16 error on the same inputs,
-over a seeded sweep: odd lengths, all head dims, causal, GQA, non-contiguous layouts.
-Skips cleanly without a GPU or without a CUDA build of attnsel.
+over a seeded sweep: odd lengths, every head size class, causal, GQA, non-contiguous layouts, boolean and
+additive masks in every broadcast form (fully masked rows give zeros and an LSE of -inf), and the log-sum-exp
+against a float64 reference. Skips cleanly without a GPU or without a CUDA build of attnsel; fails when the
+GPU is there and the kernel errs. On Hopper, test_mma_kernels_on_hopper re-runs the mask / head size / LSE
+tests with ATTNSEL_CUDA_KERNEL=mma, so the sm_80 mma.sync kernels are checked there too.
 
-ATTNSEL_TEST_DEV_HARNESS=1 runs the same tests through tools/cuda_dev (ctypes build of the kernels),
+ATTNSEL_TEST_DEV_HARNESS=1 runs the unmasked tests through tools/cuda_dev (ctypes build of the kernels),
 for use before the extension is built.
 """
 import math
 import os
+import subprocess
 import sys
 
 import pytest
@@ -19,16 +23,23 @@ if not torch.cuda.is_available():
     pytest.skip("CUDA is not available", allow_module_level=True)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEV_HARNESS = bool(os.environ.get("ATTNSEL_TEST_DEV_HARNESS"))
 
 
 def _native_attention():
-    if os.environ.get("ATTNSEL_TEST_DEV_HARNESS"):
+    if DEV_HARNESS:
         sys.path.insert(0, os.path.join(ROOT, "tools", "cuda_dev"))
         try:
             import devattn
         except Exception as e:  # pragma: no cover
             pytest.skip(f"dev harness not importable: {e}", allow_module_level=True)
-        return lambda q, k, v, is_causal=False: devattn.attention(q, k, v, is_causal=is_causal)
+
+        def dev(q, k, v, is_causal=False, attn_mask=None, return_lse=False):
+            if attn_mask is not None or return_lse:
+                pytest.skip("the dev harness passes no mask and returns no LSE")
+            return devattn.attention(q, k, v, is_causal=is_causal)
+
+        return dev
     try:
         import attnsel
     except Exception as e:
@@ -41,7 +52,8 @@ def _native_attention():
         torch.cuda.synchronize()
     except Exception as e:  # no CUDA build, or native not registered for CUDA
         pytest.skip(f"attnsel has no CUDA build of backend 'native': {type(e).__name__}: {e}", allow_module_level=True)
-    return lambda q, k, v, is_causal=False: attnsel.attention(q, k, v, is_causal=is_causal, backend="native")
+    return lambda q, k, v, is_causal=False, attn_mask=None, return_lse=False: attnsel.attention(
+        q, k, v, attn_mask=attn_mask, is_causal=is_causal, backend="native", return_lse=return_lse)
 
 
 attention = _native_attention()
@@ -62,36 +74,77 @@ def _make(shape, dtype, layout, gen):
     raise ValueError(layout)
 
 
-def _reference(q, k, v, causal):
-    q, k, v = q.float(), k.float(), v.float()
+def _scores(q, k, causal, mask, dtype):
+    """scale * q.k^T + mask in `dtype` (float32 or float64), -inf where no key is seen, GQA expanded."""
+    q, k = q.to(dtype), k.to(dtype)
     g = q.shape[1] // k.shape[1]
     if g > 1:
-        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        k = k.repeat_interleave(g, dim=1)
     s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        m = mask.expand(s.shape)
+        s = s.masked_fill(~m, float("-inf")) if mask.dtype == torch.bool else s + m.to(dtype)
     if causal:  # top-left aligned, as PyTorch
         s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril(), float("-inf"))
-    return torch.matmul(torch.softmax(s, dim=-1), v)
+    return s
+
+
+def _reference(q, k, v, causal, mask=None):
+    """fp32 attention; rows that see no key give zeros (what the kernel documents)."""
+    s = _scores(q, k, causal, mask, torch.float32)
+    g = q.shape[1] // v.shape[1]
+    v = v.float().repeat_interleave(g, dim=1) if g > 1 else v.float()
+    dead = torch.isneginf(s).all(-1, keepdim=True)
+    p = torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+    return torch.matmul(p, v), dead.squeeze(-1)
 
 
 def _rel(out, ref):
-    return ((out.float() - ref).norm() / ref.norm()).item()
+    return ((out.float() - ref).norm() / max(ref.norm().item(), 1e-6)).item()
 
 
-def _check(B, Hq, Hkv, Sq, Sk, D, causal, dtype, layout=("bhsd", "bhsd", "bhsd"), seed=0):
+def _sdpa(q, k, v, causal, mask):
+    """PyTorch's own kernel on the same inputs (causal folded into the mask when both are given)."""
+    if mask is not None:
+        B, H, Sq, Sk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        m = mask.expand(B, H, Sq, Sk)
+        if m.dtype != torch.bool:
+            m = m.to(q.dtype)
+        if causal:
+            tri = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device).tril()
+            m = m & tri if m.dtype == torch.bool else m.masked_fill(~tri, float("-inf"))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=q.shape[1] != k.shape[1])
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _check(B, Hq, Hkv, Sq, Sk, D, causal, dtype, layout=("bhsd", "bhsd", "bhsd"), seed=0, mask=None, lse=False):
+    """mask: None or a callable(gen) -> mask tensor on the GPU (bool or additive)."""
     if D == 512 and MAJOR not in (9, 10):
         pytest.skip("head_dim 512 needs ~202 KB shared memory (sm_90/sm_100)")
     gen = torch.Generator(device="cuda").manual_seed(seed)
     q = _make((B, Hq, Sq, D), dtype, layout[0], gen)
     k = _make((B, Hkv, Sk, D), dtype, layout[1], gen)
     v = _make((B, Hkv, Sk, D), dtype, layout[2], gen)
-    ref = _reference(q, k, v, causal)
-    out = attention(q, k, v, is_causal=causal)
+    m = mask(gen) if mask is not None else None
+    ref, dead = _reference(q, k, v, causal, m)
+    res = attention(q, k, v, is_causal=causal, attn_mask=m, return_lse=lse)
+    out = res[0] if lse else res
     torch.cuda.synchronize()
     assert out.shape == (B, Hq, Sq, D) and out.dtype == dtype
     assert torch.isfinite(out).all(), "non-finite output"
-    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=Hq != Hkv)
-    e_ours, e_sdpa = _rel(out, ref), _rel(sdpa, ref)
+    assert (out[dead] == 0).all(), "rows that see no key must be zero"
+    live = ~dead
+    sdpa = _sdpa(q, k, v, causal, m)
+    e_ours, e_sdpa = _rel(out[live], ref[live]), _rel(sdpa[live], ref[live])
     assert e_ours <= 2.0 * max(e_sdpa, 1e-6), f"error {e_ours:.3e} > 2 x SDPA's {e_sdpa:.3e}"
+    if lse:
+        got = res[1]
+        assert got.shape == (B, Hq, Sq) and got.dtype == torch.float32
+        want = torch.logsumexp(_scores(q, k, causal, m, torch.float64), dim=-1)
+        assert torch.equal(torch.isneginf(got), torch.isneginf(want)), "LSE -inf pattern differs"
+        fin = torch.isfinite(want)
+        err = (got.double()[fin] - want[fin]).abs().max().item() if fin.any() else 0.0
+        assert err <= 1e-3 + 1e-4 * want[fin].abs().max().item(), f"LSE error {err:.3e}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
@@ -134,3 +187,127 @@ def test_deterministic():
     a = attention(q, k, v, is_causal=True)
     b = attention(q, k, v, is_causal=True)
     assert torch.equal(a, b)
+
+
+HEAD_SIZES = [8, 40, 72, 80, 88, 96, 136, 160, 192, 200, 256, 512]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("D", HEAD_SIZES)
+def test_head_sizes(D, causal, dtype):  # zero-padded to 64/128/256 inside the kernel
+    _check(2, 4, 2, 133, 301, D, causal, dtype, seed=D * 3 + causal)
+    _check(1, 2, 2, 300, 70, D, causal, dtype, layout=("bshd", "padded", "bshd"), seed=D * 5 + causal)
+
+
+def _bool(shape, p_keep=0.7):
+    return lambda gen: torch.rand(shape, generator=gen, device="cuda") < p_keep
+
+
+def _add(shape, dtype):
+    return lambda gen: (torch.randn(shape, generator=gen, device="cuda") * 2).to(dtype)
+
+
+def _key_padding(B, Sk, lengths, form):
+    """True for the first lengths[b] keys of batch b; form (Sk,) uses batch 0 only."""
+    def make(gen):
+        idx = torch.arange(Sk, device="cuda")
+        m = idx[None, :] < torch.tensor(lengths, device="cuda")[:, None]  # (B, Sk)
+        return m[0] if form == "sk" else m[:, None, None, :]
+    return make
+
+
+B_, H_, SQ, SK = 2, 4, 173, 211
+MASKS = {
+    "bool-sk": _bool((SK,)),
+    "bool-b11k": _bool((B_, 1, 1, SK)),
+    "bool-11qk": _bool((1, 1, SQ, SK)),
+    "bool-bhqk": _bool((B_, H_, SQ, SK)),
+    "bool-keypad": _key_padding(B_, SK, [SK, 37], "b11k"),
+    "add32-sk": _add((SK,), torch.float32),
+    "add32-b11k": _add((B_, 1, 1, SK), torch.float32),
+    "add32-11qk": _add((1, 1, SQ, SK), torch.float32),
+    "add32-bhqk": _add((B_, H_, SQ, SK), torch.float32),
+    "addq-b11k": (B_, 1, 1, SK),  # additive in q's dtype: made per test
+    "addq-bhqk": (B_, H_, SQ, SK),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("D", [64, 128, 256, 512])
+@pytest.mark.parametrize("form", list(MASKS))
+def test_masks(form, D, causal, dtype):
+    make = _add(MASKS[form], dtype) if form.startswith("addq") else MASKS[form]
+    _check(B_, H_, 2, SQ, SK, D, causal, dtype, seed=len(form) * 31 + D, mask=make, lse=True)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("D", [40, 64, 96, 128, 200, 256, 512])
+def test_key_padding_many_tiles(D, causal):  # the key-padding path over many key tiles, bool and additive
+    def additive(gen):
+        m = torch.randn(3, 1, 1, 1500, generator=gen, device="cuda")
+        m[1, ..., 700:] = float("-inf")
+        return m
+
+    _check(3, 4, 2, 257, 1500, D, causal, torch.bfloat16, seed=D, mask=_key_padding(3, 1500, [1500, 1023, 129], "b11k"),
+           lse=True)
+    _check(3, 4, 4, 257, 1500, D, causal, torch.float16, seed=D + 1, mask=additive, lse=True)
+
+
+@pytest.mark.parametrize("D", [64, 128, 256, 512])
+def test_fully_masked_rows(D):  # rows with no key: zeros and LSE -inf (bool all-False, additive all -inf)
+    def bool_mask(gen):
+        m = torch.rand(2, 1, 90, 150, generator=gen, device="cuda") < 0.5
+        m[0, 0, 5] = False
+        m[1, 0, 60:70] = False
+        return m
+
+    def add_mask(gen):
+        m = torch.zeros(2, 3, 90, 150, device="cuda")
+        m[:, :, ::7] = float("-inf")
+        m[1, 2, 1, 3] = -5.0  # nearly masked row keeps its one key
+        m[1, 2, 1, 4:] = float("-inf")
+        return m
+
+    key_pad = _key_padding(2, 150, [150, 0], "b11k")  # batch 1 sees no key at all
+    for i, mk in enumerate([bool_mask, add_mask, key_pad]):
+        _check(2, 3, 3, 90, 150, D, False, torch.bfloat16, seed=D + i, mask=mk, lse=True)
+        _check(2, 3, 3, 90, 150, D, True, torch.float16, seed=D + i + 10, mask=mk, lse=True)
+
+
+@pytest.mark.parametrize("D", [40, 96, 128, 512])
+def test_mask_layouts(D):  # non-contiguous masks: last-dim stride 2, transposed storage; GQA + odd lengths
+    def strided(gen):
+        return (torch.rand(2, 3, 77, 2 * 129, generator=gen, device="cuda") < 0.8)[..., ::2]
+
+    def transposed(gen):
+        return torch.randn(2, 3, 129, 77, generator=gen, device="cuda").transpose(-1, -2)
+
+    _check(2, 3, 1, 77, 129, D, False, torch.bfloat16, seed=D, mask=strided, lse=True)
+    _check(2, 3, 1, 77, 129, D, True, torch.float16, seed=D + 1, mask=transposed, lse=True,
+           layout=("bshd", "bhsd", "padded"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("D", [64, 96, 128, 256, 512])
+@pytest.mark.parametrize("Sq,Sk", [(1, 77), (77, 1), (255, 1000), (1000, 255)])
+def test_lse(Sq, Sk, D, causal, dtype):  # log-sum-exp vs float64 (unmasked; the mask tests check it masked)
+    _check(2, 3, 1, Sq, Sk, D, causal, dtype, seed=Sq + Sk + D, lse=True)
+
+
+def test_lse_split_kv():  # D=512 with few query blocks splits the keys; the LSE comes from the combine step
+    _check(1, 1, 1, 64, 8192, 512, False, torch.bfloat16, seed=9, lse=True)
+    _check(1, 2, 1, 100, 4000, 512, False, torch.float16, seed=10, lse=True, mask=_bool((1, 1, 1, 4000), 0.3))
+
+
+def test_mma_kernels_on_hopper():
+    """On sm_90 the Hopper kernels serve by default; re-run the new-feature tests on the mma.sync kernels."""
+    if (MAJOR, MINOR) != (9, 0) or DEV_HARNESS or os.environ.get("ATTNSEL_CUDA_KERNEL"):
+        pytest.skip("only on sm_90, where the mma.sync kernels are otherwise unused")
+    env = dict(os.environ, ATTNSEL_CUDA_KERNEL="mma")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.abspath(__file__), "-k",
+           "head_sizes or masks or key_padding or fully_masked or mask_layouts or lse or gqa or expanded"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]

@@ -65,11 +65,17 @@ def test_auto_choice_on_cuda_and_refusals():
     assert e.backend == (Backend.FA if runnable("fa", 64) else Backend.TORCH_SDPA), e.reasons
     with pytest.raises(ValueError, match="float32"):
         attnsel.get_attn_backend(128, torch.float32, "cuda", selected="native")
-    with pytest.raises(ValueError, match="head_size 96|head_dim 96"):
-        attnsel.get_attn_backend(96, torch.bfloat16, "cuda", selected="native")
-    q = torch.randn(1, 2, 64, 128, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="mask"):
-        attnsel.attention(q, q, q, attn_mask=torch.ones(64, 64, dtype=torch.bool, device="cuda"), backend="native")
+    # Refusals name the limit hit: multiples of 8 from 8 to 256, and 512.
+    with pytest.raises(ValueError, match="head_dim 100 is not a multiple of 8"):
+        attnsel.get_attn_backend(100, torch.bfloat16, "cuda", selected="native")
+    with pytest.raises(ValueError, match="head_dim 384 is above 256 and not 512"):
+        attnsel.get_attn_backend(384, torch.bfloat16, "cuda", selected="native")
+    assert attnsel.get_attn_backend(96, torch.bfloat16, "cuda", selected="native") == Backend.NATIVE
+    q = torch.randn(1, 2, 64, 96, device="cuda", dtype=torch.bfloat16)
+    mask = torch.rand(64, 64, device="cuda") < 0.5
+    ours = attnsel.attention(q, q, q, attn_mask=mask, backend="native")  # masks run natively now
+    ref = F.scaled_dot_product_attention(q.float(), q.float(), q.float(), attn_mask=mask)
+    assert (ours.float() - ref).abs().max().item() < 3e-2
 
 
 def test_native_cuda_opcheck_and_compile():

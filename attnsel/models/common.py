@@ -32,7 +32,7 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
         self.qkv = nn.Linear(dim, 3 * heads * head_dim)
-        self.attn = Attention(heads, head_dim, backend=backend, **placement)
+        self.attn = Attention(heads, head_dim, backend=backend, role="self", **placement)
         self.out = nn.Linear(heads * head_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

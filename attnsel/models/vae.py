@@ -30,7 +30,7 @@ class SpatialAttention(nn.Module):
         super().__init__()
         self.norm = nn.GroupNorm(32, channels)
         self.qkv = nn.Linear(channels, 3 * channels)
-        self.attn = Attention(1, channels, backend=backend, **placement)
+        self.attn = Attention(1, channels, backend=backend, role="self", **placement)
         self.out = nn.Linear(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

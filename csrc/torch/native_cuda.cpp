@@ -55,33 +55,40 @@ std::string call_check(const CallSignature& c) {
 }
 
 // Where `auto` without a tuning entry tries native ahead of PyTorch SDPA: head sizes PyTorch's fast kernels refuse,
-// and where the kernel layer measured it faster.
+// masked calls (1.01-2.0x PyTorch's best masked kernel on the H200, benchmarks/results/cuda_h200.json), and where
+// the kernel layer measured it faster.
 bool prefers_native(const CallSignature& c) {
-  return at::cuda::device_count() > 0 && (c.head_dim > 256 || cuda::faster_than_sdpa(signature_params(c)));
+  return at::cuda::device_count() > 0 &&
+         (c.head_dim > 256 || c.mask != MaskKind::None || cuda::faster_than_sdpa(signature_params(c)));
 }
 
 AttentionResult native_cuda(const AttentionCall& call) {
-  TORCH_CHECK_VALUE(!call.return_lse, "attnsel.attention: the native CUDA kernel does not return the log-sum-exp yet");
   c10::cuda::CUDAGuard guard(call.q.device());
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   at::Tensor out = at::empty({call.q.size(0), call.q.size(1), call.q.size(2), call.v.size(3)}, call.q.options());
-  if (out.numel() == 0) return {out, {}};
+  // Log-sum-exp, [B, Hq, Sq] fp32 (the kernels write it in the epilogue; -inf for rows that see no key).
+  at::Tensor lse = call.return_lse
+                       ? at::empty({call.q.size(0), call.q.size(1), call.q.size(2)}, call.q.options().dtype(at::kFloat))
+                       : at::Tensor();
+  if (out.numel() == 0) return {out, lse};
   kernels::AttentionParams p = make_params(call, out);
+  if (lse.defined()) p.lse = lse.data_ptr<float>();
   std::string why = cuda::refusal(p, prop->major, prop->minor);
-  if (!why.empty() && !call.mask) {
+  if (!why.empty()) {
     // Layouts the kernel cannot stream (inner stride != 1, unaligned rows): run on contiguous copies.
     const at::Tensor q = call.q.contiguous(), k = call.k.contiguous(), v = call.v.contiguous();
     AttentionCall packed{q, k, v, call.mask, call.causal, call.scale, call.return_lse};
     kernels::AttentionParams pp = make_params(packed, out);
+    pp.lse = p.lse;
     if (cuda::refusal(pp, prop->major, prop->minor).empty()) {
       cuda::attention_forward(pp, at::cuda::getCurrentCUDAStream().stream());
-      return {out, {}};
+      return {out, lse};
     }
   }
   TORCH_CHECK_VALUE(why.empty(), "attnsel.attention: the native CUDA kernel cannot run this input: ", why,
-                    " (use torch_sdpa for masks and other head sizes)");
+                    " (torch_sdpa runs it)");
   cuda::attention_forward(p, at::cuda::getCurrentCUDAStream().stream());
-  return {out, {}};
+  return {out, lse};
 }
 
 }  // namespace
@@ -92,11 +99,13 @@ void register_native_cuda() {
   d.backend = BackendId::NATIVE;
   d.device = DeviceType::CUDA;
   d.f16 = d.bf16 = true;
-  d.max_head = 512;
+  d.min_head = 8;
+  d.max_head = 512;  // multiples of 8 up to 256, and 512: the kernel's own check (call_check) says which
   d.min_sm = 80;
   d.library = "attnsel's fused CUDA kernel";
   Features& f = d.features;
-  f.causal = f.causal_any_lengths = f.grouped_query = f.different_lengths = f.deterministic = true;
+  f.bool_mask = f.additive_mask = f.causal = f.causal_any_lengths = f.grouped_query = true;
+  f.different_lengths = f.lse = f.deterministic = true;
   d.check = &call_check;
   d.auto_rank = 40;        // behind torch_sdpa ...
   d.prefers = &prefers_native;

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 
+#include <limits>
 #include <mutex>
 
 #include "dispatch.h"
@@ -15,8 +16,15 @@ at::Tensor run_sdpa(const AttentionCall& call) {
   // SDPA takes bool masks or masks of the query's dtype.
   if (mask && mask->scalar_type() != at::kBool && mask->scalar_type() != call.q.scalar_type())
     mask = mask->to(call.q.scalar_type());
+  bool causal = call.causal;
+  if (mask && causal) {  // SDPA refuses a mask with is_causal (RuntimeError): fold the top-left triangle into it
+    const at::Tensor keep = at::ones({call.q.size(2), call.k.size(2)}, call.q.options().dtype(at::kBool)).tril();
+    const double hidden = -std::numeric_limits<double>::infinity();
+    mask = mask->scalar_type() == at::kBool ? mask->logical_and(keep) : mask->masked_fill(keep.logical_not(), hidden);
+    causal = false;
+  }
   const bool gqa = call.q.size(1) != call.k.size(1);
-  return at::scaled_dot_product_attention(call.q, call.k, call.v, mask, 0.0, call.causal, call.scale, gqa);
+  return at::scaled_dot_product_attention(call.q, call.k, call.v, mask, 0.0, causal, call.scale, gqa);
 }
 
 AttentionResult torch_sdpa(const AttentionCall& call) {

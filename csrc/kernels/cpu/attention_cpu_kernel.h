@@ -354,6 +354,36 @@ struct Kernel {
     if (r0 < rows) pv_tail<R - 1>(int(rows - r0), K, A + r0, lda, B, C + r0 * PW, alpha);
   }
 
+  // S[j * PW] *= cs for one vector column. Out of line on purpose: inlined, GCC's default -ffp-contract=fast may
+  // fuse this product with the later subtraction of the max into an fma, which keeps the residue it must drop.
+  __attribute__((noinline)) static void scale_column(float* S, i64 nk, float cs_scalar) {
+    const V cs = Is::set1(cs_scalar);
+    for (i64 j = 0; j < nk; ++j) Is::store(S + j * PW, Is::mul(Is::load(S + j * PW), cs));
+  }
+
+  // p = exp2(s * cs - max) (FMA: S holds raw scores) or exp2(s - max) in place down one vector column of S;
+  // returns the column sums. One running sum, fed pairwise: two sums plus the exp constants spilled a sum to the
+  // stack (AVX2 has 16 registers), and the store/reload then set the pace of the loop.
+  template <bool FMA>
+  __attribute__((always_inline)) static inline V exp_column(float* S, i64 nk, V cs, V nmu) {
+    auto arg = [&](V x) { return FMA ? Is::fma(x, cs, nmu) : Is::add(x, nmu); };
+    V sum = Is::zero();
+    i64 j = 0;
+    for (; j + 1 < nk; j += 2) {
+      V p0 = Is::template exp2<kExpDeg>(arg(Is::load(S + j * PW)));
+      V p1 = Is::template exp2<kExpDeg>(arg(Is::load(S + (j + 1) * PW)));
+      Is::store(S + j * PW, p0);
+      Is::store(S + (j + 1) * PW, p1);
+      sum = Is::add(sum, Is::add(p0, p1));
+    }
+    if (j < nk) {
+      V p0 = Is::template exp2<kExpDeg>(arg(Is::load(S + j * PW)));
+      Is::store(S + j * PW, p0);
+      sum = Is::add(sum, p0);
+    }
+    return sum;
+  }
+
   // Online softmax on one panel's score tile S[nk][PW], vertically: lane = query. Turns S into P in place;
   // updates m (running max, log2 units), l; writes the rescale factor of the old accumulator to alpha.
   // RAW: S holds raw q·k and cs = scale*log2(e) > 0; the exponent is then fma(s, cs, -max) with a single rounding
@@ -391,22 +421,23 @@ struct Kernel {
       const V mu = Is::select(Is::eq(mn, ninf), zero, mn);
       const V nmu = Is::sub(zero, mu);
       const V al = Is::template exp2<kExpDeg>(Is::sub(mo, mu));
-      auto arg = [&](V x) { return RAW ? Is::fma(x, cs, nmu) : Is::add(x, nmu); };
-      // One running sum, fed pairwise: two sums plus the exp constants spilled a sum to the stack (AVX2 has 16
-      // registers), and the store/reload then set the pace of the loop.
-      V sum = zero;
-      i64 j = 0;
-      for (; j + 1 < nk; j += 2) {
-        V p0 = Is::template exp2<kExpDeg>(arg(Is::load(S + j * PW + v * W)));
-        V p1 = Is::template exp2<kExpDeg>(arg(Is::load(S + (j + 1) * PW + v * W)));
-        Is::store(S + j * PW + v * W, p0);
-        Is::store(S + (j + 1) * PW + v * W, p1);
-        sum = Is::add(sum, Is::add(p0, p1));
-      }
-      if (j < nk) {
-        V p0 = Is::template exp2<kExpDeg>(arg(Is::load(S + j * PW + v * W)));
-        Is::store(S + j * PW + v * W, p0);
-        sum = Is::add(sum, p0);
+      V sum;
+      if constexpr (RAW) {
+        // The fma keeps the max's own rounding residue, up to half an ulp of mu: beyond 2^24 (scale * |q·k| of
+        // ~1e7, e.g. scale 1e10) that leaves exp2's range and zeroed or garbled the whole row. There, round the
+        // products first (in S), so the max's exponent is exactly 0 and every other one <= 0.
+        alignas(64) float mus[W];
+        Is::store(mus, mu);
+        bool huge = false;
+        for (int i = 0; i < W; ++i) huge |= std::fabs(mus[i]) >= 16777216.f;
+        if (huge) {
+          scale_column(S + v * W, nk, cs_scalar);
+          sum = exp_column<false>(S + v * W, nk, cs, nmu);
+        } else {
+          sum = exp_column<true>(S + v * W, nk, cs, nmu);
+        }
+      } else {
+        sum = exp_column<false>(S + v * W, nk, cs, nmu);
       }
       Is::store(l + v * W, Is::fma(Is::load(l + v * W), al, sum));
       Is::store(m + v * W, mn);

@@ -3,6 +3,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -62,8 +64,41 @@ detail::FwdArgs make_args(const kernels::AttentionParams& p) {
   a.group = static_cast<int>(p.heads_q / p.heads_kv);
   a.seq_q = static_cast<int>(p.seq_q);
   a.seq_kv = static_cast<int>(p.seq_kv);
-  a.scale_log2 = p.scale * 1.4426950408889634f;
+  a.head_dim = static_cast<int>(p.head_dim);
+  a.lse = p.lse;
+  a.scale = p.scale;
+  constexpr float kLog2e = 1.4426950408889634f;
+  // Masked kernels scale the scores before adding the mask, so their softmax runs on scale 1.
+  a.scale_log2 = p.mask_kind == MaskKind::None ? p.scale * kLog2e : kLog2e;
+  if (p.mask_kind != MaskKind::None) {
+    a.mask = p.mask;
+    a.mask_sb = p.batch > 1 ? p.mask_stride[0] : 0;
+    a.mask_sh = p.heads_q > 1 ? p.mask_stride[1] : 0;
+    a.mask_sq = p.seq_q > 1 ? p.mask_stride[2] : 0;
+    a.mask_sk = p.seq_kv > 1 ? p.mask_stride[3] : 0;
+    a.mask_f32 = p.mask_kind == MaskKind::Additive && p.mask_dtype == ScalarType::F32;
+  }
   return a;
+}
+
+int mask_mode(const kernels::AttentionParams& p) {
+  switch (p.mask_kind) {
+    case MaskKind::Bool: return detail::kBoolMask;
+    case MaskKind::Additive: return detail::kAddMask;
+    default: return detail::kNoMask;
+  }
+}
+
+// The size the kernels are built for: head sizes up to 256 run zero-padded to 64, 128 or 256.
+int padded_head_dim(std::int64_t d) { return d <= 64 ? 64 : d <= 128 ? 128 : d <= 256 ? 256 : 512; }
+
+// ATTNSEL_CUDA_KERNEL=mma keeps the sm_80 mma.sync kernels on Hopper too (tests check that path on an H100/H200).
+bool force_mma_kernels() {
+  static const bool force = [] {
+    const char* v = std::getenv("ATTNSEL_CUDA_KERNEL");
+    return v != nullptr && std::strcmp(v, "mma") == 0;
+  }();
+  return force;
 }
 
 }  // namespace
@@ -73,12 +108,19 @@ std::string refusal(const AttentionParams& p, int sm_major, int sm_minor) {
     return "needs compute capability >= 8.0 (mma.sync bf16/fp16), device is " + std::to_string(sm_major) + "." +
            std::to_string(sm_minor);
   if (p.dtype == ScalarType::F32) return "dtype float32 not supported (bf16 and fp16 only)";
-  if (p.mask_kind != MaskKind::None) return "attention masks are not supported (only is_causal)";
   const std::int64_t d = p.head_dim;
-  if (d != 64 && d != 128 && d != 256 && d != 512)
-    return "head_dim " + std::to_string(d) + " not in {64,128,256,512}";
+  const std::string sizes = " (supported: multiples of 8 from 8 to 256, and 512)";
+  if (d < 8) return "head_dim " + std::to_string(d) + " is below 8" + sizes;
+  if (d % 8 != 0) return "head_dim " + std::to_string(d) + " is not a multiple of 8" + sizes;
+  if (d > 256 && d != 512) return "head_dim " + std::to_string(d) + " is above 256 and not 512" + sizes;
   if (p.head_dim_v != d)
-    return "head_dim_v " + std::to_string(p.head_dim_v) + " differs from head_dim " + std::to_string(d);
+    return "head_dim_v " + std::to_string(p.head_dim_v) + " differs from head_dim " + std::to_string(d) +
+           " (q, k and v must share one head size)";
+  if (p.mask_kind != MaskKind::None) {
+    if (p.mask == nullptr) return "mask data pointer is null";
+    if (p.mask_kind == MaskKind::Additive && p.mask_dtype != ScalarType::F32 && p.mask_dtype != p.dtype)
+      return "additive mask dtype must be float32 or q's dtype";
+  }
   if (d == 512 && smem_optin_bytes(sm_major, sm_minor) < 210 * 1024)
     return "head_dim 512 needs ~202 KB shared memory per block (sm_90/sm_100); device " +
            std::to_string(sm_major) + "." + std::to_string(sm_minor) + " has less";
@@ -86,7 +128,8 @@ std::string refusal(const AttentionParams& p, int sm_major, int sm_minor) {
   if (p.heads_q % p.heads_kv != 0)
     return "heads_q " + std::to_string(p.heads_q) + " is not a multiple of heads_kv " + std::to_string(p.heads_kv);
   if (p.seq_kv <= 0) return "seq_kv is 0 (softmax over no keys)";
-  if (p.batch > 65535 || p.heads_q > 65535) return "batch and heads must be <= 65535 (grid limits)";
+  if (p.batch > 65535) return "batch " + std::to_string(p.batch) + " is above 65535 (grid limit)";
+  if (p.heads_q > 65535) return "heads_q " + std::to_string(p.heads_q) + " is above 65535 (grid limit)";
   if (p.seq_q > std::numeric_limits<int>::max() - 1024 || p.seq_kv > std::numeric_limits<int>::max() - 1024)
     return "sequence length exceeds int32";
   if (!std::isfinite(p.scale) || p.scale <= 0.f) return "scale must be finite and > 0";
@@ -99,6 +142,7 @@ std::string refusal(const AttentionParams& p, int sm_major, int sm_minor) {
   if (reinterpret_cast<std::uintptr_t>(p.out) % 4 != 0) return "out is not 4-byte aligned";
   for (int i = 0; i < 3; ++i)
     if (p.out_stride[i] % 2 != 0) return "out strides must be even (2-element stores)";
+  if (p.lse != nullptr && reinterpret_cast<std::uintptr_t>(p.lse) % 4 != 0) return "lse is not 4-byte aligned";
   return {};
 }
 
@@ -122,6 +166,7 @@ bool device_is_sm90() {
 void attention_forward_variant(const kernels::AttentionParams& p, void* stream, int variant) {
   if (p.batch == 0 || p.seq_q == 0) return;
   const FwdArgs a = make_args(p);
+  const int mm = mask_mode(p);
   const bool bf16 = p.dtype == ScalarType::BF16;
   const int B = static_cast<int>(p.batch), H = static_cast<int>(p.heads_q);
   auto s = static_cast<cudaStream_t>(stream);
@@ -130,8 +175,8 @@ void attention_forward_variant(const kernels::AttentionParams& p, void* stream, 
   // Hopper: the warp-specialised TMA/wgmma kernel by default (variant -1 or >= 10); variants 0.. keep the
   // mma.sync kernels. cudaErrorNotSupported means no tensor map could be made (driver without
   // cuTensorMapEncodeTiled): the mma.sync kernel below serves instead.
-  if (p.head_dim != 512 && (variant < 0 || variant >= 10) && device_is_sm90()) {
-    e = run_wg_sm90(a, static_cast<int>(p.head_dim), B, H, bf16, p.causal, variant, s);
+  if (p.head_dim != 512 && (variant < 0 || variant >= 10) && device_is_sm90() && !force_mma_kernels()) {
+    e = run_wg_sm90(a, padded_head_dim(p.head_dim), B, H, bf16, p.causal, mm, variant, s);
     if (e != cudaErrorNotSupported) {
       if (e != cudaSuccess)
         throw std::runtime_error(std::string("attnsel native CUDA attention launch failed: ") + cudaGetErrorString(e));
@@ -139,11 +184,13 @@ void attention_forward_variant(const kernels::AttentionParams& p, void* stream, 
     }
   }
 #endif
-  switch (p.head_dim) {
-    case 64: e = run_hdim64(a, B, H, bf16, p.causal, variant, s); break;
-    case 128: e = run_hdim128(a, B, H, bf16, p.causal, variant, s); break;
-    case 256: e = run_hdim256(a, B, H, bf16, p.causal, variant, s); break;
-    case 512: e = run_hdim512(a, B, H, bf16, p.causal, variant, s); break;
+  // On Hopper with ATTNSEL_CUDA_KERNEL=mma, D=512 takes the mma.sync kernel too (its variant 1).
+  const int v512 = force_mma_kernels() ? 1 : variant;
+  switch (padded_head_dim(p.head_dim)) {
+    case 64: e = run_hdim64(a, B, H, bf16, p.causal, mm, variant, s); break;
+    case 128: e = run_hdim128(a, B, H, bf16, p.causal, mm, variant, s); break;
+    case 256: e = run_hdim256(a, B, H, bf16, p.causal, mm, variant, s); break;
+    case 512: e = run_hdim512(a, B, H, bf16, p.causal, mm, v512, s); break;
     default: throw std::invalid_argument("attnsel native CUDA attention: unsupported head_dim");
   }
   if (e != cudaSuccess)

@@ -42,7 +42,7 @@ struct Wg<__half> {
 constexpr int kD = 512, kBR = 64, kBC = 64, kNT = 256;
 constexpr int kSmem = (kBR * kD + 2 * kBC * kD + kBR * kBC) * 2 + 2 * kBR * 4 + 1024;  // +1024: manual alignment
 
-template <typename T, bool CAUSAL>
+template <typename T, bool CAUSAL, int MM>
 // Split-KV (splits > 1, for grids that leave SMs idle): block (m_block, split) walks one share of the key
 // tiles and writes unnormalised fp32 O plus its row max / sum to part_o / part_ml; combine_d512 merges them.
 __global__ void __launch_bounds__(256, 1) flash_fwd_d512_sm90(const FwdArgs a, std::uint32_t v_lbo, std::uint32_t v_sbo,
@@ -71,6 +71,7 @@ __global__ void __launch_bounds__(256, 1) flash_fwd_d512_sm90(const FwdArgs a, s
   const int row0 = (warp & 3) * 16 + g;        // this thread's rows: row0, row0 + 8
   unsigned char* pP = smem_raw + (sP - raw);
 
+  const MaskView<T, MM> mask(a, b, h);
   load_tile_sw128<kBR, kD, kNT>(sQ, q, a.q_ss, m0, a.seq_q, tid);
   load_tile_sw128<kBC, kD, kNT>(sK, k, a.k_ss, t_begin * kBC, a.seq_kv, tid);
   cp_async_commit();
@@ -105,12 +106,15 @@ __global__ void __launch_bounds__(256, 1) flash_fwd_d512_sm90(const FwdArgs a, s
     wg_wait0();
     fence_regs(s);
 
-    if (n0 + kBC > a.seq_kv || (CAUSAL && n0 + kBC - 1 > m0)) {
+    if (MM != kNoMask || n0 + kBC > a.seq_kv || (CAUSAL && n0 + kBC - 1 > m0)) {
 #pragma unroll
       for (int e = 0; e < 16; ++e) {
         const int row = m0 + row0 + ((e >> 1) & 1) * 8;
         const int col = n0 + wg * 32 + (e >> 2) * 8 + t * 2 + (e & 1);
-        if (col >= a.seq_kv || (CAUSAL && col > row)) s[e] = -INFINITY;
+        if (MM != kNoMask)
+          s[e] = mask.template apply<CAUSAL>(s[e], a.scale, row, col, a.seq_q, a.seq_kv);
+        else if (col >= a.seq_kv || (CAUSAL && col > row))
+          s[e] = -INFINITY;
       }
     }
     float mx[2];
@@ -194,6 +198,8 @@ __global__ void __launch_bounds__(256, 1) flash_fwd_d512_sm90(const FwdArgs a, s
       continue;
     }
     const float inv = l > 0.f ? 1.f / l : 0.f;
+    if (row < a.seq_q && a.lse != nullptr && wg == 0 && t == 0)
+      a.lse[(static_cast<std::int64_t>(b) * gridDim.y + h) * a.seq_q + row] = row_lse(m_r[r], l, sl2);
     if (row < a.seq_q) {
       T* orow = o + static_cast<std::int64_t>(row) * a.o_ss + wg * 256;
 #pragma unroll
@@ -224,6 +230,8 @@ __global__ void __launch_bounds__(128) combine_d512(const FwdArgs a, int splits,
     accv.x += w * x.x, accv.y += w * x.y, accv.z += w * x.z, accv.w += w * x.w;
   }
   const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+  if (a.lse != nullptr && threadIdx.x == 0)
+    a.lse[(static_cast<std::int64_t>(b) * gridDim.y + h) * a.seq_q + row] = row_lse(mmax, lsum, a.scale_log2);
   T* orow = static_cast<T*>(a.o) + b * a.o_sb + h * a.o_sh + static_cast<std::int64_t>(row) * a.o_ss + threadIdx.x * 4;
   reinterpret_cast<std::uint32_t*>(orow)[0] = MmaOp<T>::pack(accv.x * inv, accv.y * inv);
   reinterpret_cast<std::uint32_t*>(orow)[1] = MmaOp<T>::pack(accv.z * inv, accv.w * inv);
@@ -262,9 +270,9 @@ cudaError_t workspace_alloc(void** ptr, std::size_t bytes, cudaStream_t stream) 
   return cudaMallocFromPoolAsync(ptr, bytes, pools[dev], stream);
 }
 
-template <typename T, bool CAUSAL>
+template <typename T, bool CAUSAL, int MM>
 cudaError_t launch(const FwdArgs& a, int batch, int heads, int force_splits, cudaStream_t stream) {
-  auto kern = flash_fwd_d512_sm90<T, CAUSAL>;
+  auto kern = flash_fwd_d512_sm90<T, CAUSAL, MM>;
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (e != cudaSuccess) return e;
   const int m_blocks = (a.seq_q + kBR - 1) / kBR;
@@ -301,15 +309,23 @@ cudaError_t launch(const FwdArgs& a, int batch, int heads, int force_splits, cud
   return cudaGetLastError();
 }
 
+template <typename T, bool CAUSAL>
+cudaError_t launch_mm(const FwdArgs& a, int batch, int heads, int mask_mode, int force_splits, cudaStream_t s) {
+  if (mask_mode == kBoolMask) return launch<T, CAUSAL, kBoolMask>(a, batch, heads, force_splits, s);
+  if (mask_mode == kAddMask) return launch<T, CAUSAL, kAddMask>(a, batch, heads, force_splits, s);
+  return launch<T, CAUSAL, kNoMask>(a, batch, heads, force_splits, s);
+}
+
 }  // namespace
 
 // variant 2..9 (dev): force that many key splits; 10: never split; otherwise chosen from the grid size.
-cudaError_t run_hdim512_sm90(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int variant,
-                             cudaStream_t s) {
+cudaError_t run_hdim512_sm90(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int mask_mode,
+                             int variant, cudaStream_t s) {
   const int force = (variant >= 2 && variant <= 9) ? variant : variant == 10 ? 1 : 0;
-  if (bf16) return causal ? launch<__nv_bfloat16, true>(a, batch, heads, force, s)
-                          : launch<__nv_bfloat16, false>(a, batch, heads, force, s);
-  return causal ? launch<__half, true>(a, batch, heads, force, s) : launch<__half, false>(a, batch, heads, force, s);
+  if (bf16) return causal ? launch_mm<__nv_bfloat16, true>(a, batch, heads, mask_mode, force, s)
+                          : launch_mm<__nv_bfloat16, false>(a, batch, heads, mask_mode, force, s);
+  return causal ? launch_mm<__half, true>(a, batch, heads, mask_mode, force, s)
+                : launch_mm<__half, false>(a, batch, heads, mask_mode, force, s);
 }
 
 }  // namespace attnsel::cuda::detail

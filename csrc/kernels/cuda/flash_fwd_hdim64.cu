@@ -1,11 +1,13 @@
-// head_dim 64 launchers (see flash_fwd_sm80.cuh).
+// head_dim 64 launchers (see flash_fwd_sm80.cuh): head sizes 8..64 run here, zero-padded to 64.
 #include "flash_fwd_launch.h"
 #include "flash_fwd_sm80.cuh"
 
 namespace attnsel::cuda::detail {
 
 template <typename T, bool C>
-static cudaError_t run_t(const FwdArgs& a, int batch, int heads, int variant, cudaStream_t s) {
+static cudaError_t run_t(const FwdArgs& a, int batch, int heads, int mask_mode, int variant, cudaStream_t s) {
+  if (mask_mode == kBoolMask) return launch_a<T, 64, 128, 64, 4, C, kBoolMask>(a, batch, heads, s);
+  if (mask_mode == kAddMask) return launch_a<T, 64, 128, 64, 4, C, kAddMask>(a, batch, heads, s);
   switch (variant) {
     default:
     case 0: return launch_a<T, 64, 128, 64, 4, C>(a, batch, heads, s);
@@ -14,9 +16,12 @@ static cudaError_t run_t(const FwdArgs& a, int batch, int heads, int variant, cu
   }
 }
 
-cudaError_t run_hdim64(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int variant, cudaStream_t s) {
-  if (bf16) return causal ? run_t<__nv_bfloat16, true>(a, batch, heads, variant, s) : run_t<__nv_bfloat16, false>(a, batch, heads, variant, s);
-  return causal ? run_t<__half, true>(a, batch, heads, variant, s) : run_t<__half, false>(a, batch, heads, variant, s);
+cudaError_t run_hdim64(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int mask_mode, int variant,
+                       cudaStream_t s) {
+  if (bf16) return causal ? run_t<__nv_bfloat16, true>(a, batch, heads, mask_mode, variant, s)
+                          : run_t<__nv_bfloat16, false>(a, batch, heads, mask_mode, variant, s);
+  return causal ? run_t<__half, true>(a, batch, heads, mask_mode, variant, s)
+                : run_t<__half, false>(a, batch, heads, mask_mode, variant, s);
 }
 
 }  // namespace attnsel::cuda::detail

@@ -23,8 +23,70 @@ struct FwdArgs {
   std::int64_t o_sb, o_sh, o_ss;
   int group;  // heads_q / heads_kv
   int seq_q, seq_kv;
-  float scale_log2;  // scale * log2(e): softmax runs on exp2
+  int head_dim;      // the real head size; kernels are built for the next size up (64/128/256) and zero-pad
+  float scale_log2;  // log2(e) x the factor on a score: scale without a mask, 1 with one (scores pre-scaled)
+  float scale;       // q·k multiplier, applied before the mask is added (masked kernels only)
+  float* lse;        // [B, Hq, Sq] natural-log log-sum-exp, contiguous; null = not wanted
+  // Mask (masked kernels only), [B, Hq, Sq, Sk] by element strides (0 = broadcast); mask_sq == 0 means one row of
+  // keys per (batch, head): the key-padding fast path loads one value per key column.
+  const void* mask;
+  std::int64_t mask_sb, mask_sh, mask_sq, mask_sk;
+  bool mask_f32;  // additive masks: float32 (else q's dtype)
 };
+
+// Mask modes, a template parameter of every kernel so the unmasked path is unchanged.
+enum : int { kNoMask = 0, kBoolMask = 1, kAddMask = 2 };
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x);
+template <>
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <>
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+// One (batch, head)'s view of the mask. at(row, col) is the value added to the pre-scaled score:
+// bool masks give 0 (attend) or -inf; additive masks their value. row and col must lie inside the sequences.
+template <typename T, int MM>
+struct MaskView {
+  const char* base = nullptr;
+  std::int64_t sq = 0, sk = 0;
+  bool f32 = false;
+  __device__ __forceinline__ MaskView(const FwdArgs& a, int b, int h) {
+    if (MM == kNoMask) return;
+    const int esize = MM == kBoolMask ? 1 : (a.mask_f32 ? 4 : 2);
+    base = static_cast<const char*>(a.mask) + (b * a.mask_sb + h * a.mask_sh) * esize;
+    sq = a.mask_sq;
+    sk = a.mask_sk;
+    f32 = a.mask_f32;
+  }
+  __device__ __forceinline__ bool key_padding() const { return sq == 0; }
+  // Bool masks: the bytes of one query row (index them with col * sk).
+  __device__ __forceinline__ const unsigned char* row_bytes(int row) const {
+    return reinterpret_cast<const unsigned char*>(base) + row * sq;
+  }
+  // Bool masks: whether key col is attended by query row.
+  __device__ __forceinline__ bool keep(int row, int col) const {
+    return __ldg(reinterpret_cast<const unsigned char*>(base) + (row * sq + col * sk)) != 0;
+  }
+  __device__ __forceinline__ float at(int row, int col) const {
+    const std::int64_t i = row * sq + col * sk;
+    if (MM == kBoolMask) return __ldg(reinterpret_cast<const unsigned char*>(base) + i) ? 0.f : -INFINITY;
+    if (f32) return __ldg(reinterpret_cast<const float*>(base) + i);
+    const unsigned short raw = __ldg(reinterpret_cast<const unsigned short*>(base) + i);
+    return to_float(*reinterpret_cast<const T*>(&raw));
+  }
+  // Score of key col for query row after causal / sequence-end / mask: raw s scaled and masked (-inf = no key).
+  template <bool CAUSAL>
+  __device__ __forceinline__ float apply(float s, float scale, int row, int col, int seq_q, int seq_kv) const {
+    if (col >= seq_kv || (CAUSAL && col > row)) return -INFINITY;
+    return fmaf(s, scale, at(min(row, seq_q - 1), col));
+  }
+};
+
+// Natural-log LSE of a finished row from its running max (in the kernel's score units) and sum.
+__device__ __forceinline__ float row_lse(float m, float l, float scale_log2) {
+  return l > 0.f ? (m * scale_log2 + __log2f(l)) * 0.69314718055994531f : -INFINITY;
+}
 
 // The four [S, D] matrices one (batch, head) block works on; K/V heads are shared by `group` query heads.
 template <typename T>
@@ -111,20 +173,22 @@ __device__ __forceinline__ int swz(int row, int col) {
 // Async-load rows [row0, row0 + ROWS) of a [n_rows, COLS] global matrix (row stride `stride`) into a shared
 // tile whose byte offset of (row, col) is Off(row, col). Each thread keeps one 16-byte column chunk and walks
 // rows, so the per-chunk address math is one add (keeps registers free in the hot loop).
+// Columns at or past n_cols (the real head size, a multiple of 8) are zero-filled.
 template <int ROWS, int COLS, int NT, typename Off, typename T>
 __device__ __forceinline__ void load_rows(std::uint32_t s, const T* g, std::int64_t stride, int row0, int n_rows,
-                                          int tid) {
+                                          int n_cols, int tid) {
   constexpr int CPR = COLS / 8;
   static_assert(NT % CPR == 0, "a thread must keep one column chunk");
   constexpr int RS = NT / CPR;
   const int c = tid % CPR, r0 = tid / CPR;
-  const T* src = g + c * 8;
+  const bool col_ok = c * 8 < n_cols;
+  const T* src = g + (col_ok ? c * 8 : 0);
 #pragma unroll
   for (int it = 0; it < (ROWS + RS - 1) / RS; ++it) {
     const int r = r0 + it * RS;
     if (ROWS % RS != 0 && r >= ROWS) break;  // last pass of a tile that does not split evenly
     const int gr = row0 + r;
-    const bool p = gr < n_rows;
+    const bool p = col_ok && gr < n_rows;
     cp_async16(s + Off::template at<ROWS, COLS>(r, c * 8), src + static_cast<std::int64_t>(p ? gr : 0) * stride, p);
   }
 }
@@ -137,8 +201,9 @@ struct OffSwz {  // matches swz<COLS>
 };
 
 template <int ROWS, int COLS, int NT, typename T>
-__device__ __forceinline__ void load_tile(T* s, const T* g, std::int64_t stride, int row0, int n_rows, int tid) {
-  load_rows<ROWS, COLS, NT, OffSwz>(smem_u32(s), g, stride, row0, n_rows, tid);
+__device__ __forceinline__ void load_tile(T* s, const T* g, std::int64_t stride, int row0, int n_rows, int n_cols,
+                                          int tid) {
+  load_rows<ROWS, COLS, NT, OffSwz>(smem_u32(s), g, stride, row0, n_rows, n_cols, tid);
 }
 
 __device__ __forceinline__ float quad_max(float x) {
@@ -159,8 +224,9 @@ __device__ __forceinline__ int key_tiles(int m0, int seq_kv) {
 }
 
 // =====================================================================================================
-// Kernel A (head_dim 64/128/256): each warp owns MT m16 row tiles of the BR-row query block and the full
-// head_dim of O in registers; P stays in registers (accumulator layout == A-operand layout).
+// Kernel A (head sizes up to 256, built for D = 64/128/256 and zero-padded up to it): each warp owns MT m16
+// row tiles of the BR-row query block and the full head_dim of O in registers; P stays in registers
+// (accumulator layout == A-operand layout).
 // =====================================================================================================
 template <typename T, int D, int BR, int BC, int NW, bool CAUSAL>
 struct KernelA {
@@ -173,7 +239,7 @@ struct KernelA {
   static_assert(BC % 16 == 0 && D % 64 == 0, "tile shape");
 };
 
-template <typename T, int D, int BR, int BC, int NW, bool CAUSAL>
+template <typename T, int D, int BR, int BC, int NW, bool CAUSAL, int MM>
 __global__ void __launch_bounds__(NW * 32) flash_fwd_a(const FwdArgs a) {
   using K = KernelA<T, D, BR, BC, NW, CAUSAL>;
   constexpr int NT = K::NT, MT = K::MT, NTS = K::NTS, NTO = K::NTO;
@@ -197,8 +263,9 @@ __global__ void __launch_bounds__(NW * 32) flash_fwd_a(const FwdArgs a) {
   const int g = lane >> 2, t = lane & 3;
   const int wrow = warp * MT * 16;
 
-  load_tile<BR, D, NT>(sQ, q, a.q_ss, m0, a.seq_q, tid);
-  load_tile<BC, D, NT>(sK, k, a.k_ss, 0, a.seq_kv, tid);
+  const MaskView<T, MM> mask(a, b, h);
+  load_tile<BR, D, NT>(sQ, q, a.q_ss, m0, a.seq_q, a.head_dim, tid);
+  load_tile<BC, D, NT>(sK, k, a.k_ss, 0, a.seq_kv, a.head_dim, tid);
   cp_async_commit();
 
   float acc[MT][NTO][4];
@@ -220,7 +287,7 @@ __global__ void __launch_bounds__(NW * 32) flash_fwd_a(const FwdArgs a) {
     const int n0 = jt * BC;
     cp_async_wait<0>();
     __syncthreads();  // K(jt) landed; every warp is done with V(jt-1)
-    load_tile<BC, D, NT>(sV, v, a.v_ss, n0, a.seq_kv, tid);
+    load_tile<BC, D, NT>(sV, v, a.v_ss, n0, a.seq_kv, a.head_dim, tid);
     cp_async_commit();
 
     float s[MT][NTS][4];
@@ -250,8 +317,19 @@ __global__ void __launch_bounds__(NW * 32) flash_fwd_a(const FwdArgs a) {
       }
     }
 
-    // Mask only the tiles that cross the sequence end or the causal diagonal.
-    if (n0 + BC > a.seq_kv || (CAUSAL && n0 + BC - 1 > m0 + wrow)) {
+    if (MM != kNoMask) {  // every tile: scale, add the mask, cut at the sequence end / causal diagonal
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NTS; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int row = m0 + wrow + mt * 16 + g + (e >> 1) * 8;
+            const int col = n0 + nt * 8 + t * 2 + (e & 1);
+            s[mt][nt][e] = mask.template apply<CAUSAL>(s[mt][nt][e], a.scale, row, col, a.seq_q, a.seq_kv);
+          }
+    } else if (n0 + BC > a.seq_kv || (CAUSAL && n0 + BC - 1 > m0 + wrow)) {
+      // Unmasked: only the tiles that cross the sequence end or the causal diagonal.
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -266,7 +344,7 @@ __global__ void __launch_bounds__(NW * 32) flash_fwd_a(const FwdArgs a) {
 
     cp_async_wait<0>();
     __syncthreads();  // V(jt) landed; every warp is done with K(jt)
-    if (jt + 1 < n_tiles) load_tile<BC, D, NT>(sK, k, a.k_ss, n0 + BC, a.seq_kv, tid);
+    if (jt + 1 < n_tiles) load_tile<BC, D, NT>(sK, k, a.k_ss, n0 + BC, a.seq_kv, a.head_dim, tid);
     cp_async_commit();
 
     // Online softmax on this thread's two rows per m-tile (a row's 4 owners are one quad).
@@ -335,8 +413,11 @@ __global__ void __launch_bounds__(NW * 32) flash_fwd_a(const FwdArgs a) {
         T* orow = o + static_cast<std::int64_t>(row) * a.o_ss;
 #pragma unroll
         for (int nt = 0; nt < NTO; ++nt)
-          *reinterpret_cast<std::uint32_t*>(orow + nt * 8 + t * 2) =
-              Op::pack(acc[mt][nt][2 * r] * inv, acc[mt][nt][2 * r + 1] * inv);
+          if (nt * 8 < a.head_dim)  // padded columns are not stored
+            *reinterpret_cast<std::uint32_t*>(orow + nt * 8 + t * 2) =
+                Op::pack(acc[mt][nt][2 * r] * inv, acc[mt][nt][2 * r + 1] * inv);
+        if (a.lse != nullptr && t == 0)
+          a.lse[(static_cast<std::int64_t>(b) * gridDim.y + h) * a.seq_q + row] = row_lse(m_i[mt][r], l, sl2);
       }
     }
 }
@@ -346,15 +427,15 @@ __global__ void __launch_bounds__(NW * 32) flash_fwd_a(const FwdArgs a) {
 // columns (warp w owns O[:, 64w:64w+64]). S = Q·K^T is computed cooperatively (warp tile 32 x 16), the
 // row max is combined through shared memory and P goes to shared memory for the P·V phase.
 // =====================================================================================================
-template <typename T, bool CAUSAL>
+template <typename T, bool CAUSAL, int MM>
 struct KernelB {
   static constexpr int D = 512, BR = 64, BC = 64, NW = 8, NT = 256;
   static constexpr int SMEM = (BR * D + 2 * BC * D + BR * BC) * 2 + (4 * BR + 2 * BR) * 4;
 };
 
-template <typename T, bool CAUSAL>
+template <typename T, bool CAUSAL, int MM>
 __global__ void __launch_bounds__(256, 1) flash_fwd_d512(const FwdArgs a) {
-  using KB = KernelB<T, CAUSAL>;
+  using KB = KernelB<T, CAUSAL, MM>;
   constexpr int D = KB::D, BR = KB::BR, BC = KB::BC, NT = KB::NT;
   using Op = MmaOp<T>;
 
@@ -381,8 +462,9 @@ __global__ void __launch_bounds__(256, 1) flash_fwd_d512(const FwdArgs a) {
   // PV-phase role: O columns 64*warp..
   const int ocol = warp * 64;
 
-  load_tile<BR, D, NT>(sQ, q, a.q_ss, m0, a.seq_q, tid);
-  load_tile<BC, D, NT>(sK, k, a.k_ss, 0, a.seq_kv, tid);
+  const MaskView<T, MM> mask(a, b, h);
+  load_tile<BR, D, NT>(sQ, q, a.q_ss, m0, a.seq_q, D, tid);
+  load_tile<BC, D, NT>(sK, k, a.k_ss, 0, a.seq_kv, D, tid);
   cp_async_commit();
   if (tid < 2 * BR) sM[tid] = -INFINITY;
 
@@ -401,7 +483,7 @@ __global__ void __launch_bounds__(256, 1) flash_fwd_d512(const FwdArgs a) {
     const int cur = jt & 1, prev = cur ^ 1;
     cp_async_wait<0>();
     __syncthreads();  // K(jt) landed; P·V(jt-1) done everywhere (sV, sP, sM free)
-    load_tile<BC, D, NT>(sV, v, a.v_ss, n0, a.seq_kv, tid);
+    load_tile<BC, D, NT>(sV, v, a.v_ss, n0, a.seq_kv, D, tid);
     cp_async_commit();
 
     float s[2][2][4];
@@ -425,7 +507,7 @@ __global__ void __launch_bounds__(256, 1) flash_fwd_d512(const FwdArgs a) {
         Op::run(s[mt][1], qa[mt], kb[2], kb[3]);
       }
     }
-    if (n0 + BC > a.seq_kv || (CAUSAL && n0 + BC - 1 > m0)) {
+    if (MM != kNoMask || n0 + BC > a.seq_kv || (CAUSAL && n0 + BC - 1 > m0)) {
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
@@ -434,7 +516,10 @@ __global__ void __launch_bounds__(256, 1) flash_fwd_d512(const FwdArgs a) {
           for (int e = 0; e < 4; ++e) {
             const int row = m0 + rg * 32 + mt * 16 + g + (e >> 1) * 8;
             const int col = n0 + cg * 16 + nt * 8 + t * 2 + (e & 1);
-            if (col >= a.seq_kv || (CAUSAL && col > row)) s[mt][nt][e] = -INFINITY;
+            if (MM != kNoMask)
+              s[mt][nt][e] = mask.template apply<CAUSAL>(s[mt][nt][e], a.scale, row, col, a.seq_q, a.seq_kv);
+            else if (col >= a.seq_kv || (CAUSAL && col > row))
+              s[mt][nt][e] = -INFINITY;
           }
     }
     // Partial row max over this warp's 16 columns.
@@ -449,7 +534,7 @@ __global__ void __launch_bounds__(256, 1) flash_fwd_d512(const FwdArgs a) {
 
     cp_async_wait<0>();
     __syncthreads();  // V(jt) landed; partial maxima visible; K(jt) free
-    if (jt + 1 < n_tiles) load_tile<BC, D, NT>(sK, k, a.k_ss, n0 + BC, a.seq_kv, tid);
+    if (jt + 1 < n_tiles) load_tile<BC, D, NT>(sK, k, a.k_ss, n0 + BC, a.seq_kv, D, tid);
     cp_async_commit();
 
 #pragma unroll
@@ -529,6 +614,9 @@ __global__ void __launch_bounds__(256, 1) flash_fwd_d512(const FwdArgs a) {
       const float l = sRed[lrow] + sRed[BR + lrow] + sRed[2 * BR + lrow] + sRed[3 * BR + lrow];
       const float inv = l > 0.f ? 1.f / l : 0.f;
       const int row = m0 + lrow;
+      if (row < a.seq_q && a.lse != nullptr && warp == 0 && t == 0)
+        a.lse[(static_cast<std::int64_t>(b) * gridDim.y + h) * a.seq_q + row] =
+            row_lse(sM[((n_tiles - 1) & 1) * BR + lrow], l, sl2);
       if (row < a.seq_q) {
         T* orow = o + static_cast<std::int64_t>(row) * a.o_ss + ocol;
 #pragma unroll
@@ -540,10 +628,10 @@ __global__ void __launch_bounds__(256, 1) flash_fwd_d512(const FwdArgs a) {
 }
 
 // ---- launchers -------------------------------------------------------------------------------------
-template <typename T, int D, int BR, int BC, int NW, bool CAUSAL>
+template <typename T, int D, int BR, int BC, int NW, bool CAUSAL, int MM = kNoMask>
 cudaError_t launch_a(const FwdArgs& a, int batch, int heads, cudaStream_t stream) {
   using K = KernelA<T, D, BR, BC, NW, CAUSAL>;
-  auto kern = flash_fwd_a<T, D, BR, BC, NW, CAUSAL>;
+  auto kern = flash_fwd_a<T, D, BR, BC, NW, CAUSAL, MM>;
   if (K::SMEM > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, K::SMEM);
     if (e != cudaSuccess) return e;
@@ -553,10 +641,10 @@ cudaError_t launch_a(const FwdArgs& a, int batch, int heads, cudaStream_t stream
   return cudaGetLastError();
 }
 
-template <typename T, bool CAUSAL>
+template <typename T, bool CAUSAL, int MM>
 cudaError_t launch_d512(const FwdArgs& a, int batch, int heads, cudaStream_t stream) {
-  using K = KernelB<T, CAUSAL>;
-  auto kern = flash_fwd_d512<T, CAUSAL>;
+  using K = KernelB<T, CAUSAL, MM>;
+  auto kern = flash_fwd_d512<T, CAUSAL, MM>;
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, K::SMEM);
   if (e != cudaSuccess) return e;
   dim3 grid((a.seq_q + K::BR - 1) / K::BR, heads, batch);

@@ -37,7 +37,7 @@ struct OffSw128 {
 template <int ROWS, int COLS, int NT, typename T>
 __device__ __forceinline__ void load_tile_sw128(std::uint32_t s, const T* g, std::int64_t stride, int row0,
                                                 int n_rows, int tid) {
-  load_rows<ROWS, COLS, NT, OffSw128>(s, g, stride, row0, n_rows, tid);
+  load_rows<ROWS, COLS, NT, OffSw128>(s, g, stride, row0, n_rows, COLS, tid);
 }
 
 }  // namespace attnsel::cuda::detail::sm90c

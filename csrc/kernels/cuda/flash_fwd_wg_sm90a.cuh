@@ -1,0 +1,421 @@
+// Head sizes up to 256 on Hopper (sm_90a): TMA loads, wgmma, warp specialisation (see flash_fwd_ws). Built for
+// D = 64/128/256; a smaller real head size is zero-padded by the tensor copy engine (columns past it read as 0).
+// S = Q·K^T runs as SS-wgmma (both operands in 128-byte-swizzled smem); P feeds O += P·V from registers
+// (the S accumulator layout is the wgmma A-fragment layout) with V read MN-major from smem.
+// Included by flash_fwd_wg{64,128,256}_sm90a.cu, one padded head size each (they compile in parallel).
+#pragma once
+
+#include <cuda.h>
+
+#include <type_traits>
+
+#include "flash_fwd_launch.h"
+#include "sm90_common.cuh"
+
+namespace attnsel::cuda::detail {
+
+// A [B, H, S, d] operand as a 4-D tensor map (d innermost) read in boxes of 64 columns x `rows` rows; rows past
+// S and columns past d are zero-filled (flash_fwd_wg_sm90a.cu). False when no tensor map can be made.
+bool make_map(CUtensorMap* m, const void* base, bool bf16, int d, int seq, int heads, int batch, std::int64_t ss,
+              std::int64_t sh, std::int64_t sb, int rows);
+
+namespace {
+
+using namespace attnsel::cuda::sm90;
+using namespace attnsel::cuda::detail::sm90c;
+
+template <typename T, int BC, int D>
+struct WgOps;
+#define ATTNSEL_WG_OPS(TYPE, SUF, BC, D)                                                                   \
+  template <>                                                                                              \
+  struct WgOps<TYPE, BC, D> {                                                                              \
+    static __device__ __forceinline__ void qk(float (&s)[BC / 2], std::uint64_t a, std::uint64_t b, int acc) { \
+      wgmma_m64n##BC##k16_##SUF##_t0(s, a, b, acc);                                                        \
+    }                                                                                                      \
+    static __device__ __forceinline__ void pv(float (&o)[D / 2], const std::uint32_t (&p)[4], std::uint64_t b) { \
+      wgmma_rs_m64n##D##k16_##SUF##_t1(o, p, b);                                                           \
+    }                                                                                                      \
+  };
+ATTNSEL_WG_OPS(__nv_bfloat16, bf16, 128, 64)
+ATTNSEL_WG_OPS(__nv_bfloat16, bf16, 128, 128)
+ATTNSEL_WG_OPS(__nv_bfloat16, bf16, 64, 256)
+ATTNSEL_WG_OPS(__nv_bfloat16, bf16, 80, 256)
+ATTNSEL_WG_OPS(__half, f16, 128, 64)
+ATTNSEL_WG_OPS(__half, f16, 128, 128)
+ATTNSEL_WG_OPS(__half, f16, 64, 256)
+ATTNSEL_WG_OPS(__half, f16, 80, 256)
+#undef ATTNSEL_WG_OPS
+
+// Barrier among the `n` threads of one warpgroup (ids 1.. : 0 is __syncthreads).
+__device__ __forceinline__ void named_bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
+__device__ __forceinline__ void wg_wait1() { asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); }
+// Keeps the register A fragment of an in-flight wgmma alive (and unmoved) until after the wait.
+template <int N>
+__device__ __forceinline__ void fence_frag(std::uint32_t (&r)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
+}
+
+// Warp-specialised kernel (FA3's structure). Warpgroup 0 is the producer: one thread streams Q and a
+// STAGES-deep ring of K and V tiles in with the bulk tensor copy engine (TMA, 128-byte swizzle = the layout
+// wgmma reads), completion counted on mbarriers. Warpgroups 1..NC consume, 64 query rows each, with no
+// block-wide barrier in the loop. Within a warpgroup, S_j = Q·K_j^T and O += P_{j-1}·V_{j-1} are issued back
+// to back and the softmax of S_j overlaps the P·V. (Consumers taking turns through named barriers, FA3's
+// "ping-pong", measured within +-3% and was removed: docs/cuda-kernels.md.)
+template <int D, int BC, int NC, int STAGES>
+struct WsCfg {
+  static constexpr int BR = 64 * NC, NT = 128 * (NC + 1);
+  static constexpr std::uint32_t Q_BYTES = BR * D * 2, KV_BYTES = BC * D * 2;
+  static constexpr int SMEM = Q_BYTES + 2 * STAGES * KV_BYTES + 1024 + 8 * (1 + 4 * STAGES);
+  // Masked kernels: a key-padding bias row per consumer, double-buffered by key tile (after the barriers).
+  static constexpr int BIAS_OFFSET = (Q_BYTES + 2 * STAGES * KV_BYTES + 8 * (1 + 4 * STAGES) + 15) / 16 * 16;
+  static constexpr int SMEM_MASKED = SMEM + 16 + NC * 2 * BC * 4;
+  // Register split of the 64K-register file: the producer needs few, the consumers hold S, P and O.
+  static constexpr int PRODUCER_REGS = NC == 2 ? 24 : 32;
+  static constexpr int CONSUMER_REGS = NC == 2 ? 240 : 160;
+};
+
+template <typename T, int D, int BC, int NC, int STAGES, bool CAUSAL, int MM>
+__global__ void __launch_bounds__((NC + 1) * 128, 1)
+    flash_fwd_ws(const FwdArgs a, const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
+                 const __grid_constant__ CUtensorMap tv) {
+  using C = WsCfg<D, BC, NC, STAGES>;
+  using Ops = WgOps<T, BC, D>;
+  using Op = MmaOp<T>;
+  constexpr int BR = C::BR;
+  constexpr std::uint32_t KV_BYTES = C::KV_BYTES;
+
+  extern __shared__ unsigned char smem_raw[];
+  const std::uint32_t sQ = (smem_u32(smem_raw) + 1023) & ~1023u;  // 128-byte swizzle wants 1024-byte alignment
+  const std::uint32_t sK = sQ + C::Q_BYTES, sV = sK + STAGES * KV_BYTES;
+  const std::uint32_t q_full = sV + STAGES * KV_BYTES;  // then k_full, k_empty, v_full, v_empty [STAGES] each
+  auto k_full = [&](int st) { return q_full + 8 * (1 + st); };
+  auto k_empty = [&](int st) { return q_full + 8 * (1 + STAGES + st); };
+  auto v_full = [&](int st) { return q_full + 8 * (1 + 2 * STAGES + st); };
+  auto v_empty = [&](int st) { return q_full + 8 * (1 + 3 * STAGES + st); };
+
+  const int m_block = CAUSAL ? (gridDim.x - 1 - blockIdx.x) : blockIdx.x;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / a.group;  // K/V tensor-map coordinate
+  const int m0 = m_block * BR;
+  const int n_tiles = key_tiles<BR, BC, CAUSAL>(m0, a.seq_kv);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int wg = warp >> 2;
+
+  if (tid == 0) {
+    mbar_init(q_full, 1);
+#pragma unroll
+    for (int st = 0; st < STAGES; ++st) {
+      mbar_init(k_full(st), 1);
+      mbar_init(v_full(st), 1);
+      mbar_init(k_empty(st), 4 * NC);  // one arrival per consumer warp
+      mbar_init(v_empty(st), 4 * NC);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    regs_dealloc<C::PRODUCER_REGS>();
+    if (warp == 0 && lane == 0) {
+      tma_prefetch_desc(&tq);
+      tma_prefetch_desc(&tk);
+      tma_prefetch_desc(&tv);
+      mbar_arrive_expect_tx(q_full, C::Q_BYTES);
+#pragma unroll
+      for (int c = 0; c < D / 64; ++c) tma_load_4d(sQ + c * BR * 128, &tq, q_full, c * 64, m0, h, b);
+      for (int jt = 0; jt < n_tiles; ++jt) {
+        const int st = jt % STAGES;
+        const std::uint32_t ph = (jt / STAGES) & 1;
+        mbar_wait(k_empty(st), ph ^ 1);
+        mbar_arrive_expect_tx(k_full(st), KV_BYTES);
+#pragma unroll
+        for (int c = 0; c < D / 64; ++c)
+          tma_load_4d(sK + st * KV_BYTES + c * BC * 128, &tk, k_full(st), c * 64, jt * BC, hk, b);
+        mbar_wait(v_empty(st), ph ^ 1);
+        mbar_arrive_expect_tx(v_full(st), KV_BYTES);
+#pragma unroll
+        for (int c = 0; c < D / 64; ++c)
+          tma_load_4d(sV + st * KV_BYTES + c * BC * 128, &tv, v_full(st), c * 64, jt * BC, hk, b);
+      }
+    }
+  } else {
+    regs_alloc<C::CONSUMER_REGS>();
+    const int cw = wg - 1;  // consumer index: rows cw*64 .. cw*64+63 of the block
+    const int g = lane >> 2, t = lane & 3;
+    const int row0 = cw * 64 + (warp & 3) * 16 + g;
+    T* o = HeadPtrs<T>(a, b, h).o;
+    const MaskView<T, MM> mask(a, b, h);
+    // Key-padding masks (one row of keys per batch and head): each thread of the warpgroup loads one key's value
+    // of the next tile while this one computes and publishes it as a float bias row in shared memory (0 or -inf
+    // for bool masks), so the softmax adds it with one shared load per two keys. Full bool masks are loaded as
+    // bits before S is ready (bit e of this thread's S fragment); full additive masks are read in the softmax.
+    const bool kp = MM != kNoMask && mask.key_padding();
+    const int tw = (warp & 3) * 32 + lane;  // thread index within the warpgroup
+    float* s_bias = reinterpret_cast<float*>(smem_raw + (sQ - smem_u32(smem_raw)) + C::BIAS_OFFSET) + cw * 2 * BC;
+    auto kp_fetch = [&](int jt) -> float {
+      const int col = jt * BC + tw;
+      return (tw < BC && col < a.seq_kv) ? mask.at(0, col) : -INFINITY;
+    };
+    auto kp_publish = [&](int jt, float v) {  // buffer jt&1 was last read in softmax(jt-2): every thread is past it
+      if (tw < BC) s_bias[(jt & 1) * BC + tw] = v;
+      named_bar_sync(1 + cw, 128);
+    };
+    static_assert(BC / 2 <= 64, "bool mask bits");
+    std::uint32_t mb[2] = {0u, 0u};
+    float kp_next = 0.f;
+
+    float acc[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
+    float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
+    const float sl2 = a.scale_log2;
+    const std::uint64_t dq0 = make_desc(sQ + cw * 64 * 128, 16, 1024);
+    std::uint32_t pa[BC / 16][4];
+    float s[BC / 2];
+
+    auto issue_qk = [&](int st) {
+      const std::uint64_t dk0 = make_desc(sK + st * KV_BYTES, 16, 1024);
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const std::uint32_t koff = (kk & 3) << 1;
+        Ops::qk(s, dq0 + (kk >> 2) * ((BR * 128) >> 4) + koff, dk0 + (kk >> 2) * ((BC * 128) >> 4) + koff,
+                kk > 0 ? 1 : 0);
+      }
+    };
+    auto issue_pv = [&](int st) {
+      const std::uint64_t dv0 = make_desc(sV + st * KV_BYTES, BC * 128, 1024);
+#pragma unroll
+      for (int kk = 0; kk < BC / 16; ++kk) Ops::pv(acc, pa[kk], dv0 + ((kk * 16 * 128) >> 4));
+    };
+    auto load_mask = [&](int jt) {  // issued before S_jt is ready
+      const int n0 = jt * BC;
+      if (MM != kNoMask && kp) {
+        if (jt + 1 < n_tiles) kp_next = kp_fetch(jt + 1);
+      } else if (MM == kBoolMask) {
+        std::uint32_t bits[2] = {0u, 0u};
+        if (mask.sk == 1 && n0 + BC <= a.seq_kv) {  // contiguous keys inside the sequence: one base per row
+          const unsigned char* r0 = mask.row_bytes(min(m0 + row0, a.seq_q - 1)) + n0 + t * 2;
+          const unsigned char* r1 = mask.row_bytes(min(m0 + row0 + 8, a.seq_q - 1)) + n0 + t * 2;
+#pragma unroll
+          for (int e = 0; e < BC / 2; ++e) {
+            const unsigned char* r = ((e >> 1) & 1) ? r1 : r0;
+            if (__ldg(r + (e >> 2) * 8 + (e & 1)) != 0) bits[e >> 5] |= 1u << (e & 31);
+          }
+        } else {
+#pragma unroll
+          for (int e = 0; e < BC / 2; ++e) {
+            const int row = min(m0 + row0 + ((e >> 1) & 1) * 8, a.seq_q - 1);
+            const int col = n0 + (e >> 2) * 8 + t * 2 + (e & 1);
+            if (col < a.seq_kv && mask.keep(row, col)) bits[e >> 5] |= 1u << (e & 31);
+          }
+        }
+        mb[0] = bits[0];
+        mb[1] = bits[1];
+      }
+    };
+    auto softmax = [&](int jt, float (&al)[2]) {
+      const int n0 = jt * BC;
+      if (MM != kNoMask && kp) {  // bias row of this tile (sequence end included), causal diagonal
+        const float* bias = s_bias + (jt & 1) * BC;
+#pragma unroll
+        for (int j = 0; j < BC / 8; ++j) {
+          const float2 bb = *reinterpret_cast<const float2*>(bias + j * 8 + t * 2);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int e = 4 * j + i;
+            const int row = m0 + row0 + ((e >> 1) & 1) * 8;
+            const int col = n0 + (e >> 2) * 8 + t * 2 + (e & 1);
+            s[e] = (CAUSAL && col > row) ? -INFINITY : fmaf(s[e], a.scale, (e & 1) ? bb.y : bb.x);
+          }
+        }
+      } else if (MM == kBoolMask) {  // every tile: bits from load_mask (sequence end included), causal diagonal
+#pragma unroll
+        for (int e = 0; e < BC / 2; ++e) {
+          const int row = m0 + row0 + ((e >> 1) & 1) * 8;
+          const int col = n0 + (e >> 2) * 8 + t * 2 + (e & 1);
+          const bool keep = ((mb[e >> 5] >> (e & 31)) & 1u) != 0u && !(CAUSAL && col > row);
+          s[e] = keep ? s[e] * a.scale : -INFINITY;
+        }
+      } else if (MM == kAddMask) {  // every tile: scale, add the mask, cut at the sequence end / causal diagonal
+#pragma unroll
+        for (int e = 0; e < BC / 2; ++e) {
+          const int row = m0 + row0 + ((e >> 1) & 1) * 8;
+          const int col = n0 + (e >> 2) * 8 + t * 2 + (e & 1);
+          s[e] = mask.template apply<CAUSAL>(s[e], a.scale, row, col, a.seq_q, a.seq_kv);
+        }
+      } else if (n0 + BC > a.seq_kv || (CAUSAL && n0 + BC - 1 > m0 + cw * 64)) {
+#pragma unroll
+        for (int e = 0; e < BC / 2; ++e) {
+          const int row = m0 + row0 + ((e >> 1) & 1) * 8;
+          const int col = n0 + (e >> 2) * 8 + t * 2 + (e & 1);
+          if (col >= a.seq_kv || (CAUSAL && col > row)) s[e] = -INFINITY;
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = m_r[r];
+#pragma unroll
+        for (int j = 0; j < BC / 8; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
+        mx = quad_max(mx);
+        const float ms = (mx == -INFINITY) ? 0.f : mx * sl2;
+        al[r] = exp2f(m_r[r] * sl2 - ms);
+        m_r[r] = mx;
+        float rs = 0.f;
+#pragma unroll
+        for (int j = 0; j < BC / 8; ++j) {
+          const float p0 = exp2f(fmaf(s[4 * j + 2 * r], sl2, -ms));
+          const float p1 = exp2f(fmaf(s[4 * j + 2 * r + 1], sl2, -ms));
+          s[4 * j + 2 * r] = p0;
+          s[4 * j + 2 * r + 1] = p1;
+          rs += p0 + p1;
+        }
+        l_r[r] = l_r[r] * al[r] + rs;
+      }
+    };
+    auto pack_p = [&]() {
+#pragma unroll
+      for (int kk = 0; kk < BC / 16; ++kk) {
+        pa[kk][0] = Op::pack(s[8 * kk], s[8 * kk + 1]);
+        pa[kk][1] = Op::pack(s[8 * kk + 2], s[8 * kk + 3]);
+        pa[kk][2] = Op::pack(s[8 * kk + 4], s[8 * kk + 5]);
+        pa[kk][3] = Op::pack(s[8 * kk + 6], s[8 * kk + 7]);
+      }
+    };
+    // A consumer warp is done with a K/V buffer once its wgmma reads have retired.
+    auto release = [&](std::uint32_t bar) {
+      __syncwarp();
+      if (lane == 0) mbar_arrive(bar);
+    };
+    if (MM != kNoMask && kp) kp_publish(0, kp_fetch(0));
+    mbar_wait(q_full, 0);
+    mbar_wait(k_full(0), 0);
+    wg_fence();
+    issue_qk(0);
+    wg_commit();
+    load_mask(0);
+    wg_wait0();
+    fence_regs(s);
+    release(k_empty(0));
+    {
+      float al[2];
+      softmax(0, al);  // O is zero: no rescale needed
+    }
+    pack_p();
+    if (MM != kNoMask && kp && n_tiles > 1) kp_publish(1, kp_next);
+
+    for (int jt = 1; jt < n_tiles; ++jt) {
+      const int st = jt % STAGES, ps = (jt - 1) % STAGES;
+      mbar_wait(k_full(st), (jt / STAGES) & 1);
+      wg_fence();
+      fence_regs(acc);
+      issue_qk(st);
+      wg_commit();
+      mbar_wait(v_full(ps), ((jt - 1) / STAGES) & 1);
+      issue_pv(ps);
+      wg_commit();
+      load_mask(jt);
+      wg_wait1();  // S_jt ready; P·V_{jt-1} may still run
+      fence_regs(s);
+      release(k_empty(st));
+      float al[2];
+      softmax(jt, al);
+      wg_wait0();
+      fence_regs(acc);
+      fence_frag(pa);
+      release(v_empty(ps));
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) {
+          acc[4 * j + 2 * r] *= al[r];
+          acc[4 * j + 2 * r + 1] *= al[r];
+        }
+      pack_p();
+      if (MM != kNoMask && kp && jt + 1 < n_tiles) kp_publish(jt + 1, kp_next);
+    }
+    const int ls = (n_tiles - 1) % STAGES;
+    mbar_wait(v_full(ls), ((n_tiles - 1) / STAGES) & 1);
+    wg_fence();
+    fence_regs(acc);
+    issue_pv(ls);
+    wg_commit();
+    wg_wait0();
+    fence_regs(acc);
+    fence_frag(pa);
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float l = quad_sum(l_r[r]);
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const int row = m0 + row0 + r * 8;
+      if (row < a.seq_q) {
+        T* orow = o + static_cast<std::int64_t>(row) * a.o_ss;
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j)
+          if (j * 8 < a.head_dim)  // padded columns are not stored
+            *reinterpret_cast<std::uint32_t*>(orow + j * 8 + t * 2) =
+                Op::pack(acc[4 * j + 2 * r] * inv, acc[4 * j + 2 * r + 1] * inv);
+        if (a.lse != nullptr && t == 0)
+          a.lse[(static_cast<std::int64_t>(b) * gridDim.y + h) * a.seq_q + row] = row_lse(m_r[r], l, sl2);
+      }
+    }
+  }
+}
+
+template <typename T, int D, int BC, int NC, int STAGES, bool CAUSAL, int MM = kNoMask>
+cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, cudaStream_t stream) {
+  using C = WsCfg<D, BC, NC, STAGES>;
+  constexpr bool bf16 = std::is_same<T, __nv_bfloat16>::value;
+  const int heads_kv = heads / a.group, d = a.head_dim;
+  CUtensorMap tq, tk, tv;
+  if (!make_map(&tq, a.q, bf16, d, a.seq_q, heads, batch, a.q_ss, a.q_sh, a.q_sb, C::BR) ||
+      !make_map(&tk, a.k, bf16, d, a.seq_kv, heads_kv, batch, a.k_ss, a.k_sh, a.k_sb, BC) ||
+      !make_map(&tv, a.v, bf16, d, a.seq_kv, heads_kv, batch, a.v_ss, a.v_sh, a.v_sb, BC))
+    return cudaErrorNotSupported;
+  auto kern = flash_fwd_ws<T, D, BC, NC, STAGES, CAUSAL, MM>;
+  constexpr int smem = MM == kNoMask ? C::SMEM : C::SMEM_MASKED;
+  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (e != cudaSuccess) return e;
+  dim3 grid((a.seq_q + C::BR - 1) / C::BR, heads, batch);
+  kern<<<grid, C::NT, smem, stream>>>(a, tq, tk, tv);
+  return cudaGetLastError();
+}
+
+// Default tiles per padded head size; variants 16.. are alternatives kept for tuning (docs/cuda-kernels.md), unmasked only.
+template <typename T, bool C, int D>
+cudaError_t run_t(const FwdArgs& a, int batch, int heads, int mask_mode, int variant, cudaStream_t s) {
+  constexpr int BC = D == 256 ? 80 : 128;  // 256: 80-key tiles, 3-7% over 64 (H200); two K/V stages fill 225 KB
+  if (mask_mode == kBoolMask) return launch_ws<T, D, BC, 2, 2, C, kBoolMask>(a, batch, heads, s);
+  if (mask_mode == kAddMask) return launch_ws<T, D, BC, 2, 2, C, kAddMask>(a, batch, heads, s);
+  if constexpr (D == 64)
+    if (variant == 17) return launch_ws<T, 64, 128, 3, 2, C>(a, batch, heads, s);
+  if constexpr (D != 256)
+    if (variant == 18) return launch_ws<T, D, 128, 2, 3, C>(a, batch, heads, s);
+  if constexpr (D == 256)
+    if (variant == 16) return launch_ws<T, 256, 64, 2, 2, C>(a, batch, heads, s);
+  return launch_ws<T, D, BC, 2, 2, C>(a, batch, heads, s);
+}
+
+template <int D>
+cudaError_t run_wg_d(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int mask_mode, int variant,
+                     cudaStream_t s) {
+  if (bf16) return causal ? run_t<__nv_bfloat16, true, D>(a, batch, heads, mask_mode, variant, s)
+                          : run_t<__nv_bfloat16, false, D>(a, batch, heads, mask_mode, variant, s);
+  return causal ? run_t<__half, true, D>(a, batch, heads, mask_mode, variant, s)
+                : run_t<__half, false, D>(a, batch, heads, mask_mode, variant, s);
+}
+
+}  // namespace
+
+// One per padded head size (flash_fwd_wg{64,128,256}_sm90a.cu).
+cudaError_t run_wg_sm90_d64(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int mask_mode,
+                            int variant, cudaStream_t s);
+cudaError_t run_wg_sm90_d128(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int mask_mode,
+                             int variant, cudaStream_t s);
+cudaError_t run_wg_sm90_d256(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int mask_mode,
+                             int variant, cudaStream_t s);
+
+}  // namespace attnsel::cuda::detail
