@@ -16,6 +16,7 @@ traceback); 1 I/O failure writing the output.
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import time
 from pathlib import Path
@@ -65,6 +66,7 @@ def build_parser() -> _Parser:
                           "`attnsel tune --shapes`)")
     _add_placement_args(run)
     _add_model_args(run)
+    _add_sequence_parallel_args(run)
     AttentionConfig.add_cli_args(run)
 
     sub.add_parser("backends", allow_abbrev=False, help="list every backend, its aliases and where it can run",
@@ -105,6 +107,31 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--width", type=_positive_int, default=None, help="image width (default: the pipeline's)")
     group.add_argument("--frames", type=_positive_int, default=None,
                        help="frames, for video pipelines (default: the pipeline's)")
+
+
+def _add_sequence_parallel_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ulysses-degree", type=_positive_int, default=1,
+                        help="sequence-parallel Ulysses degree of the transformer (launch with torchrun "
+                             "--nproc-per-node ULYSSES*RING -m attnsel run ...; default: %(default)s)")
+    parser.add_argument("--ring-degree", type=_positive_int, default=1,
+                        help="sequence-parallel ring degree of the transformer (default: %(default)s)")
+
+
+def _sequence_parallel(ns: argparse.Namespace):
+    """None for one process; else join torchrun's process group (this rank's GPU on CUDA) and build the groups."""
+    if ns.ulysses_degree * ns.ring_degree == 1:
+        return None
+    import torch
+
+    from . import distributed
+
+    try:
+        sp = distributed.init_from_env(ns.ulysses_degree, ns.ring_degree, torch.device(ns.device))
+    except (ValueError, RuntimeError) as err:
+        raise UsageError(f"argument --ulysses-degree/--ring-degree: {err}") from None
+    if ns.device == "cuda":
+        ns.device = f"cuda:{torch.cuda.current_device()}"
+    return sp
 
 
 def _pipeline(ns: argparse.Namespace, config):
@@ -227,14 +254,23 @@ def cmd_run(ns: argparse.Namespace, out: TextIO) -> int:
     if ns.record_shapes is not None and not Path(ns.record_shapes).parent.is_dir():
         raise UsageError(f"argument --record-shapes: directory {str(Path(ns.record_shapes).parent)!r} does not exist")
     if ns.model is not None:
+        if ns.ulysses_degree * ns.ring_degree > 1:
+            raise UsageError("arguments --ulysses-degree/--ring-degree split the embedded pipeline's transformer; "
+                             "they do not apply to --model")
         return _run_model(ns, out)
     if (ns.height, ns.width, ns.frames) != (None, None, None):
         raise UsageError("arguments --height/--width/--frames need --model (the embedded pipeline has a fixed size)")
     config = _config_from(ns)
     start = time.perf_counter()
+    sp = _sequence_parallel(ns)
+    if sp is not None and sp.rank != 0:
+        out = io.StringIO()  # rank 0 alone reports and writes the image
     pipeline = _pipeline(ns, config)
     print(f"attnsel run: prompt={ns.prompt!r} steps={ns.steps} seed={ns.seed} device={pipeline.device} "
           f"dtype={ns.dtype} ({_describe_config(config)})", file=out, flush=True)
+    if sp is not None:
+        print(f"sequence parallel: ulysses_degree={sp.ulysses_degree} ring_degree={sp.ring_degree} "
+              f"({sp.world_size} processes; transformer tokens split over them)", file=out, flush=True)
     pipeline.load_modules()
     print(f"loaded {', '.join(pipeline.component_names)} in {time.perf_counter() - start:.2f}s", file=out, flush=True)
 
@@ -243,7 +279,13 @@ def cmd_run(ns: argparse.Namespace, out: TextIO) -> int:
         print(f"  [{label}] {seconds:.2f}s", file=out, flush=True)
 
     with _recording(ns.record_shapes) as recorded, trace() as calls:
-        image = pipeline(ns.prompt, steps=ns.steps, seed=ns.seed, progress=progress)
+        image = pipeline(ns.prompt, steps=ns.steps, seed=ns.seed, progress=progress, sequence_parallel=sp)
+    if sp is not None:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+        if sp.rank != 0:
+            return 0
     _write_recorded(ns.record_shapes, recorded, out)
     path = write_png(ns.output, image)
     print("components:", file=out)

@@ -7,6 +7,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from . import distributed
 from . import tracing as _tracing
 from .backends import Backend
 from .ops import _OP, AUTO, CALL_HOOKS, _call_hooks
@@ -64,6 +65,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         if q.shape[-1] != self.head_dim:
             raise ValueError(f"attnsel.nn.Attention: built for head_dim {self.head_dim}, got q of shape {tuple(q.shape)}")
+        if (sp := distributed.active()) is not None:  # inside attnsel.distributed.sequence_parallel(...)
+            return sp.layer_attention(self, q, k, v, attn_mask, is_causal)
         if CALL_HOOKS:
             _call_hooks(q, k, v, attn_mask, is_causal, self.scale, self._op_backend)
         if _tracing.ACTIVE:  # an attnsel.trace() is open: record this call

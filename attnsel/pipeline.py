@@ -8,6 +8,7 @@ at a higher priority level: an explicit layer argument or a forced backend).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import time
 from collections import Counter
@@ -67,13 +68,18 @@ class TextEncodingStage:
 
 
 class DenoisingStage:
-    """Euler sampler over a linear flow-matching schedule: x <- x + (sigma_next - sigma) * v(x, t, text)."""
+    """Euler sampler over a linear flow-matching schedule: x <- x + (sigma_next - sigma) * v(x, t, text).
 
-    def __init__(self, transformer: Any, steps: int):
+    sequence_parallel: an `attnsel.distributed.SequenceParallel` to run the transformer in (every rank runs the
+    sampler on the same latent; the transformer's blocks split its tokens), or None.
+    """
+
+    def __init__(self, transformer: Any, steps: int, sequence_parallel: Any = None):
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive int, got {steps!r}")
         self.transformer = transformer
         self.steps = steps
+        self.sequence_parallel = sequence_parallel
         self.attention_backend = self._infer_transformer_attention_backend(transformer)
 
     @staticmethod
@@ -98,7 +104,8 @@ class DenoisingStage:
         for i in range(self.steps):
             start = time.perf_counter()
             t = (sigmas[i] * 1000).expand(latent.shape[0])
-            velocity = self.transformer(latent, t, context)
+            with self.sequence_parallel or contextlib.nullcontext():
+                velocity = self.transformer(latent, t, context)
             latent = latent + (sigmas[i + 1] - sigmas[i]) * velocity
             elapsed = time.perf_counter() - start
             if record is not None:
@@ -270,8 +277,13 @@ class ComposedPipeline:
         return self.modules[name]
 
     @torch.no_grad()
-    def __call__(self, prompt: str, steps: int = 4, seed: int = 0, progress: ProgressFn | None = None) -> torch.Tensor:
-        """Generate one image, (1, 3, H, W) in [-1, 1]; the same prompt, steps and seed give the same image."""
+    def __call__(self, prompt: str, steps: int = 4, seed: int = 0, progress: ProgressFn | None = None,
+                 sequence_parallel: Any = None) -> torch.Tensor:
+        """Generate one image, (1, 3, H, W) in [-1, 1]; the same prompt, steps and seed give the same image.
+
+        sequence_parallel: an `attnsel.distributed.SequenceParallel` the transformer runs in (every rank calls this
+        with the same arguments and gets the same image); None = one process.
+        """
         if not self.modules:
             self.load_modules()
         for record in self.records.values():
@@ -284,7 +296,7 @@ class ComposedPipeline:
         shape = (1, transformer.latent_channels, transformer.latent_size, transformer.latent_size)
         # Noise from a CPU generator: the same seed gives the same starting latent on every device.
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(self.device, self.dtype)
-        denoise = DenoisingStage(transformer, steps)
+        denoise = DenoisingStage(transformer, steps, sequence_parallel)
         latent = denoise(noise, context, progress, self.records.get("transformer"))
         return DecodingStage(vae)(latent, progress, self.records.get("vae")).float().cpu()
 

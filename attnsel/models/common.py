@@ -42,7 +42,8 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Queries from the latent tokens, keys/values from the text embeddings."""
+    """Queries from the latent tokens, keys/values from the text embeddings (role "cross": under sequence
+    parallelism the text stays whole on every rank while the latent tokens are split)."""
 
     def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int = 64, backend=None, **placement):
         super().__init__()

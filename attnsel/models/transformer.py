@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import distributed
 from .common import CrossAttention, SelfAttention, component_seed, seeded_init, timestep_embedding
 
 
@@ -65,6 +66,13 @@ class TinyDiT(nn.Module):
         h, w = latent.shape[-2:]
         x = self.patch_embed(self._patchify(latent)) + self.pos_embed
         temb = self.time_mlp(timestep_embedding(t.to(x.device), self.dim).to(x.dtype))
+        # Inside attnsel.distributed.sequence_parallel(...): each rank runs the blocks on its shard of the tokens
+        # (norms, MLP and adaLN are per token; self-attention is sequence-parallel, cross-attention local).
+        sp = distributed.active()
+        if sp is not None:
+            x = sp.scatter(x, dim=1)
         for block in self.blocks:
             x = block(x, context, temb)
+        if sp is not None:
+            x = sp.gather(x, dim=1)
         return self._unpatchify(self.proj_out(self.norm_out(x)), h, w)
