@@ -359,3 +359,15 @@ def _check_torchrun_image(tmp_path, one_process_image, degrees, args):
     assert multi.stdout.count("wrote ") == 1, multi.stdout  # rank 0 alone reports and writes
     two = _read_png(tmp_path / "two.png").int()
     assert (one_process_image - two).abs().max().item() <= 1  # fp32 summation order differs: at most one 8-bit step
+
+
+def test_degrees_need_torchrun_and_the_embedded_pipeline(tmp_path, monkeypatch, capsys):
+    from attnsel.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["run", "--ulysses-degree", "2", "--output", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "torchrun --nproc-per-node 2" in err and len(err.strip().splitlines()) == 1
+    assert main(["run", "--model", str(tmp_path), "--ring-degree", "2", "--output", str(tmp_path / "x.png")]) == 2
+    assert "do not apply to --model" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
