@@ -309,5 +309,7 @@ def test_mma_kernels_on_hopper():
     env = dict(os.environ, ATTNSEL_CUDA_KERNEL="mma")
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.abspath(__file__), "-k",
            "head_sizes or masks or key_padding or fully_masked or mask_layouts or lse or gqa or expanded"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    # Run from tests/: `python -m pytest` puts the working directory first on sys.path, and a source checkout there
+    # (no built extension) would shadow the installed package.
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=os.path.dirname(__file__))
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]

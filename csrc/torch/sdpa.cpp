@@ -36,7 +36,7 @@ AttentionResult torch_sdpa(const AttentionCall& call) {
 // for the call, under a lock so our own concurrent calls do not see each other's pin, then restore the user's.
 enum class Pin { CuDNN, Flash, Efficient, Math };
 
-template <Pin kPin>
+template <Pin kPin, BackendId kBackend>
 AttentionResult pinned(const AttentionCall& call) {
   TORCH_CHECK_VALUE(!call.return_lse, "attnsel.attention: the pinned SDPA backends do not return the log-sum-exp");
   static std::mutex mutex;
@@ -57,6 +57,12 @@ AttentionResult pinned(const AttentionCall& call) {
     at::Tensor out = run_sdpa(call);
     set(flash, efficient, math, cudnn, overrideable);
     return {out, {}};
+  } catch (const c10::Error& e) {
+    set(flash, efficient, math, cudnn, overrideable);
+    // PyTorch's kernel checks are finer than the descriptor (alignment, mask strides): still a refusal, not a crash.
+    TORCH_CHECK_VALUE(false, "attnsel.attention: backend ", backend_name(kBackend),
+                      " (PyTorch SDPA pinned to one kernel) cannot run this call: ", e.what_without_backtrace(),
+                      " (PyTorch's warnings above say why; torch_sdpa lets PyTorch choose)");
   } catch (...) {
     set(flash, efficient, math, cudnn, overrideable);
     throw;
@@ -121,10 +127,10 @@ void register_sdpa() {
     register_kernel(BackendId::TORCH_SDPA, device, &torch_sdpa);
     register_backend(sdpa_descriptor(BackendId::TORCH_SDPA, device));
   }
-  register_kernel(BackendId::SDPA_CUDNN, DeviceType::CUDA, &pinned<Pin::CuDNN>);
-  register_kernel(BackendId::SDPA_FLASH, DeviceType::CUDA, &pinned<Pin::Flash>);
-  register_kernel(BackendId::SDPA_EFFICIENT, DeviceType::CUDA, &pinned<Pin::Efficient>);
-  register_kernel(BackendId::SDPA_MATH, DeviceType::CUDA, &pinned<Pin::Math>);
+  register_kernel(BackendId::SDPA_CUDNN, DeviceType::CUDA, &pinned<Pin::CuDNN, BackendId::SDPA_CUDNN>);
+  register_kernel(BackendId::SDPA_FLASH, DeviceType::CUDA, &pinned<Pin::Flash, BackendId::SDPA_FLASH>);
+  register_kernel(BackendId::SDPA_EFFICIENT, DeviceType::CUDA, &pinned<Pin::Efficient, BackendId::SDPA_EFFICIENT>);
+  register_kernel(BackendId::SDPA_MATH, DeviceType::CUDA, &pinned<Pin::Math, BackendId::SDPA_MATH>);
   for (BackendId id : {BackendId::SDPA_CUDNN, BackendId::SDPA_FLASH, BackendId::SDPA_EFFICIENT, BackendId::SDPA_MATH})
     register_backend(sdpa_descriptor(id, DeviceType::CUDA));
 }
