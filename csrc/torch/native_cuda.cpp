@@ -58,8 +58,10 @@ std::string call_check(const CallSignature& c) {
 // masked calls (1.01-2.0x PyTorch's best masked kernel on the H200, benchmarks/results/cuda_h200.json), and where
 // the kernel layer measured it faster.
 bool prefers_native(const CallSignature& c) {
-  return at::cuda::device_count() > 0 &&
-         (c.head_dim > 256 || c.mask != MaskKind::None || cuda::faster_than_sdpa(signature_params(c)));
+  if (at::cuda::device_count() == 0) return false;
+  if (c.head_dim > 256) return true;  // 2.1x PyTorch's efficient kernel forward+backward at 512 too
+  // Calls that need gradients: our composed backward is far slower than SDPA's (backward_cuda_h200.json).
+  return !c.needs_grad && (c.mask != MaskKind::None || cuda::faster_than_sdpa(signature_params(c)));
 }
 
 AttentionResult native_cuda(const AttentionCall& call) {
