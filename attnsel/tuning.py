@@ -263,7 +263,8 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "attnsel"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """This machine's CPU model name (what identifies a CPU tuning table; benchmarks record it too)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -293,7 +294,7 @@ def device_identity(device: str = "cpu") -> dict:
         ident.update(model=torch.cuda.get_device_name(index), capability=f"{major}.{minor}", driver=driver,
                      cuda=torch.version.cuda or "")
     else:
-        ident.update(model=_cpu_model(), isa=_C.cpu_isa())
+        ident.update(model=cpu_model(), isa=_C.cpu_isa())
     ident.update(torch=torch.__version__, attnsel=_version())
     return ident
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import attnsel
+from attnsel.tuning import cpu_model
 
 # (B, H, S, D, causal); query and key length are both S.
 CPU_SHAPES = [
@@ -44,17 +45,6 @@ CUDA_SHAPES = [
 ]
 QUICK_SHAPES = [(1, 4, 256, 64, False), (1, 2, 256, 128, True)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def timer(device: str):

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import attnsel
+from attnsel.tuning import cpu_model
 
 # (B, H, S, D, causal): query and key length are both S.
 SHAPES = [
@@ -37,17 +38,6 @@ SHAPES = [
 ]
 QUICK_SHAPES = [(1, 4, 256, 64, False), (1, 2, 256, 128, True), (1, 12, 77, 64, False)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def cpu_flags() -> list[str]:

@@ -68,8 +68,6 @@ struct RegistryState {
   std::mutex mutex;
   std::array<std::array<std::optional<BackendDescriptor>, kNumDeviceTypes>, kNumBackends> descriptors;
   std::array<std::array<Override, kNumDeviceTypes>, kNumBackends> availability;
-  std::array<std::array<CallCheck, kNumDeviceTypes>, kNumBackends> checks{};
-  std::array<PreferenceCheck, kNumDeviceTypes> native_preference{};
   int sm = 0;
 };
 
@@ -195,8 +193,6 @@ void clear_backends() {
     std::lock_guard<std::mutex> lock(state().mutex);
     for (auto& per_device : state().descriptors) per_device.fill(std::nullopt);
     for (auto& per_device : state().availability) per_device.fill(Override{});
-    for (auto& per_device : state().checks) per_device.fill(nullptr);
-    state().native_preference.fill(nullptr);
   }
   detail::bump_generation();
 }
@@ -212,22 +208,6 @@ void set_backend_availability(BackendId id, DeviceType device, bool available, s
   detail::bump_generation();
 }
 
-void set_capability_check(BackendId id, DeviceType device, CallCheck check) {
-  {
-    std::lock_guard<std::mutex> lock(state().mutex);
-    state().checks[static_cast<int>(id)][static_cast<int>(device)] = check;
-  }
-  detail::bump_generation();
-}
-
-void set_native_preference(DeviceType device, PreferenceCheck prefers) {
-  {
-    std::lock_guard<std::mutex> lock(state().mutex);
-    state().native_preference[static_cast<int>(device)] = prefers;
-  }
-  detail::bump_generation();
-}
-
 void set_cuda_compute_capability(int major, int minor) {
   {
     std::lock_guard<std::mutex> lock(state().mutex);
@@ -238,15 +218,12 @@ void set_cuda_compute_capability(int major, int minor) {
 
 int detail::auto_rank(BackendId id, const CallSignature& call) {
   std::optional<BackendDescriptor> d;
-  PreferenceCheck prefers = nullptr;
   {
     std::lock_guard<std::mutex> lock(state().mutex);
     d = state().descriptors[static_cast<int>(id)][static_cast<int>(call.device)];
-    if (id == BackendId::NATIVE) prefers = state().native_preference[static_cast<int>(call.device)];
   }
   if (!d) return -1;
-  if (!prefers) prefers = d->prefers;
-  if (prefers && d->preferred_rank >= 0 && prefers(call)) return d->preferred_rank;
+  if (d->prefers && d->preferred_rank >= 0 && d->prefers(call)) return d->preferred_rank;
   return d->auto_rank;
 }
 
@@ -260,7 +237,6 @@ std::vector<std::string> refusal_reasons(BackendId id, const CallSignature& call
   }
   std::optional<BackendDescriptor> found;
   Override avail;
-  CallCheck check = nullptr;
   int sm = 0;
   std::optional<BackendDescriptor> elsewhere;  // registered on the other device only
   {
@@ -268,7 +244,6 @@ std::vector<std::string> refusal_reasons(BackendId id, const CallSignature& call
     const auto i = static_cast<int>(id), dev = static_cast<int>(call.device);
     found = state().descriptors[i][dev];
     avail = state().availability[i][dev];
-    check = state().checks[i][dev];
     sm = state().sm;
     for (int other = 0; other < kNumDeviceTypes; ++other)
       if (other != dev && state().descriptors[i][other]) elsewhere = state().descriptors[i][other];
@@ -330,9 +305,8 @@ std::vector<std::string> refusal_reasons(BackendId id, const CallSignature& call
   if (call.needs_lse && !f.lse) refuse("returning the log-sum-exp");
   if (call.needs_grad && !f.backward) refuse("a backward pass (inputs require grad)");
   if (reasons.empty() && !wrong_device) {  // kernel-specific limits, once the generic ones pass
-    const CallCheck kernel_check = check ? check : d.check;
-    if (kernel_check) {
-      std::string why = kernel_check(call);
+    if (d.check) {
+      std::string why = d.check(call);
       if (!why.empty()) reasons.push_back(name + ": " + why);
     }
   }

@@ -271,9 +271,6 @@ std::pair<std::optional<BackendId>, Source> resolve_policy(std::optional<Backend
 }
 
 Selection select_backend_in(const SelectionRequest& request, const ComponentContext* context) {
-  if (request.head_size <= 0) {
-    throw std::invalid_argument("attnsel: head_size must be positive, got " + std::to_string(request.head_size));
-  }
   return select(detail::signature_of(request), request.selected, request.role, context, request.supported,
                 describe_request(request));
 }

@@ -16,6 +16,13 @@
 #include "kernels/cpu/attention_cpu_backward.h"
 
 namespace attnsel::torch_glue {
+
+const c10::TypedOperatorHandle<decltype(attention)>& attention_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("attnsel::attention", "").typed<decltype(attention)>();
+  return op;
+}
+
 namespace {
 
 using torch::autograd::AutogradContext;
@@ -30,12 +37,6 @@ bool differentiable_kernel(BackendId b) {
          b == BackendId::SDPA_EFFICIENT || b == BackendId::SDPA_MATH;
 }
 
-const auto& attention_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                              .findSchemaOrThrow("attnsel::attention", "")
-                              .typed<decltype(torch_glue::attention)>();
-  return op;
-}
 
 const auto& attention_backward_op() {
   static const auto op = c10::Dispatcher::singleton()
@@ -167,7 +168,11 @@ Grads composed_backward(const at::Tensor& grad_out, const AttentionCall& call, c
 
 }  // namespace
 
-bool has_backward(BackendId backend) { return backend == BackendId::NATIVE || differentiable_kernel(backend); }
+// The planner refuses backends whose descriptor declares no backward; these are the ones implemented here.
+void check_backward_implemented(BackendId backend) {
+  TORCH_CHECK(backend == BackendId::NATIVE || differentiable_kernel(backend), "attnsel.attention: backend '",
+              backend_name(backend), "' declares a backward pass that attention_backward does not implement");
+}
 
 namespace {
 
@@ -184,9 +189,7 @@ std::tuple<at::Tensor, at::Tensor> differentiable_attention(const at::Tensor& q,
                                                             std::int64_t backend, bool return_lse) {
   validate_inputs(q, k, v, attn_mask);
   const BackendId chosen = plan_backend(q, k, v, attn_mask, is_causal, backend, /*needs_grad=*/true, return_lse);
-  TORCH_CHECK_VALUE(has_backward(chosen), "attnsel.attention: backend '", backend_name(chosen),
-                    "' has no backward pass and the inputs require grad (use native or torch_sdpa, or run under "
-                    "torch.no_grad())");
+  check_backward_implemented(chosen);
   // The choice is made once, here: the backward pass uses the same backend, whatever the context is by then.
   if (differentiable_kernel(chosen))
     return attention(q, k, v, attn_mask, is_causal, scale, static_cast<std::int64_t>(chosen), return_lse);
@@ -196,16 +199,6 @@ std::tuple<at::Tensor, at::Tensor> differentiable_attention(const at::Tensor& q,
 }
 
 }  // namespace
-
-std::tuple<at::Tensor, at::Tensor> attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                      const std::optional<at::Tensor>& attn_mask, bool is_causal,
-                                                      std::optional<double> scale, std::int64_t backend,
-                                                      bool return_lse) {
-  if (needs_grad(q, k, v, attn_mask))
-    return differentiable_attention(q, k, v, attn_mask, is_causal, scale, backend, return_lse);
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return attention_op().call(q, k, v, attn_mask, is_causal, scale, backend, return_lse);
-}
 
 std::tuple<at::Tensor, at::Tensor> attention_autograd_kernel(c10::DispatchKeySet keys, const at::Tensor& q,
                                                              const at::Tensor& k, const at::Tensor& v,
@@ -240,8 +233,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   TORCH_CHECK_VALUE(!mask_grad || (mask && mask->is_floating_point()),
                     "attnsel.attention_backward: mask_grad needs an additive (floating) attn_mask");
   const BackendId chosen = plan_backend(q, k, v, attn_mask, is_causal, backend, /*needs_grad=*/true, grad_lse.has_value());
-  TORCH_CHECK_VALUE(has_backward(chosen), "attnsel.attention: backend '", backend_name(chosen),
-                    "' has no backward pass");
+  check_backward_implemented(chosen);
   const double resolved_scale = scale ? *scale : 1.0 / std::sqrt(static_cast<double>(q.size(3)));
   const AttentionCall call{q, k, v, mask, is_causal, resolved_scale, false};
 

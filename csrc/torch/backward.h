@@ -2,33 +2,34 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/DispatchKeySet.h>
 
 #include <optional>
 #include <tuple>
 
 #include "attnsel/attnsel.h"
+#include "dispatch.h"
 
 namespace attnsel::torch_glue {
 
-// The Autograd-key kernel of attnsel::attention. Without gradients it passes the call through. With them it plans
-// the backend (needs_grad) and records it: `native` saves its log-sum-exp and gets attention_backward; the SDPA
-// family runs above autograd, so PyTorch's own SDPA backward applies; any other backend is refused (ValueError).
-std::tuple<at::Tensor, at::Tensor> attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                      const std::optional<at::Tensor>& attn_mask, bool is_causal,
-                                                      std::optional<double> scale, std::int64_t backend,
-                                                      bool return_lse);
+// The registered op attnsel::attention, called through the dispatcher (its autograd kernel first): the C++ API's
+// entry, so native callers get gradients too.
+const c10::TypedOperatorHandle<decltype(attention)>& attention_op();
 
-// (grad_q, grad_k, grad_v, grad_mask) of the attention that `backend` computed. lse: the forward's log-sum-exp, or
-// an empty tensor (then recomputed). grad_lse: the gradient flowing into a returned lse. grad_mask is the additive
-// mask's gradient in the mask's own shape and dtype when mask_grad, else an empty tensor.
-// The same, as registered with the dispatcher (passes a call without gradients straight to the kernel below).
+// The Autograd-key kernel of attnsel::attention. Without gradients it passes the call straight to the kernel below.
+// With them it plans the backend (needs_grad: the planner refuses backends whose descriptor has no backward) and
+// records it: `native` saves its log-sum-exp and gets attention_backward; the SDPA family runs above autograd, so
+// PyTorch's own SDPA backward applies.
 std::tuple<at::Tensor, at::Tensor> attention_autograd_kernel(c10::DispatchKeySet keys, const at::Tensor& q,
                                                              const at::Tensor& k, const at::Tensor& v,
                                                              const std::optional<at::Tensor>& attn_mask,
                                                              bool is_causal, std::optional<double> scale,
                                                              std::int64_t backend, bool return_lse);
 
+// (grad_q, grad_k, grad_v, grad_mask) of the attention that `backend` computed. lse: the forward's log-sum-exp, or
+// an empty tensor (then recomputed). grad_lse: the gradient flowing into a returned lse. grad_mask is the additive
+// mask's gradient in the mask's own shape and dtype when mask_grad, else an empty tensor.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& attn_mask,
@@ -38,9 +39,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_me
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& attn_mask,
     bool is_causal, std::optional<double> scale, std::int64_t backend, bool mask_grad);
-
-// Whether attnsel::attention can give gradients on this backend (the planner's "has backward" until descriptors
-// carry it).
-bool has_backward(BackendId backend);
 
 }  // namespace attnsel::torch_glue

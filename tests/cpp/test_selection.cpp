@@ -37,18 +37,21 @@ TEST(auto_falls_back_in_preference_order_and_says_why) {
 
 TEST(native_preference_puts_native_ahead_of_sdpa_but_behind_fa) {
   attnsel_test::reset_state();
-  set_native_preference(DeviceType::CUDA, [](const CallSignature& r) { return r.head_dim == 128; });
+  using attnsel_test::edit_descriptor;
+  edit_descriptor(BackendId::NATIVE, DeviceType::CUDA,
+                  [](BackendDescriptor& d) { d.prefers = [](const CallSignature& r) { return r.head_dim == 128; }; });
   CHECK_EQ(select_backend(cuda_request(128)).backend, BackendId::NATIVE);
   CHECK_EQ(select_backend(cuda_request(64)).backend, BackendId::TORCH_SDPA);  // not preferred there
-  set_capability_check(BackendId::NATIVE, DeviceType::CUDA,
-                       [](const CallSignature&) { return std::string("kernel not built (test)"); });
+  edit_descriptor(BackendId::NATIVE, DeviceType::CUDA, [](BackendDescriptor& d) {
+    d.check = [](const CallSignature&) { return std::string("kernel not built (test)"); };
+  });
   Selection s = select_backend(cuda_request(128));  // preferred but cannot run: SDPA, and the reason is kept
   CHECK_EQ(s.backend, BackendId::TORCH_SDPA);
   CHECK(any_reason_contains(s.reasons, "kernel not built (test)"));
-  set_capability_check(BackendId::NATIVE, DeviceType::CUDA, nullptr);
+  edit_descriptor(BackendId::NATIVE, DeviceType::CUDA, [](BackendDescriptor& d) { d.check = nullptr; });
   set_backend_availability(BackendId::FA, DeviceType::CUDA, true, "");
   CHECK_EQ(select_backend(cuda_request(128)).backend, BackendId::FA);
-  set_native_preference(DeviceType::CUDA, nullptr);
+  edit_descriptor(BackendId::NATIVE, DeviceType::CUDA, [](BackendDescriptor& d) { d.prefers = nullptr; });
   set_backend_availability(BackendId::FA, DeviceType::CUDA, false, "flash_attn_interface is not installed");
   CHECK_EQ(select_backend(cuda_request(128)).backend, BackendId::TORCH_SDPA);
 }
@@ -161,15 +164,17 @@ TEST(select_in_uses_the_given_context_not_the_threads) {
 
 TEST(capability_check_hook_refuses_with_its_reason) {
   attnsel_test::reset_state();
-  set_capability_check(BackendId::NATIVE, DeviceType::CUDA, [](const CallSignature& r) -> std::string {
-    return r.dtype == DType::F32 ? "the CUDA kernel needs f16/bf16" : "";
+  attnsel_test::edit_descriptor(BackendId::NATIVE, DeviceType::CUDA, [](BackendDescriptor& d) {
+    d.check = [](const CallSignature& r) -> std::string {
+      return r.dtype == DType::F32 ? "the CUDA kernel needs f16/bf16" : "";
+    };
   });
   CHECK_EQ(select_backend(cuda_request(512, DType::BF16)).backend, BackendId::NATIVE);
   SelectionRequest r = cuda_request(512, DType::F32);
   Selection s = select_backend(r);  // auto passes over native for f32
   CHECK_EQ(s.backend, BackendId::TORCH_SDPA);
   CHECK(any_reason_contains(s.reasons, "the CUDA kernel needs f16/bf16"));
-  set_capability_check(BackendId::NATIVE, DeviceType::CUDA, nullptr);
+  attnsel_test::edit_descriptor(BackendId::NATIVE, DeviceType::CUDA, [](BackendDescriptor& d) { d.check = nullptr; });
   CHECK_EQ(select_backend(r).backend, BackendId::NATIVE);
 }
 

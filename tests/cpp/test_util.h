@@ -88,6 +88,14 @@ inline void reset_state() {
   clear_selection_cache();
 }
 
+// Changes a registered descriptor, as its layer would by registering it again.
+template <class Edit>
+void edit_descriptor(attnsel::BackendId id, attnsel::DeviceType device, Edit edit) {
+  attnsel::BackendDescriptor d = *attnsel::backend_descriptor(id, device);
+  edit(d);
+  attnsel::register_backend(d);
+}
+
 inline attnsel::SelectionRequest cpu_request(int head_size = 64) {
   attnsel::SelectionRequest r;
   r.head_size = head_size;

@@ -179,11 +179,8 @@ std::optional<BackendDescriptor> backend_descriptor(BackendId id, DeviceType dev
 // Drops every registered descriptor (tests).
 void clear_backends();
 
-// Probe results and kernel checks, applied to a registered descriptor (kept and applied if it registers later).
+// A probe's result, overriding the descriptor's availability (kept and applied if it registers later).
 void set_backend_availability(BackendId id, DeviceType device, bool available, std::string reason);
-void set_capability_check(BackendId id, DeviceType device, CallCheck check);
-// A kernel layer's word that `native` on `device` is faster than PyTorch SDPA for a call.
-void set_native_preference(DeviceType device, PreferenceCheck prefers);
 // Facts about the device that capability checks need (CUDA compute capability; 0 = unknown / none).
 void set_cuda_compute_capability(int major, int minor);
 
