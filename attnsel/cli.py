@@ -589,24 +589,36 @@ def cmd_tune(ns: argparse.Namespace, out: TextIO) -> int:
 def _explain_shapes(ns: argparse.Namespace, config, out: TextIO) -> int:
     from . import _C
     from .backends import Backend, to_backend
+    from .context import ComponentScope, native_view
 
     device = _tune_device(ns.device)
     shapes = _shapes_from(ns, device)
-    backend = None if config.attention_backend is None else int(to_backend(config.attention_backend))
+    global_id = None if config.attention_backend is None else int(to_backend(config.attention_backend))
     print(f"attnsel explain: the plan of each call ({_describe_config(config)}; measured = tuning table ms)",
           file=out)
-    width = max(len(s.label()) for s in shapes)
-    for shape in shapes:
+    labels = [s.label() + (f" [{s.component}{'.' + s.role if s.role else ''}]" if s.component else "") for s in shapes]
+    width = max(len(label) for label in labels)
+    for shape, label in zip(shapes, labels):
         sig = shape.signature()
+        # The policy a layer of this shape's component and role would get (component.role > component > global),
+        # as the loader gives it: a component scope when a key matches, else the global flag, else auto.
+        backend, key = config.resolve(shape.component, shape.role or None) if shape.component else (None, None)
         try:
-            chosen, source, _, reasons, measured = _C.explain_call(sig, backend, None)
+            if key is not None:
+                chosen, source, _, reasons, measured = _C.explain_call(
+                    sig, None, native_view(ComponentScope(shape.component, backend)))
+                source = f"component key {key}"
+            else:
+                chosen, source, _, reasons, measured = _C.explain_call(sig, global_id, None)
+                if global_id is not None:
+                    source = "global --attention-backend"
             plan = f"{Backend(chosen)} ({source}{', measured' if measured else ''})"
         except ValueError as err:
             plan, reasons = f"cannot run: {_one_line(err)}", []
         entry = _C.tuning_entry(sig.bucket())
         times = "none" if entry is None else \
             ", ".join(f"{Backend(i)} {ms:.4g}" for i, ms in sorted(entry, key=lambda e: e[1]))
-        print(f"  {shape.label():<{width}}  {plan}; measured: {times}", file=out)
+        print(f"  {label:<{width}}  {plan}; measured: {times}", file=out)
         if ns.reasons:
             for reason in reasons:
                 print(f"      - {reason}", file=out)

@@ -10,7 +10,7 @@ from torch import nn
 from . import distributed
 from . import tracing as _tracing
 from .backends import Backend
-from .ops import _OP, AUTO, CALL_HOOKS, _call_hooks
+from .ops import _OP, _SDPA_ID, AUTO, CALL_HOOKS, _call_hooks, sdpa_direct
 from .selection import Explanation, explain_attn_backend
 
 
@@ -68,10 +68,13 @@ class Attention(nn.Module):
         if (sp := distributed.active()) is not None:  # inside attnsel.distributed.sequence_parallel(...)
             return sp.layer_attention(self, q, k, v, attn_mask, is_causal)
         if CALL_HOOKS:
-            _call_hooks(q, k, v, attn_mask, is_causal, self.scale, self._op_backend)
+            _call_hooks(q, k, v, attn_mask, is_causal, self.scale, self._op_backend, self.selection.component,
+                        self.role)
         if _tracing.ACTIVE:  # an attnsel.trace() is open: record this call
             return _tracing.run(self.selection.component, self.role, self.policy, self._attend, q, k, v,
                                 attn_mask=attn_mask, is_causal=is_causal)
+        if self._op_backend == _SDPA_ID and (out := sdpa_direct(q, k, v, attn_mask, is_causal, self.scale)) is not None:
+            return out
         return _OP(q, k, v, attn_mask, is_causal, self.scale, self._op_backend)[0]
 
     def _attend(self, q, k, v, attn_mask=None, is_causal=False):

@@ -23,16 +23,44 @@ _is_compiling = torch.compiler.is_compiling
 _call_policy = _C.call_policy
 _scope_get = _SCOPE.get
 
-# Call hooks (attnsel.tuning: shape recording, online tuning): hook(q, k, v, attn_mask, is_causal, scale, backend_id)
-# runs before each eager call of `attention` and `attnsel.nn.Attention`. Empty in normal runs: one check per call.
+_SDPA_ID = int(Backend.TORCH_SDPA)
+_sdpa = torch.nn.functional.scaled_dot_product_attention
+_SDPA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def sdpa_direct(q, k, v, attn_mask, is_causal, scale):
+    """`torch_sdpa` without the op's boxed call (~3 us on a tiny call): PyTorch's SDPA straight from Python when the
+    op would pass the call to SDPA unchanged (4-d, one batch size, k/v heads alike, a supported dtype, a mask that
+    is bool or of q's dtype, no causal with a mask). Else, or if SDPA raises, None: the op then runs the call with
+    its checks and messages. Same kernel, same arguments, same autograd, same result as the op's route."""
+    qs, ks, vs = q.shape, k.shape, v.shape  # SDPA broadcasts batch and heads where the op refuses: rule that out
+    if not (len(qs) == len(ks) == len(vs) == 4 and qs[0] == ks[0] == vs[0] and ks[1] == vs[1] and q.dtype in _SDPA_DTYPES):
+        return None
+    if attn_mask is not None and (is_causal or attn_mask.ndim > 4 or (attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype)):
+        return None
+    try:  # each argument passed costs SDPA's parser ~0.2 us: pass only what is set
+        if qs[1] != ks[1]:  # grouped-query, as the op passes it (SDPA checks that the head counts divide)
+            return _sdpa(q, k, v, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=True)
+        if attn_mask is not None:
+            return _sdpa(q, k, v, attn_mask) if scale is None else _sdpa(q, k, v, attn_mask, scale=scale)
+        if scale is None:
+            return _sdpa(q, k, v, is_causal=True) if is_causal else _sdpa(q, k, v)
+        return _sdpa(q, k, v, is_causal=is_causal, scale=scale)
+    except Exception:  # the op re-runs the call and raises its own ValueError (SDPA's refusals included)
+        return None
+
+
+# Call hooks (attnsel.tuning: shape recording, online tuning): hook(q, k, v, attn_mask, is_causal, scale, backend_id,
+# component, role) runs before each eager call of `attention` and `attnsel.nn.Attention`. Empty in normal runs: one check per call.
 CALL_HOOKS: list = []
 
 
-def _call_hooks(q, k, v, attn_mask, is_causal, scale, bid) -> None:
+def _call_hooks(q, k, v, attn_mask, is_causal, scale, bid, component=None, role=None) -> None:
+    """component/role: the calling layer's (attnsel.nn.Attention), else None."""
     if _is_compiling():  # traced graphs run no Python hooks
         return
     for hook in tuple(CALL_HOOKS):
-        hook(q, k, v, attn_mask, is_causal, scale, bid)
+        hook(q, k, v, attn_mask, is_causal, scale, bid, component, role)
 
 
 def _backend_id(backend: object) -> int:
@@ -82,4 +110,6 @@ def attention(
         _call_hooks(q, k, v, attn_mask, is_causal, scale, bid)
     if return_lse:
         return _OP(q, k, v, attn_mask, is_causal, scale, bid, True)
+    if bid == _SDPA_ID and (out := sdpa_direct(q, k, v, attn_mask, is_causal, scale)) is not None:
+        return out
     return _OP(q, k, v, attn_mask, is_causal, scale, bid)[0]

@@ -66,7 +66,8 @@ MASK_KINDS = ("none", "bool", "additive", "key_padding", "additive_key_padding")
 _SHAPE_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
                  "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 _REQUIRED = ("batch", "heads", "q_len", "kv_len", "head_dim", "dtype")
-_OPTIONAL = ("kv_heads", "head_dim_v", "causal", "mask", "device", "name")
+_OPTIONAL = ("kv_heads", "head_dim_v", "causal", "mask", "device", "name", "component", "role")
+_ROLES = ("self", "cross")
 _DTYPE_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
@@ -86,6 +87,8 @@ class Shape:
     mask: str = "none"               # one of MASK_KINDS
     device: str = "cpu"              # cpu, cuda or cuda:N
     name: str = ""                   # a label for tables
+    component: str = ""              # the pipeline component whose layer made the call ("" = not known)
+    role: str = ""                   # that layer's role: "self", "cross" or "" (none)
 
     @property
     def device_type(self) -> str:
@@ -100,7 +103,7 @@ class Shape:
     def to_json(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k in _REQUIRED or k == "device"}
         for key, default in (("kv_heads", None), ("head_dim_v", None), ("causal", False), ("mask", "none"),
-                             ("name", "")):
+                             ("name", ""), ("component", ""), ("role", "")):
             if getattr(self, key) != default:
                 d[key] = getattr(self, key)
         return d
@@ -161,7 +164,17 @@ def parse_shape(obj: object, where: str = "shape", default_device: str = "cpu") 
     name = obj.get("name", "")
     if not isinstance(name, str):
         raise ValueError(f"{where}: 'name' must be a string, got {name!r}")
-    return Shape(batch, heads, q_len, kv_len, head_dim, dtype, kv_heads, head_dim_v, causal, mask, device, name)
+    component = obj.get("component") or ""
+    if not isinstance(component, str) or "." in component or component != component.strip():
+        raise ValueError(f"{where}: 'component' must be a component name such as 'transformer' (no '.', no "
+                         f"surrounding spaces; give the role as 'role'), got {component!r}")
+    role = obj.get("role") or ""
+    if role not in ("",) + _ROLES:
+        raise ValueError(f"{where}: 'role' must be one of {', '.join(_ROLES)}, got {role!r}")
+    if role and not component:
+        raise ValueError(f"{where}: 'role' needs a 'component'")
+    return Shape(batch, heads, q_len, kv_len, head_dim, dtype, kv_heads, head_dim_v, causal, mask, device, name,
+                 component, role)
 
 
 def read_shapes(path: str | os.PathLike, default_device: str = "cpu") -> list[Shape]:
@@ -183,6 +196,13 @@ def write_shapes(path: str | os.PathLike, shapes: Iterable[Shape]) -> None:
     Path(path).write_text(json.dumps([s.to_json() for s in shapes], indent=1) + "\n")
 
 
+# The component (and role) that makes each preset call, so `attnsel explain --preset` applies component overrides.
+_T, _T_SELF, _T_CROSS = {"component": "transformer"}, {"component": "transformer", "role": "self"}, \
+    {"component": "transformer", "role": "cross"}
+_U_SELF, _U_CROSS = {"component": "unet", "role": "self"}, {"component": "unet", "role": "cross"}
+_VAE, _CLIP, _T5 = {"component": "vae"}, {"component": "text_encoder"}, {"component": "text_encoder_2"}
+
+
 def preset(name: str, device: str = "cuda") -> list[Shape]:
     """The shapes of a preset. `diffusion` on CUDA: the attention calls of common diffusion models at common
     resolutions, bf16 and fp16; on CPU a small stand-in (same kinds of call, tiny sizes) that tunes in seconds."""
@@ -192,24 +212,24 @@ def preset(name: str, device: str = "cuda") -> list[Shape]:
         return _cpu_preset(device)
     # name, (batch, heads, q_len, kv_len, head_dim), extra fields
     calls = [
-        ("flux-1024", (1, 24, 4608, 4608, 128), {}),            # joint: 4096 image + 512 text tokens
-        ("flux-512", (1, 24, 1536, 1536, 128), {}),
-        ("sd3-1024", (1, 24, 4250, 4250, 64), {}),              # joint: 4096 + 154 text
-        ("sd3.5-large", (1, 38, 4429, 4429, 64), {}),
-        ("sdxl-self-64", (2, 10, 4096, 4096, 64), {}),          # UNet at 1024x1024, CFG batch 2
-        ("sdxl-self-32", (2, 20, 1024, 1024, 64), {}),
-        ("sdxl-cross-64", (2, 10, 4096, 77, 64), {}),
-        ("sdxl-cross-32", (2, 20, 1024, 77, 64), {}),
-        ("wan1.3b-self", (1, 12, 32760, 32760, 128), {}),       # 480p, 81 frames
-        ("wan1.3b-cross", (1, 12, 32760, 512, 128), {}),
-        ("wan14b-self", (1, 40, 32760, 32760, 128), {}),
-        ("wan14b-cross", (1, 40, 32760, 512, 128), {}),
-        ("hunyuanvideo", (1, 24, 32896, 32896, 128), {}),       # 544x960, 61 frames + 256 text tokens
-        ("cogvideox", (2, 48, 17776, 17776, 64), {}),           # 17550 video + 226 text, CFG batch 2
-        ("vae-mid-512", (1, 1, 4096, 4096, 512), {}),
-        ("vae-mid-1024", (1, 1, 16384, 16384, 512), {}),
-        ("clip", (1, 12, 77, 77, 64), {"causal": True}),
-        ("t5", (1, 64, 512, 512, 64), {"mask": "key_padding"}),
+        ("flux-1024", (1, 24, 4608, 4608, 128), _T),            # joint: 4096 image + 512 text tokens
+        ("flux-512", (1, 24, 1536, 1536, 128), _T),
+        ("sd3-1024", (1, 24, 4250, 4250, 64), _T),              # joint: 4096 + 154 text
+        ("sd3.5-large", (1, 38, 4429, 4429, 64), _T),
+        ("sdxl-self-64", (2, 10, 4096, 4096, 64), _U_SELF),          # UNet at 1024x1024, CFG batch 2
+        ("sdxl-self-32", (2, 20, 1024, 1024, 64), _U_SELF),
+        ("sdxl-cross-64", (2, 10, 4096, 77, 64), _U_CROSS),
+        ("sdxl-cross-32", (2, 20, 1024, 77, 64), _U_CROSS),
+        ("wan1.3b-self", (1, 12, 32760, 32760, 128), _T_SELF),       # 480p, 81 frames
+        ("wan1.3b-cross", (1, 12, 32760, 512, 128), _T_CROSS),
+        ("wan14b-self", (1, 40, 32760, 32760, 128), _T_SELF),
+        ("wan14b-cross", (1, 40, 32760, 512, 128), _T_CROSS),
+        ("hunyuanvideo", (1, 24, 32896, 32896, 128), _T),       # 544x960, 61 frames + 256 text tokens
+        ("cogvideox", (2, 48, 17776, 17776, 64), _T),           # 17550 video + 226 text, CFG batch 2
+        ("vae-mid-512", (1, 1, 4096, 4096, 512), _VAE),
+        ("vae-mid-1024", (1, 1, 16384, 16384, 512), _VAE),
+        ("clip", (1, 12, 77, 77, 64), {"causal": True, **_CLIP}),
+        ("t5", (1, 64, 512, 512, 64), {"mask": "key_padding", **_T5}),
     ]
     return [Shape(b, h, sq, sk, d, dtype, device=device, name=n, **extra)
             for dtype in ("bfloat16", "float16") for n, (b, h, sq, sk, d), extra in calls]
@@ -217,17 +237,17 @@ def preset(name: str, device: str = "cuda") -> list[Shape]:
 
 def _cpu_preset(device: str) -> list[Shape]:
     calls = [
-        ("joint", (1, 4, 256, 256, 64), {}),
-        ("cross", (2, 4, 256, 77, 64), {}),
-        ("vae-mid", (1, 1, 256, 256, 512), {}),
-        ("clip", (1, 4, 77, 77, 64), {"causal": True}),
-        ("t5", (1, 4, 128, 128, 64), {"mask": "key_padding"}),
+        ("joint", (1, 4, 256, 256, 64), _T),
+        ("cross", (2, 4, 256, 77, 64), _T_CROSS),
+        ("vae-mid", (1, 1, 256, 256, 512), _VAE),
+        ("clip", (1, 4, 77, 77, 64), {"causal": True, **_CLIP}),
+        ("t5", (1, 4, 128, 128, 64), {"mask": "key_padding", **_T5}),
     ]
     return [Shape(b, h, sq, sk, d, "float32", device=device, name=n, **extra) for n, (b, h, sq, sk, d), extra in calls]
 
 
 def shape_of_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-                  is_causal: bool) -> Shape:
+                  is_causal: bool, component: str | None = None, role: str | None = None) -> Shape:
     """The Shape of an actual call (what `record_shapes` writes)."""
     mask = "none"
     if attn_mask is not None:
@@ -238,7 +258,8 @@ def shape_of_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: 
     dtype = _SHAPE_DTYPES[str(q.dtype).replace("torch.", "")]
     return Shape(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], dtype,
                  k.shape[1] if k.shape[1] != q.shape[1] else None,
-                 v.shape[3] if v.shape[3] != q.shape[3] else None, bool(is_causal), mask, q.device.type)
+                 v.shape[3] if v.shape[3] != q.shape[3] else None, bool(is_causal), mask, q.device.type,
+                 component=component or "", role=role or "")
 
 
 # -- the table file ---------------------------------------------------------------------------------------------
@@ -627,9 +648,15 @@ def tune(shapes: Sequence[Shape], reps: int = 20, save_file: bool = True,
     {device type: path or None})."""
     done: list[tuple[Shape, str, dict]] = []
     paths: dict[str, Path | None] = {}
+    measured: dict[tuple[str, str], dict] = {}  # (device, bucket) -> entry: one call made by several layers is timed once
     for i, shape in enumerate(shapes):
+        bucket = shape.signature().bucket()
+        if (shape.device, bucket) in measured:
+            done.append((shape, bucket, measured[shape.device, bucket]))
+            continue
         bucket, entry = tune_shape(shape, reps, None if progress is None else
                                    (lambda name, i=i, shape=shape: progress(i, shape, name)))
+        measured[shape.device, bucket] = entry
         remember(shape.device, {bucket: entry})
         if save_file:
             paths[shape.device_type] = save(shape.device, {bucket: entry})
@@ -645,8 +672,8 @@ def record_shapes() -> Iterator[list[Shape]]:
     recorded: list[Shape] = []
     seen: set[Shape] = set()
 
-    def hook(q, k, v, attn_mask, is_causal, scale, backend):
-        shape = shape_of_call(q, k, v, attn_mask, is_causal)
+    def hook(q, k, v, attn_mask, is_causal, scale, backend, component, role):
+        shape = shape_of_call(q, k, v, attn_mask, is_causal, component, role)
         if shape not in seen:
             seen.add(shape)
             recorded.append(shape)
@@ -662,7 +689,7 @@ _TRIED: set[str] = set()     # buckets online tuning has measured (or failed on)
 _TUNING = threading.local()  # guards against tuning from inside a tuning measurement
 
 
-def _autotune_hook(q, k, v, attn_mask, is_causal, scale, backend) -> None:
+def _autotune_hook(q, k, v, attn_mask, is_causal, scale, backend, component, role) -> None:
     if backend != _ops.AUTO or getattr(_TUNING, "active", False) or q.numel() == 0 or k.numel() == 0:
         return
     if q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():

@@ -255,3 +255,43 @@ def test_return_lse_refused_where_the_backend_cannot_give_it():
     q = torch.randn(1, 2, 5, 8)
     with pytest.raises(ValueError, match="log-sum-exp"):
         attnsel.attention(q, q, q, backend="torch_sdpa", return_lse=True)
+
+
+# `torch_sdpa` calls from Python skip the op when it would hand them to SDPA unchanged (attnsel.ops.sdpa_direct):
+# the result, the gradients and every refusal must be the op's.
+@pytest.mark.parametrize("case", ["plain", "causal", "scale", "bool_mask", "additive_mask", "gqa", "mqa"])
+def test_sdpa_direct_matches_the_op(case):
+    g = torch.Generator().manual_seed(3)
+    hkv = {"gqa": 2, "mqa": 1}.get(case, 4)
+    q = torch.randn(2, 4, 9, 16, generator=g, requires_grad=True)
+    k = torch.randn(2, hkv, 11, 16, generator=g, requires_grad=True)
+    v = torch.randn(2, hkv, 11, 16, generator=g, requires_grad=True)
+    mask = {"bool_mask": torch.rand(2, 1, 9, 11, generator=g) > 0.3,
+            "additive_mask": torch.randn(1, 4, 1, 11, generator=g)}.get(case)
+    kwargs = dict(attn_mask=mask, is_causal=case == "causal", scale=0.3 if case == "scale" else None)
+    direct = attnsel.ops.sdpa_direct(q, k, v, kwargs["attn_mask"], kwargs["is_causal"], kwargs["scale"])
+    assert direct is not None
+    ours = attnsel.attention(q, k, v, backend="torch_sdpa", **kwargs)
+    op = torch.ops.attnsel.attention(q, k, v, mask, kwargs["is_causal"], kwargs["scale"], int(attnsel.Backend.TORCH_SDPA))[0]
+    torch.testing.assert_close(ours, op, rtol=0, atol=0)
+    grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
+    op_grads = torch.autograd.grad(op.square().sum(), (q, k, v))
+    for a, b in zip(grads, op_grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    layer = attnsel.nn.Attention(4, 16, num_kv_heads=hkv, backend="torch_sdpa", scale=kwargs["scale"])
+    torch.testing.assert_close(layer(q, k, v, mask, kwargs["is_causal"]), op, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["batch_broadcast", "heads_broadcast", "kv_heads_differ", "3d", "float64", "mask_5d"])
+def test_sdpa_direct_leaves_refusals_to_the_op(case):
+    """Inputs SDPA would broadcast or take but the op refuses still raise the op's ValueError."""
+    shapes = {"batch_broadcast": ((2, 4, 5, 8), (1, 4, 5, 8), (1, 4, 5, 8)),
+              "heads_broadcast": ((2, 1, 5, 8), (2, 4, 5, 8), (2, 4, 5, 8)),
+              "kv_heads_differ": ((2, 4, 5, 8), (2, 1, 5, 8), (2, 4, 5, 8)),
+              "3d": ((4, 5, 8), (4, 5, 8), (4, 5, 8))}.get(case, ((2, 4, 5, 8),) * 3)
+    dtype = torch.float64 if case == "float64" else torch.float32
+    q, k, v = (torch.randn(*s, dtype=dtype) for s in shapes)
+    mask = torch.ones(1, 2, 4, 5, 5, dtype=torch.bool) if case == "mask_5d" else None
+    assert attnsel.ops.sdpa_direct(q, k, v, mask, False, None) is None
+    with pytest.raises(ValueError, match="attnsel.attention"):
+        attnsel.attention(q, k, v, attn_mask=mask, backend="torch_sdpa")

@@ -3,6 +3,7 @@ measurements, `attnsel tune`, `--record-shapes`, online tuning (ATTNSEL_AUTOTUNE
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -279,6 +280,12 @@ def test_tune_shapes_writes_the_table_and_prints_it(tmp_path, capsys):
      "must divide"),
     ('[{"batch": 1, "heads": 2, "q_len": 8, "kv_len": 8, "head_dim": 16, "dtype": "fp32", "seq": 3}]',
      "unknown key 'seq'"),
+    ('[{"batch": 1, "heads": 2, "q_len": 8, "kv_len": 8, "head_dim": 16, "dtype": "fp32", "role": "cross"}]',
+     "'role' needs a 'component'"),
+    ('[{"batch": 1, "heads": 2, "q_len": 8, "kv_len": 8, "head_dim": 16, "dtype": "fp32", "component": "unet",'
+     ' "role": "joint"}]', "'role' must be one of self, cross"),
+    ('[{"batch": 1, "heads": 2, "q_len": 8, "kv_len": 8, "head_dim": 16, "dtype": "fp32",'
+     ' "component": "unet.cross"}]', "'component' must be a component name"),
 ])
 def test_tune_rejects_a_bad_shapes_file_in_one_line(tmp_path, capsys, content, message):
     shapes = tmp_path / "shapes.json"
@@ -314,6 +321,9 @@ def test_record_shapes_round_trip(tmp_path, capsys):
     assert shapes and len(shapes) == len(set(shapes)) and f"recorded {len(shapes)} attention call shapes" in out
     assert all(s.device == "cpu" and s.dtype == "float32" for s in shapes)
     assert any(s.q_len != s.kv_len for s in shapes)  # the transformer's cross-attention
+    # each call carries the component (and role) of the layer that made it, so explain can apply overrides
+    assert {s.component for s in shapes} >= {"transformer", "text_encoder"}
+    assert any(s.component == "transformer" and s.role == "cross" and s.q_len != s.kv_len for s in shapes)
     code, out, _ = run_main(capsys, "tune", "--shapes", str(recorded), "--dry-run")
     assert code == 0 and out.count("bucket cpu|") == len(shapes)
 
@@ -364,3 +374,33 @@ def test_cuda_backends_agree_and_auto_takes_the_winner(shape):
     assert "ms" in entry["results"]["torch_sdpa"]
     q, k, v, mask = tuning.make_inputs(shape)
     assert explain_call(q, k, v, attn_mask=mask, is_causal=shape.causal).backend == Backend[entry["winner"].upper()]
+
+
+def test_explain_shapes_applies_component_and_role_overrides(tmp_path, capsys):
+    """A shape's component/role keys get the policy its layer would get: component.role > component > global."""
+    shapes = tmp_path / "shapes.json"
+    base = {"batch": 1, "heads": 2, "q_len": 33, "kv_len": 17, "head_dim": 16, "dtype": "fp32"}
+    shapes.write_text(json.dumps([dict(base, name="a", component="transformer", role="cross"),
+                                  dict(base, name="b", component="transformer", role="self"),
+                                  dict(base, name="c", component="text_encoder_2"),
+                                  dict(base, name="d", component="vae"),
+                                  dict(base, name="e")]))
+    code, out, err = run_main(capsys, "explain", "--shapes", str(shapes), "--attention-backend", "native",
+                              "--component-attention-backends",
+                              "transformer.cross=torch_sdpa,transformer=native,text_encoder=torch_sdpa")
+    assert code == 0, err
+    plan = {l.split()[0]: l for l in out.splitlines() if l.startswith("  ")}
+    assert "torch_sdpa (component key transformer.cross)" in plan["a"]
+    assert "native (component key transformer)" in plan["b"]
+    assert "torch_sdpa (component key text_encoder)" in plan["c"]  # the numbered component's base
+    assert "native (global --attention-backend)" in plan["d"] and "native (global --attention-backend)" in plan["e"]
+
+
+def test_tune_times_a_call_shared_by_several_components_once(monkeypatch):
+    timed = []
+    real = tuning.tune_shape
+    monkeypatch.setattr(tuning, "tune_shape", lambda shape, *a, **kw: timed.append(shape) or real(shape, *a, **kw))
+    shapes = [dataclasses.replace(TINY, component="transformer"), dataclasses.replace(TINY, component="unet"), TINY_KP]
+    done, _ = tuning.tune(shapes, reps=2, save_file=False)
+    assert [s.component for s in timed] == ["transformer", ""] and len(done) == 3
+    assert done[0][1] == done[1][1] and done[0][2] is done[1][2]
