@@ -41,17 +41,16 @@ def make_mask(kind, form, B, H, Sq, Sk, g):
 CASES = list(itertools.product([None, "bool", "additive"], ["key_padding", "2d", "full", "keys"], [False, True]))
 
 
-@pytest.mark.parametrize("case", range(26))
-def test_auto_never_fails_where_some_backend_can_run(case):
-    """backend=None takes any call some available backend can run (masks of every broadcast form, causal, GQA,
-    Sq != Sk, every head size class), and gives the reference's answer."""
+def _auto_case(case, device, dtypes):
     g = torch.Generator().manual_seed(100 + case)
     kind, form, causal = CASES[case % len(CASES)]
     D = HEAD_SIZES[case % len(HEAD_SIZES)]
     B, Hkv = 1 + case % 2, 1 + case % 3
     H = Hkv * (1 + case % 2)
     Sq, Sk = 5 + 7 * (case % 4), 3 + 11 * (case % 3) + (case % 2)
-    dtype = torch.float32 if case % 3 else torch.bfloat16
+    if device == "cuda":  # longer sequences, so the GPU kernels' tiles and their edges are exercised
+        Sq, Sk = Sq * 17 + case, Sk * 23 + 2 * case
+    dtype = dtypes[case % len(dtypes)]
     q = torch.randn(B, H, Sq, D, generator=g).to(dtype)
     k, v = (torch.randn(B, Hkv, Sk, D, generator=g).to(dtype) for _ in range(2))
     if case % 5 == 0:  # non-contiguous inputs
@@ -59,17 +58,33 @@ def test_auto_never_fails_where_some_backend_can_run(case):
     mask = make_mask(kind, form, B, H, Sq, Sk, g)
     if causal and mask is not None and mask.dtype == torch.bool:
         mask[..., 0] = True
+    ref = reference(q, k, v, mask, causal)
+    q, k, v = (t.to(device) for t in (q, k, v))
+    mask = None if mask is None else mask.to(device)
     plan = attnsel.explain_call(q, k, v, attn_mask=mask, is_causal=causal)
     out = attnsel.attention(q, k, v, attn_mask=mask, is_causal=causal)
     assert plan.source == "auto" and plan.reasons
-    ref = reference(q, k, v, mask, causal)
     sdpa_mask = None if mask is None else mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
     if sdpa_mask is not None and sdpa_mask.dtype != torch.bool:
         sdpa_mask = sdpa_mask.to(dtype)
     sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, is_causal=causal, enable_gqa=H != Hkv)
-    ours_err = (out.double() - ref).abs().max().item()
-    sdpa_err = (sdpa.double() - ref).abs().max().item()
+    ours_err = (out.double().cpu() - ref).abs().max().item()
+    sdpa_err = (sdpa.double().cpu() - ref).abs().max().item()
     assert ours_err <= 2 * sdpa_err + (1e-5 if dtype == torch.float32 else 1e-2), (plan, ours_err, sdpa_err)
+
+
+@pytest.mark.parametrize("case", range(26))
+def test_auto_never_fails_where_some_backend_can_run(case):
+    """backend=None takes any call some available backend can run (masks of every broadcast form, causal, GQA,
+    Sq != Sk, every head size class), and gives the reference's answer."""
+    _auto_case(case, "cpu", [torch.bfloat16, torch.float32, torch.float32])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", range(48))
+def test_auto_never_fails_on_cuda(case):
+    """The same sweep on the GPU in half precision, where auto chooses among native, cuDNN, flash, efficient, ..."""
+    _auto_case(case, "cuda", [torch.bfloat16, torch.float16])
 
 
 def _flash_standin(calls):
