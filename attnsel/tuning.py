@@ -608,8 +608,9 @@ def measure(sig, q, k, v, attn_mask=None, is_causal=False, scale=None, reps: int
             per_call[name] = (time.perf_counter() - t0) / n
         rounds = max(MIN_REPS, min(reps, int(budget_s / max(sum(per_call.values()), 1e-9))))
         samples: dict[str, list] = {name: [] for name in candidates}
-        for _ in range(rounds):
-            for name, call in candidates.items():
+        order = list(candidates.items())
+        for r in range(rounds):  # each round starts one candidate later: no backend always runs first
+            for name, call in order[r % len(order):] + order[:r % len(order)]:
                 samples[name].append(timer.time(call))
         timer.sync()
         for name, got in samples.items():

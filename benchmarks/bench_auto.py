@@ -8,8 +8,8 @@ On an H200 the whole diffusion preset (36 shapes, 72 rows) takes several minutes
 
 Tuning goes to a fresh temporary cache directory (not the user's table) unless --cache-dir is given; --no-tune
 then benchmarks against the table already there. Timing: per shape, `auto` and every backend that accepts the call
-are warmed up, then timed in interleaved rounds (CUDA events on the GPU, perf_counter on the CPU; at least --reps
-rounds, more for fast calls to fill --budget seconds); the median per candidate. Reported per shape: each
+are warmed up, then timed in interleaved rounds, each starting one candidate later (CUDA events on the GPU,
+perf_counter on the CPU; at least --reps rounds, more for fast calls to fill --budget seconds); the median per candidate. Reported per shape: each
 candidate's ms, auto's backend, and auto / fastest = fastest_ms / auto_ms (1.0 = auto matched the fastest).
 TFLOP/s = 4*B*Hq*Sq*Sk*D / time (halved for causal).
 """
@@ -89,8 +89,9 @@ def time_candidates(fns, device, reps, budget):
         per_call[name] = (time.perf_counter() - t0) / n
     rounds = max(reps, min(2000, int(budget / max(sum(per_call.values()), 1e-9))))
     samples = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for r in range(rounds):  # each round starts one candidate later: auto is not always first
+        for name, fn in order[r % len(order):] + order[:r % len(order)]:
             if cuda:
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record()

@@ -5,14 +5,25 @@
 
 #include <limits>
 #include <mutex>
+#include <vector>
 
 #include "dispatch.h"
 
 namespace attnsel::torch_glue {
 namespace {
 
+// The call's mask is broadcast to [B, Hq, Sq, Sk] (stride 0 where it repeats): give SDPA the broadcast dims back as
+// size 1, since some of its kernels (and a dtype cast) would otherwise materialise the whole [B, Hq, Sq, Sk] mask.
+at::Tensor compact(const at::Tensor& mask) {
+  std::vector<int64_t> sizes(mask.sizes().begin(), mask.sizes().end());
+  for (int64_t i = 0; i < mask.dim(); ++i)
+    if (mask.stride(i) == 0) sizes[i] = 1;
+  return mask.as_strided(sizes, mask.strides(), mask.storage_offset());
+}
+
 at::Tensor run_sdpa(const AttentionCall& call) {
-  std::optional<at::Tensor> mask = call.mask;
+  std::optional<at::Tensor> mask;
+  if (call.mask) mask = compact(*call.mask);
   // SDPA takes bool masks or masks of the query's dtype.
   if (mask && mask->scalar_type() != at::kBool && mask->scalar_type() != call.q.scalar_type())
     mask = mask->to(call.q.scalar_type());
