@@ -9,12 +9,14 @@ Compares, on the same tiny tensors ((1, 1, 1, 8) fp32 on CPU; (1, 1, 1, 64) bf16
   * torch.ops.attnsel.attention.default(..., id) the op's one overload with the backend id
   * attnsel.attention(..., backend="torch_sdpa") vs F.scaled_dot_product_attention: our route vs the backend direct
 Reports the median over several rounds of the mean time per call, in microseconds (CUDA: queued calls, one sync
-per round, so host cost is what is measured).
+per round, so host cost is what is measured); the cases take turns within each round. A named `torch_sdpa` call
+from Python goes to SDPA directly (attnsel.ops.sdpa_direct); `auto` and layers go through the op.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -28,18 +30,28 @@ import torch.nn.functional as F
 import attnsel
 
 
-def per_call_us(fn, calls: int, rounds: int, sync) -> tuple[float, float]:
-    for _ in range(min(calls, 200)):
-        fn()
-    sync()
-    samples = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(calls):
+def per_call_us(cases: dict, calls: int, rounds: int, sync) -> dict:
+    """{case: (median, best)} of the mean time per call over `rounds` rounds. The cases take turns within each round
+    (each round starting one case later), so drift in the machine's speed touches them alike. A case is
+    (fn, no_grad): no_grad cases run the whole loop inside torch.no_grad()."""
+    def timed(fn, no_grad):
+        with torch.no_grad() if no_grad else contextlib.nullcontext():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync()
+            return (time.perf_counter() - t0) / calls * 1e6
+
+    for fn, no_grad in cases.values():
+        for _ in range(min(calls, 200)):
             fn()
-        sync()
-        samples.append((time.perf_counter() - t0) / calls * 1e6)
-    return statistics.median(samples), min(samples)
+    sync()
+    samples = {name: [] for name in cases}
+    order = list(cases.items())
+    for r in range(rounds):
+        for name, (fn, no_grad) in order[r % len(order):] + order[:r % len(order)]:
+            samples[name].append(timed(fn, no_grad))
+    return {name: (statistics.median(s), min(s)) for name, s in samples.items()}
 
 
 def main() -> None:
@@ -81,18 +93,14 @@ def main() -> None:
 
     # Under torch.no_grad() (how pipelines run inference), timed with the whole loop inside the context.
     no_grad_cases = ("attnsel.attention(backend='torch_sdpa')", "F.scaled_dot_product_attention")
+    timed_cases = {case: (fn, False) for case, fn in cases.items()}
+    timed_cases.update({case + " [no_grad]": (cases[case], True) for case in no_grad_cases})
     print(f"per-call time on (1,1,1,{dim}) {str(dtype).replace('torch.', '')} on {args.device} | "
           f"{torch.get_num_threads()} threads | ISA {attnsel._C.cpu_isa()} | {calls} calls x {args.rounds} rounds")
     results = {}
-    for case, fn in cases.items():
-        med, best = per_call_us(fn, calls, args.rounds, sync)
+    for case, (med, best) in per_call_us(timed_cases, calls, args.rounds, sync).items():
         results[case] = {"median_us": med, "best_us": best}
         print(f"  {case:<48} {med:8.2f} us  (best {best:.2f})")
-    with torch.no_grad():
-        for case in no_grad_cases:
-            med, best = per_call_us(cases[case], calls, args.rounds, sync)
-            results[case + " [no_grad]"] = {"median_us": med, "best_us": best}
-            print(f"  {case + ' [no_grad]':<48} {med:8.2f} us  (best {best:.2f})")
     explicit = results[f"attnsel.attention(backend='{name}')"]["median_us"]
     auto = results["attnsel.attention() (auto)"]["median_us"]
     route = results["attnsel.attention(backend='torch_sdpa')"]["median_us"]

@@ -167,21 +167,36 @@ std::uint32_t signature_flags(const CallSignature& c) {
          std::uint32_t(c.causal) << 13 | std::uint32_t(c.needs_grad) << 14 | std::uint32_t(c.needs_lse) << 15;
 }
 
+CacheKey cache_key(const CallSignature& call, std::optional<BackendId> policy, std::uint32_t supported) {
+  return CacheKey{call.batch,
+                  call.heads_q,
+                  call.heads_kv,
+                  call.seq_q,
+                  call.seq_kv,
+                  call.head_dim,
+                  call.value_head_dim(),
+                  signature_flags(call),
+                  policy ? static_cast<int>(*policy) : -1,
+                  supported,
+                  detail::generation()};
+}
+
+// The cached plan's backend alone, if the plan is cached (the per-call path: no Selection copied).
+std::optional<BackendId> cached_backend(const CallSignature& call, std::optional<BackendId> policy) {
+  const CacheKey key = cache_key(call, policy, supported_mask(std::nullopt));
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  auto it = c.entries.find(key);
+  if (it == c.entries.end()) return std::nullopt;
+  c.hits.fetch_add(1, std::memory_order_relaxed);
+  return it->second.backend;
+}
+
 // Cached plan (the policy's decoration is added by the callers).
 Selection cached_plan(const CallSignature& call, std::optional<BackendId> policy,
                       const std::optional<std::vector<BackendId>>& supported_list) {
   const std::uint32_t supported = supported_mask(supported_list);
-  CacheKey key{call.batch,
-               call.heads_q,
-               call.heads_kv,
-               call.seq_q,
-               call.seq_kv,
-               call.head_dim,
-               call.value_head_dim(),
-               signature_flags(call),
-               policy ? static_cast<int>(*policy) : -1,
-               supported,
-               detail::generation()};
+  const CacheKey key = cache_key(call, policy, supported);
   Cache& c = cache();
   {
     std::lock_guard<std::mutex> lock(c.mutex);
@@ -294,6 +309,17 @@ Selection plan_call(const CallSignature& call, std::optional<BackendId> backend)
     throw std::invalid_argument("attnsel: backend '" + std::string(backend_name(*backend)) + "' cannot run " +
                                 describe(call) + ": " + e.what());
   }
+}
+
+BackendId plan_call_backend(const CallSignature& call, std::optional<BackendId> backend) {
+  if (auto hit = cached_backend(call, backend)) return *hit;
+  return plan_call(call, backend).backend;  // computes, caches, or throws with the full message
+}
+
+BackendId select_for_call_backend(const CallSignature& call, const ComponentContext* context) {
+  const std::optional<BackendId> policy = resolve_policy(std::nullopt, Role::None, context).first;
+  if (auto hit = cached_backend(call, policy)) return *hit;
+  return select_for_call(call, context).backend;
 }
 
 Selection select_for_call(const CallSignature& call, const ComponentContext* context) {

@@ -133,10 +133,10 @@ BackendId plan_backend(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   try {
     if (backend == kContextBackend) {
       const std::optional<ComponentContext> ctx = current_component();
-      return select_for_call(call, ctx ? &*ctx : nullptr).backend;
+      return select_for_call_backend(call, ctx ? &*ctx : nullptr);
     }
-    return plan_call(call, backend >= 0 ? std::optional<BackendId>(static_cast<BackendId>(backend)) : std::nullopt)
-        .backend;
+    return plan_call_backend(call, backend >= 0 ? std::optional<BackendId>(static_cast<BackendId>(backend))
+                                                : std::nullopt);
   } catch (const std::invalid_argument& e) {
     std::string what = e.what();
     if (what.rfind("attnsel: ", 0) == 0) what = what.substr(9);

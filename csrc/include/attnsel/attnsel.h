@@ -221,6 +221,9 @@ Selection select_backend_in(const SelectionRequest& request, const ComponentCont
 Selection plan_call(const CallSignature& call, std::optional<BackendId> backend);
 // Policy and plan in one with this thread's context, for a call with no layer (role None).
 Selection select_for_call(const CallSignature& call, const ComponentContext* context);
+// The backends alone (no reasons copied or built): what the op runs per call. Same answers and errors.
+BackendId plan_call_backend(const CallSignature& call, std::optional<BackendId> backend);
+BackendId select_for_call_backend(const CallSignature& call, const ComponentContext* context);
 
 // The policy only: the named backend the levels give (explicit > forced > role > component > global), or nothing
 // for auto, with its source. No checks.
