@@ -300,6 +300,30 @@ def _version() -> str:
     return getattr(sys.modules.get("attnsel"), "__version__", "unknown")
 
 
+def _driver_version() -> str:
+    """The NVIDIA driver's version (e.g. 580.159.04) from NVML, else the CUDA driver API's, else "unknown"."""
+    import ctypes
+
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+        if nvml.nvmlInit_v2() == 0:
+            try:
+                text = ctypes.create_string_buffer(96)
+                if nvml.nvmlSystemGetDriverVersion(text, 96) == 0:
+                    return text.value.decode()
+            finally:
+                nvml.nvmlShutdown()
+    except (OSError, AttributeError):
+        pass
+    try:
+        version = ctypes.c_int()
+        if ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(version)) == 0:
+            return f"cuda{version.value // 1000}.{version.value % 1000 // 10}"
+    except (OSError, AttributeError):
+        pass
+    return "unknown"
+
+
 def device_identity(device: str = "cpu") -> dict:
     """What a table's timings are only valid for: the device model (+ capability, driver) and the software."""
     kind = device.split(":", 1)[0]
@@ -308,11 +332,7 @@ def device_identity(device: str = "cpu") -> dict:
         index = torch.device(device).index
         index = torch.cuda.current_device() if index is None else index
         major, minor = torch.cuda.get_device_capability(index)
-        try:
-            driver = str(torch._C._cuda_getDriverVersion())
-        except Exception:  # private API; the identity then lacks the driver
-            driver = "unknown"
-        ident.update(model=torch.cuda.get_device_name(index), capability=f"{major}.{minor}", driver=driver,
+        ident.update(model=torch.cuda.get_device_name(index), capability=f"{major}.{minor}", driver=_driver_version(),
                      cuda=torch.version.cuda or "")
     else:
         ident.update(model=cpu_model(), isa=_C.cpu_isa())

@@ -165,13 +165,15 @@ def environment(device):
         info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
         try:
             info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                            capture_output=True, text=True, timeout=20).stdout.strip()
+                                            capture_output=True, text=True, timeout=20).stdout.strip().split("\n")[0]
         except Exception as e:  # the driver version is informative only
             info["driver"] = f"unknown ({e})"
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        info["commit"] = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
-                                        timeout=20).stdout.strip()
+        git = lambda *a: subprocess.run(["git", "-C", here, *a], capture_output=True, text=True, timeout=20).stdout
+        info["commit"] = git("rev-parse", "HEAD").strip()
+        if git("status", "--porcelain", "--untracked-files=no").strip():  # e.g. a copied tree with a stale .git
+            info["commit"] += " (the working tree differs from it)"
     except Exception:
         pass
     return info
