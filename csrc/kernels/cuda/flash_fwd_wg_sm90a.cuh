@@ -71,9 +71,7 @@ __device__ __forceinline__ void fence_frag(std::uint32_t (&r)[N][4]) {
 // blockIdx.x + gridDim.x, ...; the K/V ring and its barrier phases run on across items, so the producer loads the
 // next item's Q and first K/V tiles while the consumers finish this item's last P·V and store O. Q has QBUF
 // buffers (2 where shared memory allows): with one, the consumers free it when the item's last Q·K^T has retired.
-// XOVER (persistent only): a consumer issues the next item's S_0 = Q·K_0^T before it normalises and stores this
-// item's O, so the tensor cores work under the store. Without PERSIST there is one CTA per work item (the grid is
-// (query tiles, heads, batch)).
+// Without PERSIST there is one CTA per work item (the grid is (query tiles, heads, batch)).
 template <int D, int BC, int NC, int STAGES, int QBUF = 1>
 struct WsCfg {
   static constexpr int BR = 64 * NC, NT = 128 * (NC + 1);
@@ -95,7 +93,7 @@ struct WorkItems {
   int m_blocks, heads, total;
 };
 
-template <typename T, int D, int BC, int NC, int STAGES, int QBUF, bool PERSIST, bool XOVER, bool CAUSAL, int MM>
+template <typename T, int D, int BC, int NC, int STAGES, int QBUF, bool PERSIST, bool CAUSAL, int MM>
 __global__ void __launch_bounds__((NC + 1) * 128, 1)
     flash_fwd_ws(const FwdArgs a, const WorkItems work, const __grid_constant__ CUtensorMap tq,
                  const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv) {
@@ -104,7 +102,7 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
   using Op = MmaOp<T>;
   constexpr int BR = C::BR;
   constexpr std::uint32_t KV_BYTES = C::KV_BYTES;
-  static_assert(PERSIST || (QBUF == 1 && !XOVER), "one Q buffer and one item per CTA without the persistent loop");
+  static_assert(PERSIST || QBUF == 1, "one Q buffer per CTA without the persistent loop");
 
   extern __shared__ unsigned char smem_raw[];
   const std::uint32_t sQ = (smem_u32(smem_raw) + 1023) & ~1023u;  // 128-byte swizzle wants 1024-byte alignment
@@ -352,11 +350,9 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
     };
 
     for (int w = w0; w < w_end; w += w_step, ++it) {
-      if (!XOVER || w == w0) {  // with XOVER, later items were set and their S_0 issued under the last O store
-        set_item(w);
-        mask = MaskView<T, MM>(a, b, h);
-        issue_first_qk(it, kc);
-      }
+      set_item(w);
+      mask = MaskView<T, MM>(a, b, h);
+      issue_first_qk(it, kc);
       kp = MM != kNoMask && mask.key_padding();
 #pragma unroll
       for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
@@ -413,27 +409,17 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
       fence_regs(acc);
       issue_pv(ls);
       wg_commit();
-      // XOVER: the next item's S_0 runs on the tensor cores while this item's O is normalised and stored.
-      const int o_m0 = m0, o_h = h, o_b = b;
-      const bool ahead = XOVER && w + w_step < w_end;
-      kc += n_tiles;
-      if (ahead) {
-        set_item(w + w_step);
-        issue_first_qk(it + 1, kc);
-        wg_wait1();  // the last P·V has retired; S_0 of the next item may still run
-      } else {
-        wg_wait0();
-      }
+      wg_wait0();
       fence_regs(acc);
       fence_frag(pa);
       if (PERSIST) release(v_empty(ls));  // the next work item reuses the slot
 
-      T* o = HeadPtrs<T>(a, o_b, o_h).o;
+      T* o = HeadPtrs<T>(a, b, h).o;
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const float l = quad_sum(l_r[r]);
         const float inv = l > 0.f ? 1.f / l : 0.f;
-        const int row = o_m0 + row0 + r * 8;
+        const int row = m0 + row0 + r * 8;
         if (row < a.seq_q) {
           T* orow = o + static_cast<std::int64_t>(row) * a.o_ss;
 #pragma unroll
@@ -442,10 +428,10 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
               *reinterpret_cast<std::uint32_t*>(orow + j * 8 + t * 2) =
                   Op::pack(acc[4 * j + 2 * r] * inv, acc[4 * j + 2 * r + 1] * inv);
           if (a.lse != nullptr && t == 0)
-            a.lse[(static_cast<std::int64_t>(o_b) * work.heads + o_h) * a.seq_q + row] = row_lse(m_r[r], l, sl2);
+            a.lse[(static_cast<std::int64_t>(b) * work.heads + h) * a.seq_q + row] = row_lse(m_r[r], l, sl2);
         }
       }
-      if (ahead) mask = MaskView<T, MM>(a, b, h);
+      kc += n_tiles;
     }
   }
 }
@@ -464,8 +450,7 @@ inline int sm_count() {
   return cached[dev];
 }
 
-template <typename T, int D, int BC, int NC, int STAGES, int QBUF, bool PERSIST, bool XOVER, bool CAUSAL,
-          int MM = kNoMask>
+template <typename T, int D, int BC, int NC, int STAGES, int QBUF, bool PERSIST, bool CAUSAL, int MM = kNoMask>
 cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, cudaStream_t stream) {
   using C = WsCfg<D, BC, NC, STAGES, QBUF>;
   constexpr bool bf16 = std::is_same<T, __nv_bfloat16>::value;
@@ -475,7 +460,7 @@ cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, cudaStream_t strea
       !make_map(&tk, a.k, bf16, d, a.seq_kv, heads_kv, batch, a.k_ss, a.k_sh, a.k_sb, BC) ||
       !make_map(&tv, a.v, bf16, d, a.seq_kv, heads_kv, batch, a.v_ss, a.v_sh, a.v_sb, BC))
     return cudaErrorNotSupported;
-  auto kern = flash_fwd_ws<T, D, BC, NC, STAGES, QBUF, PERSIST, XOVER, CAUSAL, MM>;
+  auto kern = flash_fwd_ws<T, D, BC, NC, STAGES, QBUF, PERSIST, CAUSAL, MM>;
   constexpr int smem = MM == kNoMask ? C::SMEM : C::SMEM_MASKED;
   static_assert(smem <= 227 * 1024, "shared memory per block");
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
@@ -492,10 +477,13 @@ cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, cudaStream_t strea
 }
 
 // The persistent schedule pays where each work item has few key tiles: the per-item start (Q load, ring fill) and
-// the O store are then a large share of an item and are hidden behind the neighbouring item. On long key loops it
-// gains nothing and a static split of unequal (causal) items loses to the hardware's block scheduler, so those
-// keep one CTA per item. Measured on the H200 (docs/cuda-kernels.md).
-constexpr int kPersistMaxKeyTiles = 8;
+// the launch of a CTA per item are then a large share of an item, and the producer now does them under the
+// previous item. H200, bf16, against one CTA per item: +26% with 4 key tiles (Wan cross-attention), +12-21% with
+// 4-8 (8x24x1024, 16x24x512), +5% with 12-16; with 32-36 key tiles -3% to +0% (SD-UNet, Flux), so long rows keep
+// one CTA per item. Causal items are unequal and a static split would lose to the hardware's block scheduler, so
+// causal calls keep it too (and no causal persistent kernel is built). With no more items than SMs there is
+// nothing to schedule.
+constexpr int kPersistMaxKeyTiles = 16;
 inline bool use_persistent(const FwdArgs& a, int key_tile, bool causal, int batch, int heads, int rows_per_tile) {
   const std::int64_t items = static_cast<std::int64_t>((a.seq_q + rows_per_tile - 1) / rows_per_tile) * heads * batch;
   return !causal && (a.seq_kv + key_tile - 1) / key_tile <= kPersistMaxKeyTiles && items > sm_count() &&
@@ -503,29 +491,29 @@ inline bool use_persistent(const FwdArgs& a, int key_tile, bool causal, int batc
 }
 
 // Default tiles per padded head size; variants 16.. are alternatives kept for tuning (docs/cuda-kernels.md): 19
-// forces the persistent schedule and 20 one CTA per work item (any mask); 21 is persistent without issuing the
-// next item's S_0 under this item's O store; 16-18 and 21 are unmasked only, 16-18 one CTA per item.
+// forces the persistent schedule (non-causal) and 20 one CTA per work item (any mask); 16-18 are unmasked, one CTA
+// per item.
 template <typename T, bool C, int D>
 cudaError_t run_t(const FwdArgs& a, int batch, int heads, int mask_mode, int variant, cudaStream_t s) {
   constexpr int BC = D == 256 ? 80 : 128;  // 256: 80-key tiles, 3-7% over 64 (H200); two K/V stages fill 225 KB
   // Two Q buffers where they fit (D=64/128); D=256 has room for one.
   constexpr int QB = WsCfg<D, BC, 2, 2, 2>::SMEM_MASKED <= 227 * 1024 ? 2 : 1;
-  if (variant == 21 && mask_mode == kNoMask) return launch_ws<T, D, BC, 2, 2, QB, true, false, C>(a, batch, heads, s);
-  const bool persist = variant == 19 || (variant != 20 && use_persistent(a, BC, C, batch, heads, 128));
-  if (persist) {
-    if (mask_mode == kBoolMask) return launch_ws<T, D, BC, 2, 2, QB, true, true, C, kBoolMask>(a, batch, heads, s);
-    if (mask_mode == kAddMask) return launch_ws<T, D, BC, 2, 2, QB, true, true, C, kAddMask>(a, batch, heads, s);
-    return launch_ws<T, D, BC, 2, 2, QB, true, true, C>(a, batch, heads, s);
+  if constexpr (!C) {  // the persistent kernels are built for non-causal calls only (use_persistent)
+    if (variant == 19 || (variant != 20 && use_persistent(a, BC, C, batch, heads, 128))) {
+      if (mask_mode == kBoolMask) return launch_ws<T, D, BC, 2, 2, QB, true, C, kBoolMask>(a, batch, heads, s);
+      if (mask_mode == kAddMask) return launch_ws<T, D, BC, 2, 2, QB, true, C, kAddMask>(a, batch, heads, s);
+      return launch_ws<T, D, BC, 2, 2, QB, true, C>(a, batch, heads, s);
+    }
   }
-  if (mask_mode == kBoolMask) return launch_ws<T, D, BC, 2, 2, 1, false, false, C, kBoolMask>(a, batch, heads, s);
-  if (mask_mode == kAddMask) return launch_ws<T, D, BC, 2, 2, 1, false, false, C, kAddMask>(a, batch, heads, s);
+  if (mask_mode == kBoolMask) return launch_ws<T, D, BC, 2, 2, 1, false, C, kBoolMask>(a, batch, heads, s);
+  if (mask_mode == kAddMask) return launch_ws<T, D, BC, 2, 2, 1, false, C, kAddMask>(a, batch, heads, s);
   if constexpr (D == 64)
-    if (variant == 17) return launch_ws<T, 64, 128, 3, 2, 1, false, false, C>(a, batch, heads, s);
+    if (variant == 17) return launch_ws<T, 64, 128, 3, 2, 1, false, C>(a, batch, heads, s);
   if constexpr (D != 256)
-    if (variant == 18) return launch_ws<T, D, 128, 2, 3, 1, false, false, C>(a, batch, heads, s);
+    if (variant == 18) return launch_ws<T, D, 128, 2, 3, 1, false, C>(a, batch, heads, s);
   if constexpr (D == 256)
-    if (variant == 16) return launch_ws<T, 256, 64, 2, 2, 1, false, false, C>(a, batch, heads, s);
-  return launch_ws<T, D, BC, 2, 2, 1, false, false, C>(a, batch, heads, s);
+    if (variant == 16) return launch_ws<T, 256, 64, 2, 2, 1, false, C>(a, batch, heads, s);
+  return launch_ws<T, D, BC, 2, 2, 1, false, C>(a, batch, heads, s);
 }
 
 template <int D>
