@@ -467,6 +467,7 @@ cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, cudaStream_t strea
   if (e != cudaSuccess) return e;
   const int m_blocks = (a.seq_q + C::BR - 1) / C::BR;
   const std::int64_t total = static_cast<std::int64_t>(m_blocks) * heads * batch;
+  if (PERSIST && total > 0x7fffffff) return cudaErrorInvalidValue;  // use_persistent never asks for it
   const WorkItems work{m_blocks, heads, static_cast<int>(std::min<std::int64_t>(total, 0x7fffffff))};
   if (PERSIST) {
     kern<<<static_cast<int>(std::min<std::int64_t>(total, sm_count())), C::NT, smem, stream>>>(a, work, tq, tk, tv);
