@@ -63,8 +63,7 @@ def native_fn(impl, variant):
     import devattn
 
     def dev(q, k, v, causal, mask=None):
-        assert mask is None, "the dev harness passes no mask"
-        return devattn.attention(q, k, v, is_causal=causal, variant=variant)
+        return devattn.attention(q, k, v, attn_mask=mask, is_causal=causal, variant=variant)
 
     return dev
 

@@ -9,9 +9,14 @@
 #include "../../csrc/kernels/cuda/flash_fwd_launch.h"
 
 using attnsel::kernels::AttentionParams;
+using attnsel::kernels::MaskKind;
 using attnsel::kernels::ScalarType;
 
 static thread_local std::string g_msg;
+
+static ScalarType scalar(int dtype) {
+  return dtype == 0 ? ScalarType::F32 : dtype == 1 ? ScalarType::F16 : ScalarType::BF16;
+}
 
 static AttentionParams make(const void* q, const void* k, const void* v, void* out, int dtype, const std::int64_t* sizes,
                             const std::int64_t* qs, const std::int64_t* ks, const std::int64_t* vs,
@@ -21,7 +26,7 @@ static AttentionParams make(const void* q, const void* k, const void* v, void* o
   p.k = k;
   p.v = v;
   p.out = out;
-  p.dtype = dtype == 0 ? ScalarType::F32 : dtype == 1 ? ScalarType::F16 : ScalarType::BF16;
+  p.dtype = scalar(dtype);
   p.batch = sizes[0];
   p.heads_q = sizes[1];
   p.heads_kv = sizes[2];
@@ -40,13 +45,21 @@ static AttentionParams make(const void* q, const void* k, const void* v, void* o
   return p;
 }
 
-// sizes = {B, Hq, Hkv, Sq, Sk, D, Dv}; dtype 0 f32, 1 f16, 2 bf16. Returns "" on success, else the reason.
+// sizes = {B, Hq, Hkv, Sq, Sk, D, Dv}; dtype 0 f32, 1 f16, 2 bf16. mask_kind 0 none, 1 bool (bytes), 2 additive
+// (mask_dtype as dtype), ms its [B, Hq, Sq, Sk] element strides. Returns "" on success, else the reason.
 extern "C" const char* attnsel_dev_forward(const void* q, const void* k, const void* v, void* out, int dtype,
                                            const std::int64_t* sizes, const std::int64_t* qs,
                                            const std::int64_t* ks, const std::int64_t* vs,
-                                           const std::int64_t* os, int causal, float scale, int sm_major,
+                                           const std::int64_t* os, int causal, float scale, const void* mask,
+                                           int mask_kind, int mask_dtype, const std::int64_t* ms, int sm_major,
                                            int sm_minor, int variant, void* stream) {
   AttentionParams p = make(q, k, v, out, dtype, sizes, qs, ks, vs, os, causal, scale);
+  if (mask_kind != 0) {
+    p.mask_kind = mask_kind == 1 ? MaskKind::Bool : MaskKind::Additive;
+    p.mask = mask;
+    p.mask_dtype = scalar(mask_dtype);
+    for (int i = 0; i < 4; ++i) p.mask_stride[i] = ms[i];
+  }
   g_msg = attnsel::cuda::refusal(p, sm_major, sm_minor);
   if (!g_msg.empty()) {
     g_msg = "refused: " + g_msg;

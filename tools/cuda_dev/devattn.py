@@ -1,7 +1,8 @@
 """ctypes front for the dev build of the native CUDA attention (tools/cuda_dev/build.sh).
 
-attention(q, k, v, is_causal=False, scale=None, variant=-1, out=None) mirrors
-attnsel.attention(..., backend="native") for [B, H, S, D] CUDA tensors, without the extension.
+attention(q, k, v, attn_mask=None, is_causal=False, scale=None, variant=-1, out=None) mirrors
+attnsel.attention(..., backend="native") for [B, H, S, D] CUDA tensors, without the extension. attn_mask: bool
+(True = attend) or additive (float32 or q's dtype), broadcastable to [B, Hq, Sq, Sk]; a 2-D mask is (B, Sk).
 """
 import ctypes
 import math
@@ -23,7 +24,7 @@ def _lib():
         f = lib.attnsel_dev_forward
         P, I64P = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
         f.argtypes = [P, P, P, P, ctypes.c_int, I64P, I64P, I64P, I64P, I64P, ctypes.c_int, ctypes.c_float,
-                      ctypes.c_int, ctypes.c_int, ctypes.c_int, P]
+                      P, ctypes.c_int, ctypes.c_int, I64P, ctypes.c_int, ctypes.c_int, ctypes.c_int, P]
         f.restype = ctypes.c_char_p
         _LIB = lib
     return _LIB
@@ -37,9 +38,16 @@ class Refused(RuntimeError):
     pass
 
 
-def attention(q, k, v, is_causal=False, scale=None, variant=-1, out=None):
+def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, variant=-1, out=None):
     B, Hq, Sq, D = q.shape
     _, Hkv, Sk, _ = k.shape
+    mask, mask_kind, mask_dtype, mask_strides = None, 0, 0, [0, 0, 0, 0]
+    if attn_mask is not None:
+        m = attn_mask[:, None, None, :] if attn_mask.dim() == 2 else attn_mask
+        m = m.expand(B, Hq, Sq, Sk)
+        mask, mask_kind = m.data_ptr(), 1 if m.dtype == torch.bool else 2
+        mask_dtype = _DT.get(m.dtype, 0)
+        mask_strides = list(m.stride())
     Dv = v.shape[-1]
     if out is None:
         out = torch.empty((B, Hq, Sq, Dv), dtype=q.dtype, device=q.device)
@@ -49,7 +57,8 @@ def attention(q, k, v, is_causal=False, scale=None, variant=-1, out=None):
     msg = _lib().attnsel_dev_forward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), _DT[q.dtype],
         _arr([B, Hq, Hkv, Sq, Sk, D, Dv]), _arr(q.stride()), _arr(k.stride()), _arr(v.stride()), _arr(out.stride()),
-        int(is_causal), float(scale), major, minor, int(variant), ctypes.c_void_p(stream))
+        int(is_causal), float(scale), mask, mask_kind, mask_dtype, _arr(mask_strides), major, minor, int(variant),
+        ctypes.c_void_p(stream))
     if msg:
         msg = msg.decode()
         raise (Refused if msg.startswith("refused:") else RuntimeError)(msg)

@@ -7,6 +7,8 @@
 
 #include <cuda.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <type_traits>
 
 #include "flash_fwd_launch.h"
@@ -64,53 +66,85 @@ __device__ __forceinline__ void fence_frag(std::uint32_t (&r)[N][4]) {
 // block-wide barrier in the loop. Within a warpgroup, S_j = Q·K_j^T and O += P_{j-1}·V_{j-1} are issued back
 // to back and the softmax of S_j overlaps the P·V. (Consumers taking turns through named barriers, FA3's
 // "ping-pong", measured within +-3% and was removed: docs/cuda-kernels.md.)
-template <int D, int BC, int NC, int STAGES>
+//
+// PERSIST: the grid is about one CTA per SM and each CTA walks the work items (b, h, query tile) w = blockIdx.x,
+// blockIdx.x + gridDim.x, ...; the K/V ring and its barrier phases run on across items, so the producer loads the
+// next item's Q and first K/V tiles while the consumers finish this item's last P·V and store O. Q has QBUF
+// buffers (2 where shared memory allows): with one, the consumers free it when the item's last Q·K^T has retired.
+// Without PERSIST there is one CTA per work item (the grid is (query tiles, heads, batch)).
+template <int D, int BC, int NC, int STAGES, int QBUF = 1>
 struct WsCfg {
   static constexpr int BR = 64 * NC, NT = 128 * (NC + 1);
   static constexpr std::uint32_t Q_BYTES = BR * D * 2, KV_BYTES = BC * D * 2;
-  static constexpr int SMEM = Q_BYTES + 2 * STAGES * KV_BYTES + 1024 + 8 * (1 + 4 * STAGES);
+  static constexpr int N_BARS = 2 * QBUF + 4 * STAGES;  // q_full, q_empty [QBUF]; k/v full/empty [STAGES]
+  static constexpr int TILES = QBUF * Q_BYTES + 2 * STAGES * KV_BYTES;
+  static constexpr int SMEM = TILES + 1024 + 8 * N_BARS;
   // Masked kernels: a key-padding bias row per consumer, double-buffered by key tile (after the barriers).
-  static constexpr int BIAS_OFFSET = (Q_BYTES + 2 * STAGES * KV_BYTES + 8 * (1 + 4 * STAGES) + 15) / 16 * 16;
+  static constexpr int BIAS_OFFSET = (TILES + 8 * N_BARS + 15) / 16 * 16;
   static constexpr int SMEM_MASKED = SMEM + 16 + NC * 2 * BC * 4;
   // Register split of the 64K-register file: the producer needs few, the consumers hold S, P and O.
   static constexpr int PRODUCER_REGS = NC == 2 ? 24 : 32;
   static constexpr int CONSUMER_REGS = NC == 2 ? 240 : 160;
 };
 
-template <typename T, int D, int BC, int NC, int STAGES, bool CAUSAL, int MM>
+// The work items of one launch: query tiles x heads x batch, the query tile fastest (neighbouring CTAs share K/V
+// in L2). Causal kernels take the query tiles last-first, the longest key loops first.
+struct WorkItems {
+  int m_blocks, heads, total;
+};
+
+template <typename T, int D, int BC, int NC, int STAGES, int QBUF, bool PERSIST, bool CAUSAL, int MM>
 __global__ void __launch_bounds__((NC + 1) * 128, 1)
-    flash_fwd_ws(const FwdArgs a, const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
-                 const __grid_constant__ CUtensorMap tv) {
-  using C = WsCfg<D, BC, NC, STAGES>;
+    flash_fwd_ws(const FwdArgs a, const WorkItems work, const __grid_constant__ CUtensorMap tq,
+                 const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv) {
+  using C = WsCfg<D, BC, NC, STAGES, QBUF>;
   using Ops = WgOps<T, BC, D>;
   using Op = MmaOp<T>;
   constexpr int BR = C::BR;
   constexpr std::uint32_t KV_BYTES = C::KV_BYTES;
+  static_assert(PERSIST || QBUF == 1, "one Q buffer per CTA without the persistent loop");
 
   extern __shared__ unsigned char smem_raw[];
   const std::uint32_t sQ = (smem_u32(smem_raw) + 1023) & ~1023u;  // 128-byte swizzle wants 1024-byte alignment
-  const std::uint32_t sK = sQ + C::Q_BYTES, sV = sK + STAGES * KV_BYTES;
-  const std::uint32_t q_full = sV + STAGES * KV_BYTES;  // then k_full, k_empty, v_full, v_empty [STAGES] each
-  auto k_full = [&](int st) { return q_full + 8 * (1 + st); };
-  auto k_empty = [&](int st) { return q_full + 8 * (1 + STAGES + st); };
-  auto v_full = [&](int st) { return q_full + 8 * (1 + 2 * STAGES + st); };
-  auto v_empty = [&](int st) { return q_full + 8 * (1 + 3 * STAGES + st); };
+  const std::uint32_t sK = sQ + QBUF * C::Q_BYTES, sV = sK + STAGES * KV_BYTES;
+  const std::uint32_t bars = sV + STAGES * KV_BYTES;
+  auto q_full = [&](int qb) { return bars + 8 * qb; };
+  auto q_empty = [&](int qb) { return bars + 8 * (QBUF + qb); };
+  auto k_full = [&](int st) { return bars + 8 * (2 * QBUF + st); };
+  auto k_empty = [&](int st) { return bars + 8 * (2 * QBUF + STAGES + st); };
+  auto v_full = [&](int st) { return bars + 8 * (2 * QBUF + 2 * STAGES + st); };
+  auto v_empty = [&](int st) { return bars + 8 * (2 * QBUF + 3 * STAGES + st); };
 
-  const int m_block = CAUSAL ? (gridDim.x - 1 - blockIdx.x) : blockIdx.x;
-  const int h = blockIdx.y, b = blockIdx.z;
-  const int hk = h / a.group;  // K/V tensor-map coordinate
-  const int m0 = m_block * BR;
-  const int n_tiles = key_tiles<BR, BC, CAUSAL>(m0, a.seq_kv);
+  // Work item w -> first query row, head, batch.
+  auto item = [&](int w, int& m0, int& h, int& b) {
+    if (PERSIST) {
+      const int mb = w % work.m_blocks, bh = w / work.m_blocks;
+      m0 = (CAUSAL ? work.m_blocks - 1 - mb : mb) * BR;
+      h = bh % work.heads;
+      b = bh / work.heads;
+    } else {
+      m0 = (CAUSAL ? (gridDim.x - 1 - blockIdx.x) : blockIdx.x) * BR;
+      h = blockIdx.y;
+      b = blockIdx.z;
+    }
+  };
+  const int w0 = PERSIST ? static_cast<int>(blockIdx.x) : 0;
+  const int w_step = PERSIST ? static_cast<int>(gridDim.x) : 1;
+  const int w_end = PERSIST ? work.total : 1;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int wg = warp >> 2;
 
   if (tid == 0) {
-    mbar_init(q_full, 1);
+#pragma unroll
+    for (int qb = 0; qb < QBUF; ++qb) {
+      mbar_init(q_full(qb), 1);
+      mbar_init(q_empty(qb), 4 * NC);  // one arrival per consumer warp
+    }
 #pragma unroll
     for (int st = 0; st < STAGES; ++st) {
       mbar_init(k_full(st), 1);
       mbar_init(v_full(st), 1);
-      mbar_init(k_empty(st), 4 * NC);  // one arrival per consumer warp
+      mbar_init(k_empty(st), 4 * NC);
       mbar_init(v_empty(st), 4 * NC);
     }
     mbar_init_fence();
@@ -123,22 +157,32 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
       tma_prefetch_desc(&tq);
       tma_prefetch_desc(&tk);
       tma_prefetch_desc(&tv);
-      mbar_arrive_expect_tx(q_full, C::Q_BYTES);
-#pragma unroll
-      for (int c = 0; c < D / 64; ++c) tma_load_4d(sQ + c * BR * 128, &tq, q_full, c * 64, m0, h, b);
-      for (int jt = 0; jt < n_tiles; ++jt) {
-        const int st = jt % STAGES;
-        const std::uint32_t ph = (jt / STAGES) & 1;
-        mbar_wait(k_empty(st), ph ^ 1);
-        mbar_arrive_expect_tx(k_full(st), KV_BYTES);
-#pragma unroll
-        for (int c = 0; c < D / 64; ++c)
-          tma_load_4d(sK + st * KV_BYTES + c * BC * 128, &tk, k_full(st), c * 64, jt * BC, hk, b);
-        mbar_wait(v_empty(st), ph ^ 1);
-        mbar_arrive_expect_tx(v_full(st), KV_BYTES);
+      int kc = 0, it = 0;  // key tiles and work items loaded so far (ring slots and barrier phases)
+      for (int w = w0; w < w_end; w += w_step, ++it) {
+        int m0, h, b;
+        item(w, m0, h, b);
+        const int hk = h / a.group;  // K/V tensor-map coordinate
+        const int n_tiles = key_tiles<BR, BC, CAUSAL>(m0, a.seq_kv);
+        const int qb = it % QBUF;
+        if (PERSIST) mbar_wait(q_empty(qb), ((it / QBUF) & 1) ^ 1);
+        mbar_arrive_expect_tx(q_full(qb), C::Q_BYTES);
 #pragma unroll
         for (int c = 0; c < D / 64; ++c)
-          tma_load_4d(sV + st * KV_BYTES + c * BC * 128, &tv, v_full(st), c * 64, jt * BC, hk, b);
+          tma_load_4d(sQ + qb * C::Q_BYTES + c * BR * 128, &tq, q_full(qb), c * 64, m0, h, b);
+        for (int jt = 0; jt < n_tiles; ++jt, ++kc) {
+          const int st = kc % STAGES;
+          const std::uint32_t ph = (kc / STAGES) & 1;
+          mbar_wait(k_empty(st), ph ^ 1);
+          mbar_arrive_expect_tx(k_full(st), KV_BYTES);
+#pragma unroll
+          for (int c = 0; c < D / 64; ++c)
+            tma_load_4d(sK + st * KV_BYTES + c * BC * 128, &tk, k_full(st), c * 64, jt * BC, hk, b);
+          mbar_wait(v_empty(st), ph ^ 1);
+          mbar_arrive_expect_tx(v_full(st), KV_BYTES);
+#pragma unroll
+          for (int c = 0; c < D / 64; ++c)
+            tma_load_4d(sV + st * KV_BYTES + c * BC * 128, &tv, v_full(st), c * 64, jt * BC, hk, b);
+        }
       }
     }
   } else {
@@ -146,21 +190,36 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
     const int cw = wg - 1;  // consumer index: rows cw*64 .. cw*64+63 of the block
     const int g = lane >> 2, t = lane & 3;
     const int row0 = cw * 64 + (warp & 3) * 16 + g;
-    T* o = HeadPtrs<T>(a, b, h).o;
-    const MaskView<T, MM> mask(a, b, h);
-    // Key-padding masks (one row of keys per batch and head): each thread of the warpgroup loads one key's value
-    // of the next tile while this one computes and publishes it as a float bias row in shared memory (0 or -inf
-    // for bool masks), so the softmax adds it with one shared load per two keys. Full bool masks are loaded as
-    // bits before S is ready (bit e of this thread's S fragment); full additive masks are read in the softmax.
-    const bool kp = MM != kNoMask && mask.key_padding();
     const int tw = (warp & 3) * 32 + lane;  // thread index within the warpgroup
     float* s_bias = reinterpret_cast<float*>(smem_raw + (sQ - smem_u32(smem_raw)) + C::BIAS_OFFSET) + cw * 2 * BC;
+    const float sl2 = a.scale_log2;
+    // A consumer warp is done with a K/V (or Q) buffer once its wgmma reads have retired.
+    auto release = [&](std::uint32_t bar) {
+      __syncwarp();
+      if (lane == 0) mbar_arrive(bar);
+    };
+    // The work item in hand (cur) and its mask view; kc / it count the key tiles and items consumed before it.
+    int kc = 0, it = 0;
+    int m0 = 0, h = 0, b = 0, n_tiles = 0;
+    auto set_item = [&](int w) {
+      item(w, m0, h, b);
+      n_tiles = key_tiles<BR, BC, CAUSAL>(m0, a.seq_kv);
+    };
+    MaskView<T, MM> mask(a, 0, 0);
+    // Key-padding masks (one row of keys per batch and head): each thread of the warpgroup loads one key's value
+    // of the next tile while this one computes and publishes it as a float bias row in shared memory (0 or -inf
+    // for bool masks), so the softmax adds it with one shared load per two keys. The two row buffers alternate
+    // by the running key-tile count kc + jt, across work items too. Full bool masks are loaded as bits before S
+    // is ready (bit e of this thread's S fragment); full additive masks are read in the softmax.
+    bool kp = false;
     auto kp_fetch = [&](int jt) -> float {
       const int col = jt * BC + tw;
       return (tw < BC && col < a.seq_kv) ? mask.at(0, col) : -INFINITY;
     };
-    auto kp_publish = [&](int jt, float v) {  // buffer jt&1 was last read in softmax(jt-2): every thread is past it
-      if (tw < BC) s_bias[(jt & 1) * BC + tw] = v;
+    // Buffer (kc+jt)&1 was last read in the softmax two key tiles back: every thread is past the barrier of the
+    // publish in between.
+    auto kp_publish = [&](int jt, float v) {
+      if (tw < BC) s_bias[((kc + jt) & 1) * BC + tw] = v;
       named_bar_sync(1 + cw, 128);
     };
     static_assert(BC / 2 <= 64, "bool mask bits");
@@ -168,15 +227,12 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
     float kp_next = 0.f;
 
     float acc[D / 2];
-#pragma unroll
-    for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
-    float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
-    const float sl2 = a.scale_log2;
-    const std::uint64_t dq0 = make_desc(sQ + cw * 64 * 128, 16, 1024);
+    float m_r[2], l_r[2];
     std::uint32_t pa[BC / 16][4];
     float s[BC / 2];
+    auto q_desc = [&](int itx) { return make_desc(sQ + (itx % QBUF) * C::Q_BYTES + cw * 64 * 128, 16, 1024); };
 
-    auto issue_qk = [&](int st) {
+    auto issue_qk = [&](int st, std::uint64_t dq0) {
       const std::uint64_t dk0 = make_desc(sK + st * KV_BYTES, 16, 1024);
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
@@ -184,6 +240,14 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
         Ops::qk(s, dq0 + (kk >> 2) * ((BR * 128) >> 4) + koff, dk0 + (kk >> 2) * ((BC * 128) >> 4) + koff,
                 kk > 0 ? 1 : 0);
       }
+    };
+    // S_0 = Q·K_0^T of the item numbered itx whose first key tile is kcx, once its Q and K_0 have landed.
+    auto issue_first_qk = [&](int itx, int kcx) {
+      mbar_wait(q_full(itx % QBUF), (itx / QBUF) & 1);
+      mbar_wait(k_full(kcx % STAGES), (kcx / STAGES) & 1);
+      wg_fence();
+      issue_qk(kcx % STAGES, q_desc(itx));
+      wg_commit();
     };
     auto issue_pv = [&](int st) {
       const std::uint64_t dv0 = make_desc(sV + st * KV_BYTES, BC * 128, 1024);
@@ -219,7 +283,7 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
     auto softmax = [&](int jt, float (&al)[2]) {
       const int n0 = jt * BC;
       if (MM != kNoMask && kp) {  // bias row of this tile (sequence end included), causal diagonal
-        const float* bias = s_bias + (jt & 1) * BC;
+        const float* bias = s_bias + ((kc + jt) & 1) * BC;
 #pragma unroll
         for (int j = 0; j < BC / 8; ++j) {
           const float2 bb = *reinterpret_cast<const float2*>(bias + j * 8 + t * 2);
@@ -284,90 +348,111 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
         pa[kk][3] = Op::pack(s[8 * kk + 6], s[8 * kk + 7]);
       }
     };
-    // A consumer warp is done with a K/V buffer once its wgmma reads have retired.
-    auto release = [&](std::uint32_t bar) {
-      __syncwarp();
-      if (lane == 0) mbar_arrive(bar);
-    };
-    if (MM != kNoMask && kp) kp_publish(0, kp_fetch(0));
-    mbar_wait(q_full, 0);
-    mbar_wait(k_full(0), 0);
-    wg_fence();
-    issue_qk(0);
-    wg_commit();
-    load_mask(0);
-    wg_wait0();
-    fence_regs(s);
-    release(k_empty(0));
-    {
-      float al[2];
-      softmax(0, al);  // O is zero: no rescale needed
-    }
-    pack_p();
-    if (MM != kNoMask && kp && n_tiles > 1) kp_publish(1, kp_next);
 
-    for (int jt = 1; jt < n_tiles; ++jt) {
-      const int st = jt % STAGES, ps = (jt - 1) % STAGES;
-      mbar_wait(k_full(st), (jt / STAGES) & 1);
+    for (int w = w0; w < w_end; w += w_step, ++it) {
+      set_item(w);
+      mask = MaskView<T, MM>(a, b, h);
+      issue_first_qk(it, kc);
+      kp = MM != kNoMask && mask.key_padding();
+#pragma unroll
+      for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
+      m_r[0] = m_r[1] = -INFINITY;
+      l_r[0] = l_r[1] = 0.f;
+      load_mask(0);
+      if (MM != kNoMask && kp) kp_publish(0, kp_fetch(0));
+      wg_wait0();
+      fence_regs(s);
+      release(k_empty(kc % STAGES));
+      if (PERSIST && n_tiles == 1) release(q_empty(it % QBUF));  // the item's last Q·K^T has retired
+      {
+        float al[2];
+        softmax(0, al);  // O is zero: no rescale needed
+      }
+      pack_p();
+      if (MM != kNoMask && kp && n_tiles > 1) kp_publish(1, kp_next);
+
+      for (int jt = 1; jt < n_tiles; ++jt) {
+        const int kj = kc + jt;
+        const int st = kj % STAGES, ps = (kj - 1) % STAGES;
+        mbar_wait(k_full(st), (kj / STAGES) & 1);
+        wg_fence();
+        fence_regs(acc);
+        issue_qk(st, q_desc(it));
+        wg_commit();
+        mbar_wait(v_full(ps), ((kj - 1) / STAGES) & 1);
+        issue_pv(ps);
+        wg_commit();
+        load_mask(jt);
+        wg_wait1();  // S_jt ready; P·V_{jt-1} may still run
+        fence_regs(s);
+        release(k_empty(st));
+        if (PERSIST && jt == n_tiles - 1) release(q_empty(it % QBUF));
+        float al[2];
+        softmax(jt, al);
+        wg_wait0();
+        fence_regs(acc);
+        fence_frag(pa);
+        release(v_empty(ps));
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+          for (int j = 0; j < D / 8; ++j) {
+            acc[4 * j + 2 * r] *= al[r];
+            acc[4 * j + 2 * r + 1] *= al[r];
+          }
+        pack_p();
+        if (MM != kNoMask && kp && jt + 1 < n_tiles) kp_publish(jt + 1, kp_next);
+      }
+      const int kl = kc + n_tiles - 1, ls = kl % STAGES;
+      mbar_wait(v_full(ls), (kl / STAGES) & 1);
       wg_fence();
       fence_regs(acc);
-      issue_qk(st);
+      issue_pv(ls);
       wg_commit();
-      mbar_wait(v_full(ps), ((jt - 1) / STAGES) & 1);
-      issue_pv(ps);
-      wg_commit();
-      load_mask(jt);
-      wg_wait1();  // S_jt ready; P·V_{jt-1} may still run
-      fence_regs(s);
-      release(k_empty(st));
-      float al[2];
-      softmax(jt, al);
       wg_wait0();
       fence_regs(acc);
       fence_frag(pa);
-      release(v_empty(ps));
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-#pragma unroll
-        for (int j = 0; j < D / 8; ++j) {
-          acc[4 * j + 2 * r] *= al[r];
-          acc[4 * j + 2 * r + 1] *= al[r];
-        }
-      pack_p();
-      if (MM != kNoMask && kp && jt + 1 < n_tiles) kp_publish(jt + 1, kp_next);
-    }
-    const int ls = (n_tiles - 1) % STAGES;
-    mbar_wait(v_full(ls), ((n_tiles - 1) / STAGES) & 1);
-    wg_fence();
-    fence_regs(acc);
-    issue_pv(ls);
-    wg_commit();
-    wg_wait0();
-    fence_regs(acc);
-    fence_frag(pa);
+      if (PERSIST) release(v_empty(ls));  // the next work item reuses the slot
 
+      T* o = HeadPtrs<T>(a, b, h).o;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float l = quad_sum(l_r[r]);
-      const float inv = l > 0.f ? 1.f / l : 0.f;
-      const int row = m0 + row0 + r * 8;
-      if (row < a.seq_q) {
-        T* orow = o + static_cast<std::int64_t>(row) * a.o_ss;
+      for (int r = 0; r < 2; ++r) {
+        const float l = quad_sum(l_r[r]);
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const int row = m0 + row0 + r * 8;
+        if (row < a.seq_q) {
+          T* orow = o + static_cast<std::int64_t>(row) * a.o_ss;
 #pragma unroll
-        for (int j = 0; j < D / 8; ++j)
-          if (j * 8 < a.head_dim)  // padded columns are not stored
-            *reinterpret_cast<std::uint32_t*>(orow + j * 8 + t * 2) =
-                Op::pack(acc[4 * j + 2 * r] * inv, acc[4 * j + 2 * r + 1] * inv);
-        if (a.lse != nullptr && t == 0)
-          a.lse[(static_cast<std::int64_t>(b) * gridDim.y + h) * a.seq_q + row] = row_lse(m_r[r], l, sl2);
+          for (int j = 0; j < D / 8; ++j)
+            if (j * 8 < a.head_dim)  // padded columns are not stored
+              *reinterpret_cast<std::uint32_t*>(orow + j * 8 + t * 2) =
+                  Op::pack(acc[4 * j + 2 * r] * inv, acc[4 * j + 2 * r + 1] * inv);
+          if (a.lse != nullptr && t == 0)
+            a.lse[(static_cast<std::int64_t>(b) * work.heads + h) * a.seq_q + row] = row_lse(m_r[r], l, sl2);
+        }
       }
+      kc += n_tiles;
     }
   }
 }
 
-template <typename T, int D, int BC, int NC, int STAGES, bool CAUSAL, int MM = kNoMask>
+// Multiprocessors of the current device (cached per device): the persistent grid's size.
+inline int sm_count() {
+  static int cached[64];
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) return 132;
+  if (dev >= 64) dev = 63;
+  if (cached[dev] == 0) {
+    int n = 0;
+    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+    cached[dev] = n > 0 ? n : 132;
+  }
+  return cached[dev];
+}
+
+template <typename T, int D, int BC, int NC, int STAGES, int QBUF, bool PERSIST, bool CAUSAL, int MM = kNoMask>
 cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, cudaStream_t stream) {
-  using C = WsCfg<D, BC, NC, STAGES>;
+  using C = WsCfg<D, BC, NC, STAGES, QBUF>;
   constexpr bool bf16 = std::is_same<T, __nv_bfloat16>::value;
   const int heads_kv = heads / a.group, d = a.head_dim;
   CUtensorMap tq, tk, tv;
@@ -375,28 +460,61 @@ cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, cudaStream_t strea
       !make_map(&tk, a.k, bf16, d, a.seq_kv, heads_kv, batch, a.k_ss, a.k_sh, a.k_sb, BC) ||
       !make_map(&tv, a.v, bf16, d, a.seq_kv, heads_kv, batch, a.v_ss, a.v_sh, a.v_sb, BC))
     return cudaErrorNotSupported;
-  auto kern = flash_fwd_ws<T, D, BC, NC, STAGES, CAUSAL, MM>;
+  auto kern = flash_fwd_ws<T, D, BC, NC, STAGES, QBUF, PERSIST, CAUSAL, MM>;
   constexpr int smem = MM == kNoMask ? C::SMEM : C::SMEM_MASKED;
+  static_assert(smem <= 227 * 1024, "shared memory per block");
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;
-  dim3 grid((a.seq_q + C::BR - 1) / C::BR, heads, batch);
-  kern<<<grid, C::NT, smem, stream>>>(a, tq, tk, tv);
+  const int m_blocks = (a.seq_q + C::BR - 1) / C::BR;
+  const std::int64_t total = static_cast<std::int64_t>(m_blocks) * heads * batch;
+  if (PERSIST && total > 0x7fffffff) return cudaErrorInvalidValue;  // use_persistent never asks for it
+  const WorkItems work{m_blocks, heads, static_cast<int>(std::min<std::int64_t>(total, 0x7fffffff))};
+  if (PERSIST) {
+    kern<<<static_cast<int>(std::min<std::int64_t>(total, sm_count())), C::NT, smem, stream>>>(a, work, tq, tk, tv);
+  } else {
+    kern<<<dim3(m_blocks, heads, batch), C::NT, smem, stream>>>(a, work, tq, tk, tv);
+  }
   return cudaGetLastError();
 }
 
-// Default tiles per padded head size; variants 16.. are alternatives kept for tuning (docs/cuda-kernels.md), unmasked only.
+// The persistent schedule pays where each work item has few key tiles: the per-item start (Q load, ring fill) and
+// the launch of a CTA per item are then a large share of an item, and the producer now does them under the
+// previous item. H200, bf16, against one CTA per item: +26% with 4 key tiles (Wan cross-attention), +12-21% with
+// 4-8 (8x24x1024, 16x24x512), +5% with 12-16; with 32-36 key tiles -3% to +0% (SD-UNet, Flux), so long rows keep
+// one CTA per item. Causal items are unequal and a static split would lose to the hardware's block scheduler, so
+// causal calls keep it too (and no causal persistent kernel is built). With no more items than SMs there is
+// nothing to schedule.
+constexpr int kPersistMaxKeyTiles = 16;
+inline bool use_persistent(const FwdArgs& a, int key_tile, bool causal, int batch, int heads, int rows_per_tile) {
+  const std::int64_t items = static_cast<std::int64_t>((a.seq_q + rows_per_tile - 1) / rows_per_tile) * heads * batch;
+  return !causal && (a.seq_kv + key_tile - 1) / key_tile <= kPersistMaxKeyTiles && items > sm_count() &&
+         items <= 0x7fffffff;
+}
+
+// Default tiles per padded head size; variants 16.. are alternatives kept for tuning (docs/cuda-kernels.md): 19
+// forces the persistent schedule (non-causal) and 20 one CTA per work item (any mask); 16-18 are unmasked, one CTA
+// per item.
 template <typename T, bool C, int D>
 cudaError_t run_t(const FwdArgs& a, int batch, int heads, int mask_mode, int variant, cudaStream_t s) {
   constexpr int BC = D == 256 ? 80 : 128;  // 256: 80-key tiles, 3-7% over 64 (H200); two K/V stages fill 225 KB
-  if (mask_mode == kBoolMask) return launch_ws<T, D, BC, 2, 2, C, kBoolMask>(a, batch, heads, s);
-  if (mask_mode == kAddMask) return launch_ws<T, D, BC, 2, 2, C, kAddMask>(a, batch, heads, s);
+  // Two Q buffers where they fit (D=64/128); D=256 has room for one.
+  constexpr int QB = WsCfg<D, BC, 2, 2, 2>::SMEM_MASKED <= 227 * 1024 ? 2 : 1;
+  if constexpr (!C) {  // the persistent kernels are built for non-causal calls only (use_persistent)
+    if (variant == 19 || (variant != 20 && use_persistent(a, BC, C, batch, heads, 128))) {
+      if (mask_mode == kBoolMask) return launch_ws<T, D, BC, 2, 2, QB, true, C, kBoolMask>(a, batch, heads, s);
+      if (mask_mode == kAddMask) return launch_ws<T, D, BC, 2, 2, QB, true, C, kAddMask>(a, batch, heads, s);
+      return launch_ws<T, D, BC, 2, 2, QB, true, C>(a, batch, heads, s);
+    }
+  }
+  if (mask_mode == kBoolMask) return launch_ws<T, D, BC, 2, 2, 1, false, C, kBoolMask>(a, batch, heads, s);
+  if (mask_mode == kAddMask) return launch_ws<T, D, BC, 2, 2, 1, false, C, kAddMask>(a, batch, heads, s);
   if constexpr (D == 64)
-    if (variant == 17) return launch_ws<T, 64, 128, 3, 2, C>(a, batch, heads, s);
+    if (variant == 17) return launch_ws<T, 64, 128, 3, 2, 1, false, C>(a, batch, heads, s);
   if constexpr (D != 256)
-    if (variant == 18) return launch_ws<T, D, 128, 2, 3, C>(a, batch, heads, s);
+    if (variant == 18) return launch_ws<T, D, 128, 2, 3, 1, false, C>(a, batch, heads, s);
   if constexpr (D == 256)
-    if (variant == 16) return launch_ws<T, 256, 64, 2, 2, C>(a, batch, heads, s);
-  return launch_ws<T, D, BC, 2, 2, C>(a, batch, heads, s);
+    if (variant == 16) return launch_ws<T, 256, 64, 2, 2, 1, false, C>(a, batch, heads, s);
+  return launch_ws<T, D, BC, 2, 2, 1, false, C>(a, batch, heads, s);
 }
 
 template <int D>
