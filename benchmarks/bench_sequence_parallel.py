@@ -245,7 +245,7 @@ def main():
         def ulysses_variant(label, fn, comm_alone_ms, **extra):
             try:
                 out = fn()
-            except ValueError as err:
+            except (ValueError, RuntimeError) as err:  # e.g. a refused CTA limit: the same on every rank
                 row["variants"].append({"kind": "ulysses", **extra, "not_measurable": str(err)})
                 say(f"  ulysses {label}: not measurable: {err}")
                 return
