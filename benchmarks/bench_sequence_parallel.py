@@ -13,7 +13,8 @@ all-to-all (packed and unpacked) against three; Ulysses over NCCL chunked on a c
 (ProcessGroupNCCL config max_ctas), so the attention keeps more SMs. Timing: warm-up, then --reps calls back to
 back, CUDA events around each call on rank 0, median; `max_rank_ms` is the slowest rank's median; speedup = one-GPU
 median / slowest rank's median. TFLOP/s = 4*B*H*S*S*D / time. Ring needs a backend that returns the log-sum-exp;
-without one it is reported as not measurable, with the reason.
+without one it is reported as not measurable, with the reason. USP needs both degrees > 1 (4 GPUs); on 2 GPUs it
+is Ulysses (2, 1) or the ring (1, 2).
 """
 
 import os
@@ -146,6 +147,13 @@ def ring_ce_comm(k, v, group, lens):
     return held
 
 
+def merge_two_pass(o1, l1, o2, l2):
+    """The earlier merge of two blocks: o1 * w1 into fp32, then + o2 * w2 written in o1's dtype."""
+    new = torch.logaddexp(l1, l2)
+    scaled = torch.mul(o1, torch.exp(l1 - new).unsqueeze(-1))
+    return torch.addcmul(scaled, o2, torch.exp(l2 - new).unsqueeze(-1), out=torch.empty_like(o1))
+
+
 def ring_compute(q, blocks, backend):
     """The ring's local work alone: one attention with LSE per block, merged in fp32."""
     acc = lse_acc = None
@@ -163,7 +171,7 @@ def main():
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: gloo, for a smoke test")
     ap.add_argument("--shapes", default="wan-14b,hunyuanvideo", help="comma-separated: " + ", ".join(SHAPES))
     ap.add_argument("--chunks", default="1", help="Ulysses head chunks over NCCL (default: %(default)s)")
-    ap.add_argument("--ce-chunks", default="1,2,3,4,6",
+    ap.add_argument("--ce-chunks", default="1,4,6,10,20",
                     help="Ulysses head chunks over the copy engines (default: %(default)s)")
     ap.add_argument("--cta-chunks", default="2,4",
                     help="Ulysses head chunks over an NCCL communicator limited to --max-ctas CTAs (default: %(default)s)")
@@ -290,9 +298,10 @@ def main():
             compute_ms, _ = timed(lambda: ring_compute(qs, blocks, ring_backend), reps, warmup, device)
             parts = [attnsel.attention(qs, kb, vb, backend=ring_backend, return_lse=True) for kb, vb in blocks]
             merge_ms, _ = timed(lambda: D._merge(*parts[0], *parts[1], q.dtype), reps, warmup, device)
+            fp32_ms, _ = timed(lambda: merge_two_pass(*parts[0], *parts[1]), reps, warmup, device)
             del parts
-            row["ring_merge_alone_ms"] = merge_ms
-            say(f"  ring: merging two blocks alone {merge_ms:.3f} ms")
+            row["ring_merge_alone_ms"] = {"lerp": merge_ms, "two_pass_fp32": fp32_ms}
+            say(f"  ring: merging two blocks alone: lerp {merge_ms:.3f} ms, two fp32 passes {fp32_ms:.3f} ms")
             comms = {"nccl": lambda: ring_comm(ks, vs, group)}
             if transport == "copy_engine":
                 comms["copy_engine"] = lambda: ring_ce_comm(ks, vs, group, lens)

@@ -23,7 +23,7 @@ from test_distributed import FLOOR, _reference, _spawn
 class FakePeerMemory:
     """What the copy-engine code needs of attnsel.distributed._PeerMemory, for threads of one process."""
 
-    comm_stream = compute_stream = None
+    comm_stream = copy_stream = compute_stream = None
 
     def __init__(self, buffers: list, barrier: threading.Barrier, rank: int):
         self.buffers, self._barrier, self.rank = buffers, barrier, rank
