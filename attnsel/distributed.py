@@ -7,11 +7,11 @@ attnsel.attention, and `auto` plans each call on the local shapes.
 
 - Ulysses: an all-to-all turns sequence shards into head shards (each rank: the whole sequence, H/U heads), plain
   attention runs there (so causal and masks are the single-process ones), a second all-to-all turns it back. Needs
-  H and H_kv divisible by the Ulysses degree. `chunks=` cuts the heads so that one chunk's all-to-alls can run
-  while another chunk's attention computes (default 1: on 2 H200s that measured slower, NCCL's kernels and the
-  attention kernel competing for the SMs).
+  H and H_kv divisible by the Ulysses degree. `chunks=` cuts the heads so that one chunk's exchange can run
+  while another chunk's attention computes (default: `copy_engine_chunks(S)` on the copy engines; 1 over NCCL,
+  where chunking measured slower on 2 H200s, NCCL's kernels and the attention kernel competing for the SMs).
 - Ring: K/V shards travel around the ring while each rank attends its queries to the block it holds; the partial
-  results are merged with their log-sum-exp in fp32. The next block's send/recv runs during the current block's
+  results are merged with their log-sum-exp in fp32. The next block's transfer runs during the current block's
   attention. Needs a backend that returns the log-sum-exp (`attnsel.attention(..., return_lse=True)`).
 - USP: Ulysses inside groups of `ulysses_degree` ranks, ring across them. Rank layout of a world of U*R ranks:
   rank w = ring_rank * U + ulysses_rank (Ulysses groups are consecutive ranks, e.g. the GPUs of one node), and
@@ -21,6 +21,11 @@ Uneven lengths: shards may have unequal lengths (`shard_lengths(S, P)` splits as
 S % P ranks one token longer); every length must be >= 1. The lengths are exchanged with one small all-gather per
 call unless `shard_lengths=` gives them. Masks: key-padding only, sharded with the keys, (B, S_local) or
 (B, 1, 1, S_local), bool (True = attend) or additive; causal is top-left aligned over the global positions.
+
+Transport (`transport=` or ATTNSEL_SP_TRANSPORT: auto, nccl, copy_engine): on CUDA with an NCCL group of one host,
+`auto` moves the data with the GPUs' copy engines through torch.distributed's symmetric memory (no SMs taken from
+the attention), else with the group's collectives (NCCL, gloo); the gradient path of Ulysses always uses the
+collectives. Calls on one group are expected one at a time, in the same order on every rank (as collectives are).
 
 Autograd: Ulysses is differentiable when the local backend is (the all-to-alls have exact adjoints). Ring and USP
 with ring_degree > 1 are forward-only and raise ValueError for inputs that require grad while grad mode is on.
@@ -60,6 +65,7 @@ __all__ = [
     "sequence_parallel",
     "shard_lengths",
     "transport_in_use",
+    "copy_engine_chunks",
     "ulysses_attention",
     "usp_attention",
 ]
@@ -274,7 +280,7 @@ def _ulysses(q, k, v, mask, group, q_lens, k_lens, local: LocalFn, chunks: int |
         return _HeadsToSeq.apply(local(qh, kh, vh, full_mask), group, q_lens, rank)
     if mem is not None:
         return _ulysses_copy_engine(q, k, v, full_mask, mem, rank, q_lens, k_lens, local,
-                                    COPY_ENGINE_CHUNKS if chunks is None else chunks)
+                                    copy_engine_chunks(sum(q_lens)) if chunks is None else chunks)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     hkv_u, group_size = hkv // size, h // hkv
     n = max(1, min(chunks or 1, hkv_u))
@@ -303,7 +309,16 @@ def _ulysses(q, k, v, mask, group, q_lens, k_lens, local: LocalFn, chunks: int |
 # pipelining over NCCL lost more than it hid). Each rank pushes what a peer needs into that peer's buffer, then a
 # barrier (a one-block kernel on the same side stream) tells every rank its buffer is filled.
 TRANSPORTS = ("auto", "nccl", "copy_engine")
-COPY_ENGINE_CHUNKS = 4  # Ulysses' default head chunks on the copy engines (NCCL's default is 1)
+
+
+def copy_engine_chunks(seq_len: int) -> int:
+    """Ulysses' default head chunks on the copy engines for a sequence of seq_len tokens (over NCCL: 1).
+
+    Measured on 2 H200s (benchmarks/results/sequence_parallel_h200x2.json): Wan-14B's 32760 tokens ran fastest in 6
+    chunks (of 1, 4, 6, 10, 20; exposed 1.17 ms unchunked, 0.46 ms in 6), HunyuanVideo's 118800 unchunked (there the
+    exchange is 2-3% of the call and chunking cost more than it hid). The threshold between them is a guess.
+    """
+    return 6 if seq_len <= 65536 else 1
 
 
 def _transport(transport, where: str) -> str:
@@ -629,7 +644,7 @@ def ulysses_attention(q, k, v, group=None, attn_mask=None, is_causal=False, scal
     group: the process group whose ranks hold the shards in order (None = the default group). attn_mask: a key-padding
     shard (B, S_local) or (B, 1, 1, S_local), all-gathered. shard_lengths: every rank's local length (self-attention),
     saves one all-gather. chunks: head chunks whose communication may overlap other chunks' compute (default
-    COPY_ENGINE_CHUNKS on the copy engines, 1 over NCCL). transport: auto (copy engines where they work, else the
+    copy_engine_chunks(S) on the copy engines, 1 over NCCL). transport: auto (copy engines where they work, else the
     group's collectives), copy_engine or nccl; None reads ATTNSEL_SP_TRANSPORT (default auto).
     Raises ValueError when the group size does not divide the q and k/v heads.
     """
@@ -678,10 +693,10 @@ def _merge(acc, lse_acc, out, lse, final_dtype=None):
     Weights exp(lse_i - lse_total) and sums are fp32; acc is the first block's output as it came, fp32 after a
     merge, and with `final_dtype` the last merge writes the result in that dtype (one rounding). A row with lse -inf
     in a block gets weight 0 there (a row no block reached: both weights exp(-inf) = 0).
-    Two blocks as they came, merged into their own dtype (the 2-rank ring): one lerp, acc + w * (out - acc) in fp32
-    with w rounded to that dtype, one pass instead of two over fp32 (on 2 H200s at Wan-14B measured in
-    benchmarks/results/sequence_parallel_h200x2.json; on CPU its error against float64 was within 1.1x of the two-pass
-    merge's, median over 30 seeds).
+    Two blocks as they came, merged into their own dtype (the 2-rank ring): one lerp, acc + w * (out - acc) computed
+    in fp32 with w rounded to that dtype, one pass instead of two through fp32 (Wan-14B on an H200: 0.29 ms instead of
+    0.89; bf16 on CPU, 30 seeds: error against float64 1.62x the one-process error, median, max 3.3x; two passes:
+    1.55x, max 3.3x).
     """
     if acc is None:
         return out, lse

@@ -175,6 +175,7 @@ def test_chunk_bounds():
     assert D._chunk_bounds(20, 2) == [(0, 10), (10, 20)]
     assert D._chunk_bounds(20, 4) == [(0, 1), (1, 10), (10, 19), (19, 20)]
     assert D._chunk_bounds(3, 8) == [(0, 1), (1, 2), (2, 3)]
+    assert D.copy_engine_chunks(32760) == 6 and D.copy_engine_chunks(118800) == 1
     for heads in range(1, 12):
         for n in range(1, 8):
             cuts = D._chunk_bounds(heads, n)
