@@ -136,8 +136,8 @@ def ring_ce_comm(k, v, group, lens):
         mem.barrier()
         for step in range(size - 1):
             src = (rank - step) % size
-            dst = [layout.view(mem, (rank + 1) % size, f"{name}{step % 2}", tuple(k.shape[:2]) + (lens[src], k.shape[3]))
-                   for name in ("k", "v")]
+            shape = tuple(k.shape[:2]) + (lens[src], k.shape[3])
+            dst = [layout.view(mem, (rank + 1) % size, f"{name}{step % 2}", shape) for name in ("k", "v")]
             for d_, t in zip(dst, held):
                 d_.copy_(t)
             mem.barrier()
@@ -174,7 +174,8 @@ def main():
     ap.add_argument("--ce-chunks", default="1,4,6,10,20",
                     help="Ulysses head chunks over the copy engines (default: %(default)s)")
     ap.add_argument("--cta-chunks", default="2,4",
-                    help="Ulysses head chunks over an NCCL communicator limited to --max-ctas CTAs (default: %(default)s)")
+                    help="Ulysses head chunks over an NCCL communicator limited to --max-ctas CTAs "
+                         "(default: %(default)s)")
     ap.add_argument("--max-ctas", type=int, default=4, help="that communicator's CTA limit (default: %(default)s)")
     ap.add_argument("--reps", type=int, default=0, help="timed calls per variant (default: by shape)")
     ap.add_argument("--high-priority", action="store_true",
