@@ -423,7 +423,7 @@ def _peer_memory(group, like: torch.Tensor, transport: str, where: str) -> "_Pee
 
 
 def transport_in_use(group=None, device=None) -> str:
-    """Which transport `auto` took for the group on this GPU: 'copy_engine', 'nccl (why)', or 'undecided' (no call yet)."""
+    """Which transport `auto` took for the group on this GPU: 'copy_engine', 'nccl (why)' or 'undecided'."""
     group = group or dist.group.WORLD
     index = torch.cuda.current_device() if device is None else torch.device(device).index
     key = (group.group_name, index)
