@@ -1,15 +1,20 @@
 """Sequence-parallel attention forward on N GPUs vs the same backend on one GPU, same run: Ulysses and ring.
 
-    torchrun --nproc-per-node 2 benchmarks/bench_sequence_parallel.py --backend torch_sdpa --out sp.json
+    torchrun --nproc-per-node 2 benchmarks/bench_sequence_parallel.py --backend native --out sp.json
 
 Per shape (bf16): the one-GPU time of attnsel.attention on the whole sequence (every rank runs it on its own GPU at
-once; rank 0's median is reported), then each sequence-parallel variant on (B, H, S/N, D) shards. For each variant
-also: the communication alone (the same all-to-alls / send-recvs, no attention) and the local compute alone (the
-same attention calls on already-exchanged data, no communication); `comm_share` = communication alone / total,
-`exposed_ms` = total - compute alone (what overlapping did not hide). Timing: warm-up, then --reps calls back to
-back, CUDA events around each call on rank 0, median; `max_rank_ms` is the slowest rank's median.
-TFLOP/s = 4*B*H*S*S*D / time. Ring needs a backend that returns the log-sum-exp; without one it is reported as not
-measurable, with the reason.
+once; rank 0's median is reported), then each sequence-parallel variant on (B, H, S/N, D) shards, over each
+transport: `nccl` (NCCL all-to-alls / send-recvs, kernels on the SMs) and `copy_engine` (pushes into peers'
+symmetric memory, copy engines, no SMs). For each variant also: the communication alone (the same exchange, no
+attention) and the local compute alone (one attention call on already-exchanged data for Ulysses; the block
+attentions and their merge for the ring); `comm_share` = communication alone / total, `exposed_ms` = total -
+compute alone (what overlapping did not hide). Also measured, communication only: q, k, v moved by one stacked
+all-to-all (packed and unpacked) against three; Ulysses over NCCL chunked on a communicator limited to few CTAs
+(ProcessGroupNCCL config max_ctas), so the attention keeps more SMs. Timing: warm-up, then --reps calls back to
+back, CUDA events around each call on rank 0, median; `max_rank_ms` is the slowest rank's median; speedup = one-GPU
+median / slowest rank's median. TFLOP/s = 4*B*H*S*S*D / time. Ring needs a backend that returns the log-sum-exp;
+without one it is reported as not measurable, with the reason. USP needs both degrees > 1 (4 GPUs); on 2 GPUs it
+is Ulysses (2, 1) or the ring (1, 2).
 """
 
 import os
@@ -88,6 +93,67 @@ def ring_comm(k, v, group):
     return wire
 
 
+def qkv_stacked_comm(q, k, v, group, lens):
+    """q, k, v sequence->heads by one all-to-all: packed per destination, moved, unpacked to (3, B, H/N, S, D)."""
+    size = len(lens)
+    b, h, n, d = q.shape
+    send = torch.stack([t.unflatten(1, (size, h // size)) for t in (q, k, v)], dim=2)  # (B, N, 3, H/N, n, D)
+    send = send.transpose(0, 1).contiguous()  # (N, B, 3, H/N, n, D): one block per destination
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return recv.permute(1, 2, 3, 0, 4, 5).reshape(b, 3, h // size, size * n, d).contiguous()
+
+
+def qkv_separate_comm(q, k, v, group, lens):
+    """The same move by three all-to-alls (what Ulysses runs): each received buffer joined along the sequence."""
+    pending = [D._start_seq_to_heads(t, group, lens, 0, q.shape[1] // len(lens)) for t in (q, k, v)]
+    return [p.wait() for p in pending]
+
+
+def ulysses_ce_comm(q, k, v, group, lens, chunks):
+    """The copy-engine Ulysses exchange alone: the same pushes, barriers and copies, an empty local attention."""
+    mem = D._peer_memory(group, q, "copy_engine", "bench")
+    hu = q.shape[1] // len(lens)
+    y = q.new_empty(q.shape[0], hu, sum(lens), v.shape[3])
+
+    def no_attention(qh, kh, vh, mask):
+        return y[:, :qh.shape[1]]
+
+    return D._ulysses_copy_engine(q, k, v, None, mem, dist.get_rank(group), lens, lens, no_attention, chunks)
+
+
+def ring_ce_comm(k, v, group, lens):
+    """The copy-engine ring's K/V passing alone: N-1 pushes into the next rank's alternating slots."""
+    mem = D._peer_memory(group, k, "copy_engine", "bench")
+    size, rank = len(lens), dist.get_rank(group)
+    layout = D._Layout([(f"{name}{slot}", tuple(k.shape[:2]) + (max(lens), k.shape[3]), k.dtype)
+                        for slot in (0, 1) for name in ("k", "v")])
+    mem.reserve(layout.nbytes)
+    comm, current = mem.comm_stream, torch.cuda.current_stream()
+    comm.wait_stream(current)
+    held = [k, v]
+    with torch.cuda.stream(comm):
+        mem.barrier()
+        for step in range(size - 1):
+            src = (rank - step) % size
+            shape = tuple(k.shape[:2]) + (lens[src], k.shape[3])
+            dst = [layout.view(mem, (rank + 1) % size, f"{name}{step % 2}", shape) for name in ("k", "v")]
+            for d_, t in zip(dst, held):
+                d_.copy_(t)
+            mem.barrier()
+            held = [layout.view(mem, rank, f"{name}{step % 2}",
+                                tuple(k.shape[:2]) + (lens[(src - 1) % size], k.shape[3])) for name in ("k", "v")]
+    current.wait_stream(comm)
+    return held
+
+
+def merge_two_pass(o1, l1, o2, l2):
+    """The earlier merge of two blocks: o1 * w1 into fp32, then + o2 * w2 written in o1's dtype."""
+    new = torch.logaddexp(l1, l2)
+    scaled = torch.mul(o1, torch.exp(l1 - new).unsqueeze(-1))
+    return torch.addcmul(scaled, o2, torch.exp(l2 - new).unsqueeze(-1), out=torch.empty_like(o1))
+
+
 def ring_compute(q, blocks, backend):
     """The ring's local work alone: one attention with LSE per block, merged in fp32."""
     acc = lse_acc = None
@@ -104,7 +170,13 @@ def main():
                     help="ring's local backend: must return the log-sum-exp (default: %(default)s)")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: gloo, for a smoke test")
     ap.add_argument("--shapes", default="wan-14b,hunyuanvideo", help="comma-separated: " + ", ".join(SHAPES))
-    ap.add_argument("--chunks", default="1,2,4", help="Ulysses head chunks to try (default: %(default)s)")
+    ap.add_argument("--chunks", default="1", help="Ulysses head chunks over NCCL (default: %(default)s)")
+    ap.add_argument("--ce-chunks", default="1,4,6,10,20",
+                    help="Ulysses head chunks over the copy engines (default: %(default)s)")
+    ap.add_argument("--cta-chunks", default="2,4",
+                    help="Ulysses head chunks over an NCCL communicator limited to --max-ctas CTAs "
+                         "(default: %(default)s)")
+    ap.add_argument("--max-ctas", type=int, default=4, help="that communicator's CTA limit (default: %(default)s)")
     ap.add_argument("--reps", type=int, default=0, help="timed calls per variant (default: by shape)")
     ap.add_argument("--high-priority", action="store_true",
                     help="NCCL on high-priority streams (its blocks go ahead of queued attention blocks)")
@@ -124,6 +196,19 @@ def main():
         dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     group = dist.group.WORLD
+    few_cta_group, few_cta_reason = None, None
+    if device.type == "cuda" and args.cta_chunks:
+        try:
+            options = dist.ProcessGroupNCCL.Options()
+            options.config.min_ctas = 1
+            options.config.max_ctas = args.max_ctas
+            few_cta_group = dist.new_group(list(range(world)), backend="nccl", pg_options=options)
+        except Exception as err:  # noqa: BLE001 - reported, not fatal
+            few_cta_reason = f"{type(err).__name__}: {err}"
+    transport = "undecided"
+    if device.type == "cuda":
+        D._peer_memory(group, torch.empty(1, device=device), "auto", "bench")
+        transport = D.transport_in_use(group)
     dtype = torch.bfloat16
     backend = args.backend
 
@@ -161,20 +246,50 @@ def main():
         compute_ms, _ = timed(lambda: attnsel.attention(qh, kh, vh, backend=backend), reps, warmup, device)
         comm_ms, _ = timed(lambda: ulysses_comm(qs, ks, vs, group, lens), reps, warmup, device)
         del qh, kh, vh
-        for chunks in (int(c) for c in args.chunks.split(",")):
-            fn = lambda: D.ulysses_attention(qs, ks, vs, backend=backend, shard_lengths=lens, chunks=chunks)  # noqa
-            out = fn()
+        sep_ms, _ = timed(lambda: qkv_separate_comm(qs, ks, vs, group, lens), reps, warmup, device)
+        stacked_ms, _ = timed(lambda: qkv_stacked_comm(qs, ks, vs, group, lens), reps, warmup, device)
+        row["qkv_in_comm_ms"] = {"three_all_to_alls": sep_ms, "one_stacked_all_to_all": stacked_ms}
+        say(f"  q,k,v in: 3 all-to-alls {sep_ms:.2f} ms, 1 stacked (pack+unpack) {stacked_ms:.2f} ms")
+
+        def ulysses_variant(label, fn, comm_alone_ms, **extra):
+            try:
+                out = fn()
+            except (ValueError, RuntimeError) as err:  # e.g. a refused CTA limit: the same on every rank
+                row["variants"].append({"kind": "ulysses", **extra, "not_measurable": str(err)})
+                say(f"  ulysses {label}: not measurable: {err}")
+                return
             err = (out.float() - full_out[:, :, lo:lo + lens[rank]].float()).abs().max()
             dist.all_reduce(err, op=dist.ReduceOp.MAX)
             ms, worst = timed(fn, reps, warmup, device)
-            variant = {"kind": "ulysses", "chunks": chunks, "ms": ms, "max_rank_ms": worst,
-                       "speedup": one_ms / worst, "tflops": flops / worst / 1e9, "comm_alone_ms": comm_ms,
-                       "compute_alone_ms": compute_ms, "comm_share": comm_ms / worst,
-                       "exposed_ms": worst - compute_ms, "max_abs_diff_vs_one_gpu": err.item()}
-            row["variants"].append(variant)
-            say(f"  ulysses chunks={chunks}: {worst:.2f} ms, speedup {one_ms / worst:.3f}x, comm alone "
-                f"{comm_ms:.2f} ms ({100 * comm_ms / worst:.1f}%), compute alone {compute_ms:.2f} ms, "
+            row["variants"].append({"kind": "ulysses", **extra, "ms": ms, "max_rank_ms": worst,
+                                    "speedup": one_ms / worst, "tflops": flops / worst / 1e9,
+                                    "comm_alone_ms": comm_alone_ms, "compute_alone_ms": compute_ms,
+                                    "comm_share": comm_alone_ms / worst, "exposed_ms": worst - compute_ms,
+                                    "max_abs_diff_vs_one_gpu": err.item()})
+            say(f"  ulysses {label}: {worst:.2f} ms, speedup {one_ms / worst:.3f}x, comm alone "
+                f"{comm_alone_ms:.2f} ms ({100 * comm_alone_ms / worst:.1f}%), compute alone {compute_ms:.2f} ms, "
                 f"exposed {worst - compute_ms:.2f} ms, max|diff| {err.item():.3g}")
+
+        for chunks in (int(c) for c in args.chunks.split(",") if c):
+            ulysses_variant(f"nccl chunks={chunks}", lambda: D.ulysses_attention(  # noqa: B023
+                qs, ks, vs, backend=backend, shard_lengths=lens, chunks=chunks, transport="nccl"),
+                comm_ms, transport="nccl", chunks=chunks)
+        for chunks in (int(c) for c in args.cta_chunks.split(",") if c and few_cta_group is not None):
+            ulysses_variant(f"nccl max_ctas={args.max_ctas} chunks={chunks}", lambda: D.ulysses_attention(  # noqa
+                qs, ks, vs, few_cta_group, backend=backend, shard_lengths=lens, chunks=chunks, transport="nccl"),
+                comm_ms, transport="nccl", nccl_max_ctas=args.max_ctas, chunks=chunks)
+        if few_cta_reason:
+            row["variants"].append({"kind": "ulysses", "nccl_max_ctas": args.max_ctas,
+                                    "not_measurable": few_cta_reason})
+        if transport == "copy_engine":
+            for chunks in (int(c) for c in args.ce_chunks.split(",") if c):
+                ce_comm_ms, _ = timed(lambda: ulysses_ce_comm(qs, ks, vs, group, lens, chunks), reps, warmup,  # noqa
+                                      device)
+                ulysses_variant(f"copy_engine chunks={chunks}", lambda: D.ulysses_attention(  # noqa: B023
+                    qs, ks, vs, backend=backend, shard_lengths=lens, chunks=chunks, transport="copy_engine"),
+                    ce_comm_ms, transport="copy_engine", chunks=chunks)
+        else:
+            row["variants"].append({"kind": "ulysses", "transport": "copy_engine", "not_measurable": transport})
 
         if ring_backend is None and ring_reason is not None:
             row["variants"].append({"kind": "ring", "not_measurable": ring_reason})
@@ -182,21 +297,34 @@ def main():
         else:
             blocks = [(kb.contiguous(), vb.contiguous()) for kb, vb in zip(k.split(lens, 2), v.split(lens, 2))]
             compute_ms, _ = timed(lambda: ring_compute(qs, blocks, ring_backend), reps, warmup, device)
-            comm_ms, _ = timed(lambda: ring_comm(ks, vs, group), reps, warmup, device)
+            parts = [attnsel.attention(qs, kb, vb, backend=ring_backend, return_lse=True) for kb, vb in blocks]
+            merge_ms, _ = timed(lambda: D._merge(*parts[0], *parts[1], q.dtype), reps, warmup, device)
+            fp32_ms, _ = timed(lambda: merge_two_pass(*parts[0], *parts[1]), reps, warmup, device)
+            del parts
+            row["ring_merge_alone_ms"] = {"lerp": merge_ms, "two_pass_fp32": fp32_ms}
+            say(f"  ring: merging two blocks alone: lerp {merge_ms:.3f} ms, two fp32 passes {fp32_ms:.3f} ms")
+            comms = {"nccl": lambda: ring_comm(ks, vs, group)}
+            if transport == "copy_engine":
+                comms["copy_engine"] = lambda: ring_ce_comm(ks, vs, group, lens)
+            else:
+                row["variants"].append({"kind": "ring", "transport": "copy_engine", "not_measurable": transport})
+            for name_t, comm_fn in comms.items():
+                comm_ms, _ = timed(comm_fn, reps, warmup, device)
+                fn = lambda: D.ring_attention(qs, ks, vs, backend=ring_backend, shard_lengths=lens,  # noqa: E731
+                                              transport=name_t)  # noqa: B023
+                out = fn()
+                err = (out.float() - full_out[:, :, lo:lo + lens[rank]].float()).abs().max()
+                dist.all_reduce(err, op=dist.ReduceOp.MAX)
+                ms, worst = timed(fn, reps, warmup, device)
+                row["variants"].append({"kind": "ring", "transport": name_t, "backend": str(ring_backend), "ms": ms,
+                                        "max_rank_ms": worst, "speedup": one_ms / worst,
+                                        "tflops": flops / worst / 1e9, "comm_alone_ms": comm_ms,
+                                        "compute_alone_ms": compute_ms, "comm_share": comm_ms / worst,
+                                        "exposed_ms": worst - compute_ms, "max_abs_diff_vs_one_gpu": err.item()})
+                say(f"  ring {name_t}: {worst:.2f} ms, speedup {one_ms / worst:.3f}x, comm alone {comm_ms:.2f} ms "
+                    f"({100 * comm_ms / worst:.1f}%), compute alone {compute_ms:.2f} ms, exposed "
+                    f"{worst - compute_ms:.2f} ms, max|diff| {err.item():.3g}")
             del blocks
-            fn = lambda: D.ring_attention(qs, ks, vs, backend=ring_backend, shard_lengths=lens)  # noqa: E731
-            out = fn()
-            err = (out.float() - full_out[:, :, lo:lo + lens[rank]].float()).abs().max()
-            dist.all_reduce(err, op=dist.ReduceOp.MAX)
-            ms, worst = timed(fn, reps, warmup, device)
-            row["variants"].append({"kind": "ring", "backend": str(ring_backend), "ms": ms, "max_rank_ms": worst,
-                                    "speedup": one_ms / worst, "tflops": flops / worst / 1e9,
-                                    "comm_alone_ms": comm_ms, "compute_alone_ms": compute_ms,
-                                    "comm_share": comm_ms / worst, "exposed_ms": worst - compute_ms,
-                                    "max_abs_diff_vs_one_gpu": err.item()})
-            say(f"  ring: {worst:.2f} ms, speedup {one_ms / worst:.3f}x, comm alone {comm_ms:.2f} ms "
-                f"({100 * comm_ms / worst:.1f}%), compute alone {compute_ms:.2f} ms, exposed "
-                f"{worst - compute_ms:.2f} ms, max|diff| {err.item():.3g}")
         rows.append(row)
         del q, k, v, qs, ks, vs, full_out
         torch.cuda.empty_cache()
@@ -206,7 +334,7 @@ def main():
         env = {"gpu": torch.cuda.get_device_name() if cuda else platform.processor(), "processes": world,
                "torch": torch.__version__, "cuda": torch.version.cuda,
                "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
-               "attnsel": attnsel.__version__, "python": platform.python_version(),
+               "attnsel": attnsel.__version__, "python": platform.python_version(), "transport_auto": transport,
                "nvls_env": {n: os.environ.get(n) for n in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
                                                            "NVSHMEM_DISABLE_NVLS")}}
         with open(args.out, "w") as f:

@@ -133,6 +133,7 @@ def _errors_case(D):
         "lse_backend": lambda: D.ring_attention(x, x, x, backend="torch_sdpa"),
         "grad": lambda: D.ring_attention(x.clone().requires_grad_(), x, x),
         "mask_shape": lambda: D.ring_attention(x, x, x, attn_mask=torch.ones(1, 3, 8, 8, dtype=torch.bool)),
+        "copy_engine": lambda: D.ulysses_attention(x[:, :2], x[:, :2], x[:, :2], transport="copy_engine"),
     }.items():
         try:
             call()
@@ -162,8 +163,10 @@ def _grad_case(D):
     return max((s.grad - f.grad.narrow(2, lo, lens[rank])).abs().max().item() for s, f in zip(shards, full))
 
 
-def _worker(rank, world, out_path, device_type):
+def _worker(rank, world, out_path, device_type, transport):
     torch.set_num_threads(1)
+    if transport:  # every call below (the public functions and the scope's) takes it
+        os.environ["ATTNSEL_SP_TRANSPORT"] = transport
     import torch.distributed as dist
 
     import attnsel.distributed as D
@@ -210,9 +213,9 @@ def _worker(rank, world, out_path, device_type):
     os._exit(0 if ok else 1)
 
 
-def _spawn(world, tmp_path_factory, device_type="cpu"):
-    out = tmp_path_factory.mktemp(f"sp{world}{device_type}") / "results.json"
-    ctx = mp.start_processes(_worker, args=(world, str(out), device_type), nprocs=world, join=False,
+def _spawn(world, tmp_path_factory, device_type="cpu", transport=None):
+    out = tmp_path_factory.mktemp(f"sp{world}{device_type}{transport or ''}") / "results.json"
+    ctx = mp.start_processes(_worker, args=(world, str(out), device_type, transport), nprocs=world, join=False,
                              start_method="spawn")
     try:
         deadline = time.monotonic() + DEADLINE_S
@@ -243,7 +246,7 @@ def results4(tmp_path_factory):
 def results_nccl(tmp_path_factory):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 CUDA GPUs (NCCL)")
-    return _spawn(2, tmp_path_factory, "cuda")
+    return _spawn(2, tmp_path_factory, "cuda", transport="nccl")  # the copy engines: test_distributed_copy_engine
 
 
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if 2 in c[0]])
@@ -274,6 +277,7 @@ def test_caller_mistakes_are_value_errors(results2):
     assert "log-sum-exp" in e["lse_backend"] and "torch_sdpa" in e["lse_backend"]
     assert "forward-only" in e["grad"]
     assert "key-padding" in e["mask_shape"]
+    assert "copy_engine' is not available" in e["copy_engine"] and "NCCL" in e["copy_engine"]
 
 
 def test_scope_nests_and_restores(results2):
