@@ -58,6 +58,8 @@ TIME_BUDGET_S = 1.5          # per shape: timed calls of all candidates together
 MIN_REPS = 3
 WARMUP_CALLS = 3
 WARMUP_S = 0.05
+BURST_S = 5e-4               # calls shorter than this are timed in bursts of back-to-back calls
+MAX_BURST = 32
 MATH_MAX_BYTES = 8 << 30     # sdpa_math materialises the fp32 scores (and their softmax): not timed beyond this
 
 
@@ -547,21 +549,24 @@ def _error_text(err: BaseException) -> str:
 
 
 class _Timer:
-    """Per-call wall time: CUDA events on a GPU (calls queued back to back), perf_counter on the CPU."""
+    """Per-call time of a burst of back-to-back calls: CUDA events on a GPU, perf_counter on the CPU. A burst of a
+    short call takes its host cost into account where that, not the kernel, bounds back-to-back calls."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
 
-    def time(self, fn: Callable[[], object]):
+    def time(self, fn: Callable[[], object], calls: int = 1):
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(calls):
+                fn()
             end.record()
-            return lambda s=start, e=end: s.elapsed_time(e)
+            return lambda s=start, e=end: s.elapsed_time(e) / calls
         t0 = time.perf_counter()
-        fn()
-        ms = (time.perf_counter() - t0) * 1e3
+        for _ in range(calls):
+            fn()
+        ms = (time.perf_counter() - t0) * 1e3 / calls
         return lambda: ms
 
     def sync(self) -> None:
@@ -575,8 +580,8 @@ def measure(sig, q, k, v, attn_mask=None, is_causal=False, scale=None, reps: int
 
     Backends whose descriptor refuses the signature are recorded with the reasons; the others run once and are
     checked against a float32 reference (a backend that raises or disagrees is refused), then the agreeing ones
-    are timed in interleaved rounds (reps shrink so all calls fit in `budget_s`, at least MIN_REPS) and the median
-    kept."""
+    are timed through the op (the route `auto` takes) in interleaved rounds, short calls in bursts (reps shrink so
+    all calls fit in `budget_s`, at least MIN_REPS), and the median kept."""
     results: dict[str, dict] = {}
     device = q.device
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -598,9 +603,8 @@ def measure(sig, q, k, v, attn_mask=None, is_causal=False, scale=None, reps: int
             if progress:
                 progress(name)
 
-            def call(backend=backend):
-                return _ops.attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-                                      backend=backend)
+            def call(backend=int(backend)):  # the op, with the backend's id: the route `auto` takes
+                return _ops._OP(q, k, v, attn_mask, is_causal, scale, backend)[0]
 
             try:
                 out = call()
@@ -626,12 +630,15 @@ def measure(sig, q, k, v, attn_mask=None, is_causal=False, scale=None, reps: int
                 n += 1
                 timer.sync()
             per_call[name] = (time.perf_counter() - t0) / n
-        rounds = max(MIN_REPS, min(reps, int(budget_s / max(sum(per_call.values()), 1e-9))))
+        # Calls shorter than BURST_S are timed in bursts of back-to-back calls (at most MAX_BURST).
+        burst = {name: max(1, min(MAX_BURST, round(BURST_S / max(t, 1e-9)))) for name, t in per_call.items()}
+        per_round = sum(per_call[name] * burst[name] for name in candidates)
+        rounds = max(MIN_REPS, min(reps, int(budget_s / max(per_round, 1e-9))))
         samples: dict[str, list] = {name: [] for name in candidates}
         order = list(candidates.items())
         for r in range(rounds):  # each round starts one candidate later: no backend always runs first
             for name, call in order[r % len(order):] + order[:r % len(order)]:
-                samples[name].append(timer.time(call))
+                samples[name].append(timer.time(call, burst[name]))
         timer.sync()
         for name, got in samples.items():
             results[name] = {"ms": round(statistics.median(g() for g in got), 6), "reps": rounds}
