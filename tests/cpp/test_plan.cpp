@@ -121,4 +121,29 @@ TEST(plans_are_cached_on_the_whole_signature) {
   CHECK_EQ(selection_cache_size(), std::size_t{3});
 }
 
+TEST(the_backend_only_plans_match_the_full_plans_and_their_errors) {
+  attnsel_test::reset_state();
+  CallSignature c = call();
+  CHECK_EQ(plan_call_backend(c, std::nullopt), plan_call(c, std::nullopt).backend);  // computed, then cached
+  CHECK_EQ(plan_call_backend(c, std::nullopt), BackendId::TORCH_SDPA);
+  CHECK_EQ(plan_call_backend(c, BackendId::NATIVE), BackendId::NATIVE);
+  c.mask = MaskKind::Additive;
+  CHECK_THROWS_WITH(plan_call_backend(c, BackendId::NATIVE), std::invalid_argument,
+                    "native: cannot take an additive mask");
+  CHECK_EQ(select_for_call_backend(c, nullptr), BackendId::TORCH_SDPA);
+  {
+    ComponentScope scope("transformer", BackendId::NATIVE);
+    const std::optional<ComponentContext> ctx = current_component();
+    CHECK_THROWS_WITH(select_for_call_backend(c, &*ctx), std::invalid_argument, "component 'transformer'");
+    c.mask = MaskKind::None;
+    CHECK_EQ(select_for_call_backend(c, &*ctx), BackendId::NATIVE);
+    CHECK_EQ(select_for_call_backend(c, &*ctx), select_for_call(c, &*ctx).backend);
+  }
+  const std::uint64_t hits = selection_cache_hits();
+  CHECK_EQ(plan_call_backend(c, std::nullopt), BackendId::TORCH_SDPA);
+  CHECK_EQ(selection_cache_hits(), hits + 1);  // a cached plan: the backend comes straight from the cache
+  set_tuning_entry(tuning_bucket(c), {{BackendId::NATIVE, 1.0}, {BackendId::TORCH_SDPA, 2.0}});
+  CHECK_EQ(plan_call_backend(c, std::nullopt), BackendId::NATIVE);  // a table change is seen, not a stale hit
+}
+
 ATTNSEL_TEST_MAIN()
