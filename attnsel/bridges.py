@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 from typing import Callable
 
 import torch
@@ -35,19 +36,35 @@ def _causal_aligned(name: str, q: torch.Tensor, k: torch.Tensor, is_causal: bool
         )
 
 
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out
+def _returns_lse(fn) -> str | None:
+    """The keyword with which a flash-attn entry point also returns the log-sum-exp (None: it cannot)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return None
+    return next((name for name in ("return_lse", "return_attn_probs") if name in params), None)
 
 
 def _flash_layout(fn: BridgeFn, name: str) -> BridgeFn:
-    """flash-attn takes (B, S, H, D); attnsel's API is (B, H, S, D) like SDPA."""
+    """flash-attn takes (B, S, H, D); attnsel's API is (B, H, S, D) like SDPA. With return_lse the library's
+    softmax_lse ((B, H, Sq) float32, natural log) comes back as the second output."""
+    lse_keyword = _returns_lse(fn)
 
-    def run(q, k, v, attn_mask=None, is_causal=False, scale=None):
+    def run(q, k, v, attn_mask=None, is_causal=False, scale=None, return_lse=False):
         _no_mask(name, attn_mask)
         _causal_aligned(name, q, k, is_causal)
-        out = _first(fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=is_causal))
-        return out.transpose(1, 2)
+        extra = {lse_keyword: True} if return_lse and lse_keyword else {}
+        res = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=is_causal,
+                 **extra)
+        out = (res[0] if isinstance(res, tuple) else res).transpose(1, 2)
+        if not return_lse:
+            return out
+        if not extra or not isinstance(res, tuple) or len(res) < 2:
+            raise ValueError(f"attnsel.attention: backend {name} ({getattr(fn, '__module__', '?')}) does not return "
+                             f"the log-sum-exp; use native")
+        return out, res[1]
 
+    run.returns_lse = lse_keyword is not None
     return run
 
 
@@ -104,8 +121,11 @@ _DESCRIPTORS: dict[Backend, dict] = {
 def register(backend: Backend, fn: BridgeFn | None, library: str, device: str = "cuda", reason: str = "",
              **overrides) -> None:
     """Register a bridged backend on `device`: its descriptor (available when `fn` is given and `reason` is empty;
-    `overrides` replace descriptor fields) and its kernel, which the op reaches through attnsel::bridge."""
+    `overrides` replace descriptor fields; the log-sum-exp feature where the library returns it) and its kernel,
+    which the op reaches through attnsel::bridge."""
     descriptor = dict(_DESCRIPTORS[backend], library=library, **overrides)
+    if getattr(fn, "returns_lse", False):
+        descriptor["features"] = dict(descriptor.get("features", {}), lse=True)
     available = fn is not None and not reason
     descriptor.update(available=available, unavailable_reason="" if available else reason)
     _C.register_backend(int(backend), device, descriptor)
@@ -113,19 +133,25 @@ def register(backend: Backend, fn: BridgeFn | None, library: str, device: str = 
         BRIDGES[backend] = fn
 
 
-def _bridge_impl(q, k, v, attn_mask, is_causal, scale, backend):
+def _bridge_impl(q, k, v, attn_mask, is_causal, scale, backend, return_lse=False):
     fn = BRIDGES.get(Backend(backend))
     if fn is None:  # the descriptor said available; only a registry edited behind our back gets here
         raise ValueError(f"attnsel.attention: backend {Backend(backend)} has no bridge registered in this process")
-    return fn(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale).contiguous()
+    if not return_lse:
+        out = fn(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+        return out.contiguous(), q.new_empty(0, dtype=torch.float32)
+    out, lse = fn(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, return_lse=True)
+    return out.contiguous(), lse.float().contiguous()
 
 
 torch.library.impl("attnsel::bridge", ("CPU", "CUDA"))(_bridge_impl)
 
 
 @torch.library.register_fake("attnsel::bridge")
-def _bridge_fake(q, k, v, attn_mask, is_causal, scale, backend):
-    return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
+def _bridge_fake(q, k, v, attn_mask, is_causal, scale, backend, return_lse=False):
+    out = q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
+    lse = q.new_empty((q.shape[0], q.shape[1], q.shape[2]) if return_lse else (0,), dtype=torch.float32)
+    return out, lse
 
 
 def detect() -> None:

@@ -190,6 +190,10 @@ def test_opcheck_every_registered_backend_available_here(fa_on_cpu):
             continue
         torch.library.opcheck(torch.ops.attnsel.attention.default, (q, k, k, None, False, 0.3, int(backend)),
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+        if _C.backend_descriptor(int(backend), "cpu")["features"]["lse"]:  # and the (out, lse) form
+            torch.library.opcheck(torch.ops.attnsel.attention.default,
+                                  (q, k, k, None, False, 0.3, int(backend), True),
+                                  test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
         checked.append(backend)
     assert {Backend.NATIVE, Backend.TORCH_SDPA, Backend.FA} <= set(checked)
 
@@ -232,3 +236,54 @@ def test_embedded_pipeline_takes_role_keys_and_refuses_roles_without_layers(caps
     assert "vae.cross=torch_sdpa matches no attention layer" in err and "roles: self" in err
     assert main(["explain", "--component-attention-backends", "transformer.joint=native"]) == 2
     assert "['cross', 'self']" in capsys.readouterr().err
+
+
+def _flash_standin_with_lse(calls):
+    """flash_attn_func as flash-attn 2/3 define it with return_attn_probs: (out, softmax_lse, ...), the lse
+    (B, H, Sq) float32 in natural log; computed here in float64 (equal lengths only, as flash-attn's causal)."""
+
+    def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_attn_probs=False):
+        calls.append(return_attn_probs)
+        qh, kh, vh = (t.transpose(1, 2).double() for t in (q, k, v))
+        group = qh.shape[1] // kh.shape[1]
+        kh, vh = kh.repeat_interleave(group, 1), vh.repeat_interleave(group, 1)
+        s = qh @ kh.transpose(-1, -2) * (softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5)
+        if causal:
+            s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+        out = (torch.softmax(s, -1) @ vh).to(q.dtype).transpose(1, 2)
+        return (out, torch.logsumexp(s, -1).float(), None) if return_attn_probs else out
+
+    return flash_attn_func
+
+
+def test_a_bridge_returns_the_log_sum_exp_where_its_library_does():
+    """fa with a library that returns softmax_lse declares lse, and return_lse (what ring attention needs) gives the
+    same lse as native; a library without it is refused for return_lse with the reason."""
+    calls = []
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 19, 32, generator=g)
+    k, v = torch.randn(2, 2, 19, 32, generator=g), torch.randn(2, 2, 19, 32, generator=g)
+    try:
+        bridges.register(Backend.FA, bridges._flash_layout(_flash_standin_with_lse(calls), "fa"), "stand-in (test)",
+                         device="cpu", f32=True, auto_rank=-1)
+        assert _C.backend_descriptor(int(Backend.FA), "cpu")["features"]["lse"]
+        for causal in (False, True):
+            out, lse = attnsel.attention(q, k, v, is_causal=causal, backend="fa", return_lse=True)
+            ref_out, ref_lse = attnsel.attention(q, k, v, is_causal=causal, backend="native", return_lse=True)
+            assert lse.shape == (2, 4, 19) and lse.dtype == torch.float32
+            torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+        assert calls == [True, True]  # the library was asked for its lse
+        out = attnsel.attention(q, k, v, backend="fa")  # without return_lse the library is called plainly
+        assert calls[-1] is False and out.shape == q.shape
+
+        bridges.register(Backend.FA, bridges._flash_layout(_flash_standin([]), "fa"), "stand-in (test)",
+                         device="cpu", f32=True, auto_rank=-1)
+        assert not _C.backend_descriptor(int(Backend.FA), "cpu")["features"]["lse"]
+        with pytest.raises(ValueError, match="fa: .*log-sum-exp"):
+            attnsel.attention(q, k, v, backend="fa", return_lse=True)
+    finally:
+        _C.register_backend(int(Backend.FA), "cpu", dict(available=False, unavailable_reason="unregistered (test)"))
+        bridges.BRIDGES.clear()
+        bridges.detect()
+        _C.clear_tuning_table()

@@ -11,14 +11,20 @@ namespace {
 
 template <BackendId kBackend>
 AttentionResult bridge(const AttentionCall& call) {
-  TORCH_CHECK_VALUE(!call.return_lse, "attnsel.attention: backend ", backend_name(kBackend),
-                    " does not return the log-sum-exp");
+  // The descriptor declares whether this library returns the log-sum-exp; the planner refused the call otherwise.
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("attnsel::bridge", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const std::optional<at::Tensor>&, bool, double, std::int64_t)>();
-  return {op.call(call.q, call.k, call.v, call.mask, call.causal, call.scale, static_cast<std::int64_t>(kBackend)),
-          {}};
+                             .typed<std::tuple<at::Tensor, at::Tensor>(
+                                 const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 const std::optional<at::Tensor>&, bool, double, std::int64_t, bool)>();
+  auto [out, lse] = op.call(call.q, call.k, call.v, call.mask, call.causal, call.scale,
+                            static_cast<std::int64_t>(kBackend), call.return_lse);
+  if (!call.return_lse) return {out, {}};
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == call.q.size(0) && lse.size(1) == call.q.size(1) &&
+                  lse.size(2) == call.q.size(2) && lse.scalar_type() == at::kFloat,
+              "attnsel.attention: backend ", backend_name(kBackend), " returned a log-sum-exp of shape ",
+              lse.sizes(), " and dtype ", lse.scalar_type(), "; expected [B, Hq, Sq] float32");
+  return {out, lse};
 }
 
 }  // namespace

@@ -38,7 +38,8 @@ TORCH_LIBRARY(attnsel, m) {
       "int backend=-1, bool return_lse=False) -> (Tensor out, Tensor lse)");
   // What the Python bridges implement (flash-attn, sageattention): defined here so the kernel
   // table can call it; its implementation is registered from Python (attnsel/bridges.py) through torch.library.
-  m.def("bridge(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, bool is_causal, float scale, int backend) -> Tensor");
+  m.def("bridge(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, bool is_causal, float scale, int backend, "
+        "bool return_lse=False) -> (Tensor out, Tensor lse)");
 }
 
 TORCH_LIBRARY_IMPL(attnsel, CPU, m) { m.impl("attention", &attnsel::torch_glue::attention); }
