@@ -38,6 +38,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import tracing as _trace
 from .backends import Backend, to_backend
+from . import ops as _ops
 from .ops import attention
 
 __all__ = ["ROLES", "Layer", "Report", "apply", "check_runnable", "remove"]
@@ -213,6 +214,16 @@ def _check_keys(config, found: dict[str, set[str]]) -> None:
 # -- routing diffusers layers -------------------------------------------------------------------------------------
 
 def _call(layer: Layer, q, k, v, attn_mask, is_causal: bool, scale):
+    if _ops.CALL_HOOKS:  # a shape recorder or online tuning is on: tell it which layer calls
+        token = _ops.CALLER.set((layer.component, layer.role))
+        try:
+            return _call_layer(layer, q, k, v, attn_mask, is_causal, scale)
+        finally:
+            _ops.CALLER.reset(token)
+    return _call_layer(layer, q, k, v, attn_mask, is_causal, scale)
+
+
+def _call_layer(layer: Layer, q, k, v, attn_mask, is_causal: bool, scale):
     if _trace.ACTIVE:
         return _trace.run(layer.component, layer.role, layer.backend, attention, q, k, v, attn_mask=attn_mask,
                           is_causal=is_causal, scale=scale, backend=layer.backend)

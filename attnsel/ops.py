@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextvars
+
 import torch
 
 from . import _C
@@ -49,6 +51,10 @@ def sdpa_direct(q, k, v, attn_mask, is_causal, scale):
     except Exception:  # the op re-runs the call and raises its own ValueError (SDPA's refusals included)
         return None
 
+
+# The (component, role) of the layer calling `attention` for the call hooks, set by integrations that route a
+# layer's calls through it (attnsel.diffusers); attnsel.nn.Attention passes its own.
+CALLER: contextvars.ContextVar = contextvars.ContextVar("attnsel_calling_layer", default=(None, None))
 
 # Call hooks (attnsel.tuning: shape recording, online tuning): hook(q, k, v, attn_mask, is_causal, scale, backend_id,
 # component, role) runs before each eager call of `attention` and `attnsel.nn.Attention`. Empty in normal runs: one check per call.
@@ -107,7 +113,7 @@ def attention(
     else:
         bid = _policy_id()
     if CALL_HOOKS:
-        _call_hooks(q, k, v, attn_mask, is_causal, scale, bid)
+        _call_hooks(q, k, v, attn_mask, is_causal, scale, bid, *CALLER.get())
     if return_lse:
         return _OP(q, k, v, attn_mask, is_causal, scale, bid, True)
     if bid == _SDPA_ID and (out := sdpa_direct(q, k, v, attn_mask, is_causal, scale)) is not None:

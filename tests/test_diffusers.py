@@ -24,6 +24,7 @@ import tiny_pipelines  # noqa: E402
 
 import attnsel  # noqa: E402
 from attnsel import diffusers as adapter  # noqa: E402
+from attnsel import tuning  # noqa: E402
 from attnsel.cli import main  # noqa: E402
 
 diffusers.utils.logging.set_verbosity_error()
@@ -200,6 +201,9 @@ def test_cli_video_pipeline_writes_an_animated_gif(folders, tmp_path, capsys):
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert shapes.is_file() and "attention call shapes to" in captured.out
+    recorded = tuning.read_shapes(shapes)  # each call with the component and role of the layer that made it
+    assert {(s.component, s.role) for s in recorded} == {("text_encoder", "self"), ("transformer", "self"),
+                                                         ("transformer", "cross"), ("vae", "self")}
     with Image.open(tmp_path / "wan.gif") as gif:
         assert gif.n_frames == 5 and gif.size == (16, 16)
     assert {backend for _, _, backend in trace_rows(captured.out)} == {"native"}
