@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import json
 import math
 import os
@@ -302,8 +303,11 @@ def _version() -> str:
     return getattr(sys.modules.get("attnsel"), "__version__", "unknown")
 
 
+@functools.lru_cache(maxsize=None)
 def _driver_version() -> str:
-    """The NVIDIA driver's version (e.g. 580.159.04) from NVML, else the CUDA driver API's, else "unknown"."""
+    """The NVIDIA driver's version (e.g. 580.159.04) from NVML, else the CUDA driver API's, else "unknown".
+    Asked once per process (it cannot change while the process runs; `import attnsel` and every table save need
+    it, and NVML's init is not free)."""
     import ctypes
 
     try:

@@ -162,12 +162,8 @@ def environment(device):
                 tuning_identity=tuning.device_identity(device), load_avg=list(os.getloadavg()),
                 threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     if device.startswith("cuda"):
-        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
-        try:
-            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                            capture_output=True, text=True, timeout=20).stdout.strip().split("\n")[0]
-        except Exception as e:  # the driver version is informative only
-            info["driver"] = f"unknown ({e})"
+        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                    driver=info["tuning_identity"]["driver"])
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         git = lambda *a: subprocess.run(["git", "-C", here, *a], capture_output=True, text=True, timeout=20).stdout
