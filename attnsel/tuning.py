@@ -650,9 +650,20 @@ def measure(sig, q, k, v, attn_mask=None, is_causal=False, scale=None, reps: int
 
 
 def _entry(signature: dict, results: dict[str, dict]) -> dict:
+    """winner: the fastest for now; _remember_entry replaces it with what the planner takes from these times."""
     timed = {n: r["ms"] for n, r in results.items() if "ms" in r}
     return {"signature": signature, "results": results, "winner": min(timed, key=timed.get) if timed else None,
             "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _remember_entry(device: str, sig, bucket: str, entry: dict) -> None:
+    """Give the planner a new entry, and record as its winner what `auto` now takes for the signature: the fastest,
+    or within 2% of it the first in the static rank (the planner's rule)."""
+    remember(device, {bucket: entry})
+    if entry["winner"] is not None:
+        chosen, _, _, _, measured = _C.explain_call(sig, _ops.AUTO, None)
+        if measured:
+            entry["winner"] = str(Backend(chosen))
 
 
 def tune_shape(shape: Shape, reps: int = 20, progress: Callable[[str], None] | None = None) -> tuple[str, dict]:
@@ -689,7 +700,7 @@ def tune(shapes: Sequence[Shape], reps: int = 20, save_file: bool = True,
         bucket, entry = tune_shape(shape, reps, None if progress is None else
                                    (lambda name, i=i, shape=shape: progress(i, shape, name)))
         measured[shape.device, bucket] = entry
-        remember(shape.device, {bucket: entry})
+        _remember_entry(shape.device, shape.signature(), bucket, entry)
         if save_file:
             paths[shape.device_type] = save(shape.device, {bucket: entry})
         done.append((shape, bucket, entry))
@@ -744,7 +755,7 @@ def _autotune_hook(q, k, v, attn_mask, is_causal, scale, backend, component, rol
     finally:
         _TUNING.active = False
     entry = _entry(shape_of_call(q, k, v, attn_mask, is_causal).to_json(), results)
-    remember(q.device.type, {bucket: entry})
+    _remember_entry(q.device.type, sig, bucket, entry)
     save(str(q.device), {bucket: entry})
 
 

@@ -270,9 +270,9 @@ PYBIND11_MODULE(_C, m) {
     (void)source;
     return backend ? static_cast<int>(*backend) : -2;
   }, py::arg("context"));
-  // The plan for a call: backend None = this view's policy; returns the selection tuple.
+  // The plan for a call: backend None = this view's policy, -2 = auto; returns the selection tuple.
   m.def("explain_call", [](const CallSignature& call, std::optional<int> backend, std::optional<ScopeTuple> context) {
-    if (backend) return selection_to_py(plan_call(call, to_id(*backend)));
+    if (backend) return selection_to_py(plan_call(call, *backend == -2 ? std::nullopt : std::optional(to_id(*backend))));
     std::optional<ComponentContext> ctx = from_py(context);
     return selection_to_py(select_for_call(call, ctx ? &*ctx : nullptr));
   }, py::arg("call"), py::arg("backend"), py::arg("context"));

@@ -187,6 +187,20 @@ def test_auto_runs_the_measured_fastest_backend():
     assert not ran_sdpa(lambda: attnsel.attention(q, k, v))
 
 
+def test_a_near_tie_goes_to_the_static_rank_and_is_recorded_as_the_winner():
+    # On the CPU the static rank puts native first: within 2% of the fastest it wins, beyond it the fastest does.
+    q, k, v, _ = tuning.make_inputs(TINY)
+    bucket = TINY.signature().bucket()
+    for native_ms, expected in ((1.015, Backend.NATIVE), (1.05, Backend.TORCH_SDPA)):
+        entry = entry_with({"native": native_ms, "torch_sdpa": 1.0})
+        assert entry["winner"] == "torch_sdpa"  # the fastest, until the planner has seen the entry
+        tuning._remember_entry("cpu", TINY.signature(), bucket, entry)
+        assert entry["winner"] == str(expected)
+        explained = explain_call(q, k, v)
+        assert explained.backend == expected and explained.measured is not None
+        assert any("within 2% of the fastest" in r for r in explained.reasons) == (expected is Backend.NATIVE)
+
+
 def test_auto_skips_a_measured_backend_that_refuses_the_call():
     q, k, v, mask = tuning.make_inputs(TINY_KP)
     bucket = call_signature(q, k, v, mask).bucket()

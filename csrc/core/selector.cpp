@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cmath>
 #include <map>
+#include <limits>
 #include <mutex>
 #include <sstream>
 #include <stdexcept>
@@ -58,6 +59,8 @@ struct CacheKeyHash {
 };
 
 constexpr std::size_t kMaxCacheEntries = 4096;
+// Measured times this close to the fastest count as a tie in the tuning table (see compute_plan).
+constexpr double kMeasuredTie = 0.02;
 
 struct Cache {
   std::mutex mutex;
@@ -122,20 +125,37 @@ Selection compute_plan(const CallSignature& call, std::optional<BackendId> polic
   std::vector<std::string> refused;
   std::vector<BackendId> tried;
   if (auto entry = tuning_entry(tuning_bucket(call))) {
-    std::vector<std::pair<BackendId, double>> timed = *entry;
-    std::stable_sort(timed.begin(), timed.end(), [](const auto& a, const auto& b) { return a.second < b.second; });
-    for (const auto& [id, ms] : timed) {
+    // Measured backends that accept the call; among those within kMeasuredTie of the fastest (timing noise on one
+    // shape of the bucket), the static rank decides, since it also holds for the bucket's other shapes.
+    std::vector<std::pair<BackendId, double>> accepted;
+    for (const auto& [id, ms] : *entry) {
       std::vector<std::string> reasons = reasons_with_supported(id, call, supported, supported_list);
       tried.push_back(id);
-      if (reasons.empty()) {
-        sel.backend = id;
-        sel.measured = true;
-        sel.reasons = refused;
-        sel.reasons.push_back(std::string(backend_name(id)) + ": automatic choice, fastest measured for this call's "
-                              "bucket that accepts it (" + ms_text(ms) + ", tuning table)");
-        return sel;
-      }
+      if (reasons.empty()) accepted.emplace_back(id, ms);
       refused.insert(refused.end(), reasons.begin(), reasons.end());
+    }
+    if (!accepted.empty()) {
+      const auto fastest = std::min_element(accepted.begin(), accepted.end(),
+                                            [](const auto& a, const auto& b) { return a.second < b.second; });
+      const auto rank_key = [&call](BackendId id) {
+        const int rank = detail::auto_rank(id, call);
+        return rank < 0 ? std::numeric_limits<int>::max() : rank;  // unranked backends lose ties
+      };
+      auto chosen = fastest;
+      for (auto it = accepted.begin(); it != accepted.end(); ++it)
+        if (it->second <= fastest->second * (1.0 + kMeasuredTie) && rank_key(it->first) < rank_key(chosen->first))
+          chosen = it;
+      sel.backend = chosen->first;
+      sel.measured = true;
+      sel.reasons = refused;
+      sel.reasons.push_back(
+          std::string(backend_name(chosen->first)) + ": automatic choice, " +
+          (chosen == fastest ? "fastest measured for this call's bucket that accepts it (" + ms_text(chosen->second)
+                             : "measured within 2% of the fastest (" + ms_text(chosen->second) + " vs " +
+                                   std::string(backend_name(fastest->first)) + " " + ms_text(fastest->second) +
+                                   ") and first of those in the static rank") +
+          ", tuning table)");
+      return sel;
     }
   }
   std::vector<std::pair<int, BackendId>> ranked;

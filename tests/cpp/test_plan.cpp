@@ -90,6 +90,21 @@ TEST(the_tuning_table_steers_auto_within_a_bucket) {
   CHECK_EQ(plan_call(near, std::nullopt).backend, BackendId::TORCH_SDPA);  // the cache saw the table change
 }
 
+TEST(measured_times_within_two_percent_are_a_tie_the_static_rank_breaks) {
+  attnsel_test::reset_state();
+  const CallSignature c = call();
+  CHECK_EQ(plan_call(c, std::nullopt).backend, BackendId::TORCH_SDPA);  // the static rank's first here
+  set_tuning_entry(tuning_bucket(c), {{BackendId::NATIVE, 1.0}, {BackendId::TORCH_SDPA, 1.015}});
+  Selection s = plan_call(c, std::nullopt);
+  CHECK_EQ(s.backend, BackendId::TORCH_SDPA);
+  CHECK(s.measured);
+  CHECK(any_reason_contains(s.reasons, "within 2% of the fastest"));
+  set_tuning_entry(tuning_bucket(c), {{BackendId::NATIVE, 1.0}, {BackendId::TORCH_SDPA, 1.03}});
+  s = plan_call(c, std::nullopt);
+  CHECK_EQ(s.backend, BackendId::NATIVE);
+  CHECK(any_reason_contains(s.reasons, "fastest measured"));
+}
+
 TEST(roles_outrank_the_component_for_layers_of_that_role) {
   attnsel_test::reset_state();
   ComponentScope scope("transformer", BackendId::NATIVE, {std::nullopt, BackendId::TORCH_SDPA});
