@@ -10,7 +10,7 @@ from torch import nn
 from . import distributed
 from . import tracing as _tracing
 from .backends import Backend
-from .ops import _OP, _SDPA_ID, AUTO, CALL_HOOKS, _call_hooks, sdpa_direct
+from .ops import _OP, _SDPA_ID, AUTO, CALL_HOOKS, _call_hooks, _is_compiling, _plan_route, sdpa_direct
 from .selection import Explanation, explain_attn_backend
 
 
@@ -73,9 +73,16 @@ class Attention(nn.Module):
         if _tracing.ACTIVE:  # an attnsel.trace() is open: record this call
             return _tracing.run(self.selection.component, self.role, self.policy, self._attend, q, k, v,
                                 attn_mask=attn_mask, is_causal=is_causal)
-        if self._op_backend == _SDPA_ID and (out := sdpa_direct(q, k, v, attn_mask, is_causal, self.scale)) is not None:
-            return out
-        return _OP(q, k, v, attn_mask, is_causal, self.scale, self._op_backend)[0]
+        bid = self._op_backend
+        if (bid == AUTO or bid == _SDPA_ID) and not _is_compiling():  # the plan, and SDPA straight from here if it says so
+            route = _plan_route(q, k, v, attn_mask, is_causal, bid)
+            if route >= 0:
+                bid = route
+            elif (out := sdpa_direct(route, q, k, v, attn_mask, is_causal, self.scale)) is not None:
+                return out
+            else:
+                bid = _SDPA_ID
+        return _OP(q, k, v, attn_mask, is_causal, self.scale, bid)[0]
 
     def _attend(self, q, k, v, attn_mask=None, is_causal=False):
         return _OP(q, k, v, attn_mask, is_causal, self.scale, self._op_backend)[0]

@@ -27,28 +27,25 @@ _scope_get = _SCOPE.get
 
 _SDPA_ID = int(Backend.TORCH_SDPA)
 _sdpa = torch.nn.functional.scaled_dot_product_attention
-_SDPA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_plan_route = _C.plan_route
+# Routes from _C.plan_route besides a backend id: torch_sdpa, and the op would pass the call to PyTorch's SDPA
+# unchanged, so the front calls SDPA itself (skipping the op's boxed call, ~3 us on a tiny call); GQA: grouped-query.
+SDPA_DIRECT, SDPA_DIRECT_GQA = -3, -4
 
 
-def sdpa_direct(q, k, v, attn_mask, is_causal, scale):
-    """`torch_sdpa` without the op's boxed call (~3 us on a tiny call): PyTorch's SDPA straight from Python when the
-    op would pass the call to SDPA unchanged (4-d, one batch size, k/v heads alike, a supported dtype, a mask that
-    is bool or of q's dtype, no causal with a mask). Else, or if SDPA raises, None: the op then runs the call with
-    its checks and messages. Same kernel, same arguments, same autograd, same result as the op's route."""
-    qs, ks, vs = q.shape, k.shape, v.shape  # SDPA broadcasts batch and heads where the op refuses: rule that out
-    if not (len(qs) == len(ks) == len(vs) == 4 and qs[0] == ks[0] == vs[0] and ks[1] == vs[1] and q.dtype in _SDPA_DTYPES):
-        return None
-    if attn_mask is not None and (is_causal or attn_mask.ndim > 4 or (attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype)):
-        return None
+def sdpa_direct(route, q, k, v, attn_mask, is_causal, scale):
+    """Run a call that _C.plan_route sent to SDPA directly (route SDPA_DIRECT or SDPA_DIRECT_GQA): the op's own
+    torch_sdpa kernel with the same arguments, so the same result and autograd. None if SDPA raises: the op then
+    re-runs the call and raises its own ValueError."""
     try:  # each argument passed costs SDPA's parser ~0.2 us: pass only what is set
-        if qs[1] != ks[1]:  # grouped-query, as the op passes it (SDPA checks that the head counts divide)
+        if route == SDPA_DIRECT_GQA:
             return _sdpa(q, k, v, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=True)
         if attn_mask is not None:
             return _sdpa(q, k, v, attn_mask) if scale is None else _sdpa(q, k, v, attn_mask, scale=scale)
         if scale is None:
             return _sdpa(q, k, v, is_causal=True) if is_causal else _sdpa(q, k, v)
         return _sdpa(q, k, v, is_causal=is_causal, scale=scale)
-    except Exception:  # the op re-runs the call and raises its own ValueError (SDPA's refusals included)
+    except Exception:
         return None
 
 
@@ -110,12 +107,20 @@ def attention(
         bid = _backend_id(backend)
     elif _is_compiling():
         bid = CONTEXT  # the native op resolves this thread's policy at run time
-    else:
+    elif CALL_HOOKS or return_lse:
         bid = _policy_id()
+    else:  # the task's policy and the call's plan in one native call
+        scope = _scope_get()
+        bid = _plan_route(q, k, v, attn_mask, is_causal, CONTEXT, None if scope is None else scope.view)
+        if bid < CONTEXT and (out := sdpa_direct(bid, q, k, v, attn_mask, is_causal, scale)) is not None:
+            return out
+        return _OP(q, k, v, attn_mask, is_causal, scale, _SDPA_ID if bid < CONTEXT else bid)[0]
     if CALL_HOOKS:
         _call_hooks(q, k, v, attn_mask, is_causal, scale, bid, *CALLER.get())
     if return_lse:
         return _OP(q, k, v, attn_mask, is_causal, scale, bid, True)
-    if bid == _SDPA_ID and (out := sdpa_direct(q, k, v, attn_mask, is_causal, scale)) is not None:
-        return out
+    if bid == _SDPA_ID and not _is_compiling():
+        route = _plan_route(q, k, v, attn_mask, is_causal, bid)
+        if route < CONTEXT and (out := sdpa_direct(route, q, k, v, attn_mask, is_causal, scale)) is not None:
+            return out
     return _OP(q, k, v, attn_mask, is_causal, scale, bid)[0]

@@ -9,8 +9,9 @@ Compares, on the same tiny tensors ((1, 1, 1, 8) fp32 on CPU; (1, 1, 1, 64) bf16
   * torch.ops.attnsel.attention.default(..., id) the op's one overload with the backend id
   * attnsel.attention(..., backend="torch_sdpa") vs F.scaled_dot_product_attention: our route vs the backend direct
 Reports the median over several rounds of the mean time per call, in microseconds (CUDA: queued calls, one sync
-per round, so host cost is what is measured); the cases take turns within each round. A named `torch_sdpa` call
-from Python goes to SDPA directly (attnsel.ops.sdpa_direct); `auto` and layers go through the op.
+per round, so host cost is what is measured); the cases take turns within each round. From Python, a call whose
+plan is `torch_sdpa` (named, a layer's policy, or auto's plan) goes to SDPA directly when the op would pass it
+unchanged (one native plan call, _C.plan_route, then attnsel.ops.sdpa_direct); other calls go through the op.
 """
 
 from __future__ import annotations

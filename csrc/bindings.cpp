@@ -1,14 +1,16 @@
 // pybind11 bindings: selection, context, descriptors and the tuning table (tensor work goes through
-// torch.ops.attnsel).
+// torch.ops.attnsel; tensors come here only to be read for a call's plan).
 #include <pybind11/functional.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>  // the at::Tensor caster
 
 #include <stdexcept>
 
 #include "attnsel/attnsel.h"
 #include "core/internal.h"
 #include "kernels/cpu/attention_cpu.h"
+#include "torch/dispatch.h"
 
 namespace py = pybind11;
 using namespace attnsel;
@@ -47,6 +49,38 @@ MaskKind parse_mask(const std::string& s) {
   if (s == "bool") return MaskKind::Bool;
   if (s == "additive") return MaskKind::Additive;
   throw std::invalid_argument("attnsel: mask kind must be one of none, bool, additive; got '" + s + "'");
+}
+
+// The policy of a Python task's view (None: no Python scope; a scope a C++ caller entered on this thread still
+// counts, a mirror of another task's Python scope does not): a named id, or nothing = auto.
+std::optional<BackendId> view_policy(const std::optional<ComponentContext>& view, bool has_view) {
+  std::optional<ComponentContext> ctx = view;
+  if (!has_view) {
+    ctx = current_component();
+    if (ctx && ctx->set_by_python) ctx.reset();
+  }
+  return resolve_policy(std::nullopt, Role::None, ctx ? &*ctx : nullptr).first;
+}
+
+// attnsel.attention's route for a call (see plan_route below).
+constexpr int kRouteSdpaDirect = -3;     // torch_sdpa, passed unchanged: the front calls PyTorch's SDPA itself
+constexpr int kRouteSdpaDirectGqa = -4;  // the same, grouped-query (enable_gqa=True)
+
+int plan_route(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
+               bool is_causal, std::int64_t backend) {
+  using namespace attnsel::torch_glue;
+  try {
+    const std::optional<at::Tensor> broadcast = validate_inputs(q, k, v, mask);
+    const BackendId chosen = plan_backend(q, k, v, broadcast, is_causal, backend, inputs_need_grad(q, k, v));
+    // The op hands torch_sdpa calls to SDPA unchanged except a mask in another dtype (cast) or a mask with causal
+    // (folded in): only those need the op.
+    const bool unchanged = !mask || (!is_causal && (mask->scalar_type() == at::kBool ||
+                                                    mask->scalar_type() == q.scalar_type()));
+    if (chosen != BackendId::TORCH_SDPA || !unchanged) return static_cast<int>(chosen);
+    return q.size(1) == k.size(1) ? kRouteSdpaDirect : kRouteSdpaDirectGqa;
+  } catch (const c10::ValueError& e) {
+    throw py::value_error(e.what_without_backtrace());  // the op's own message
+  }
 }
 
 // A component context crosses the boundary as (backend id or None, component, set_by_python, self id, cross id).
@@ -261,15 +295,23 @@ PYBIND11_MODULE(_C, m) {
   // context None: no Python scope in this task; a scope a C++ caller entered on this thread still counts (a
   // mirror of another task's Python scope does not).
   m.def("call_policy", [](std::optional<ScopeTuple> context) -> int {
-    std::optional<ComponentContext> ctx = from_py(context);
-    if (!context) {
-      ctx = current_component();
-      if (ctx && ctx->set_by_python) ctx.reset();
-    }
-    auto [backend, source] = resolve_policy(std::nullopt, Role::None, ctx ? &*ctx : nullptr);
-    (void)source;
+    const std::optional<BackendId> backend = view_policy(from_py(context), context.has_value());
     return backend ? static_cast<int>(*backend) : -2;
   }, py::arg("context"));
+  // The route of an eager attnsel.attention call: the backend id the op will run (checked: the call's refusals
+  // raise ValueError here, with the op's message), or -3 / -4 when that is torch_sdpa and the op would pass the
+  // call to PyTorch's SDPA unchanged (-4: grouped-query). backend: a named id, -2 = auto, or -1 = the policy of
+  // `context` (a task's scope view, as call_policy).
+  m.def("plan_route", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const std::optional<at::Tensor>& attn_mask, bool is_causal, int backend,
+                         std::optional<ScopeTuple> context) -> int {
+    if (backend == -1) {
+      const std::optional<BackendId> policy = view_policy(from_py(context), context.has_value());
+      backend = policy ? static_cast<int>(*policy) : -2;
+    }
+    return plan_route(q, k, v, attn_mask, is_causal, backend);
+  }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("attn_mask"), py::arg("is_causal"), py::arg("backend"),
+     py::arg("context") = py::none());
   // The plan for a call: backend None = this view's policy, -2 = auto; returns the selection tuple.
   m.def("explain_call", [](const CallSignature& call, std::optional<int> backend, std::optional<ScopeTuple> context) {
     if (backend) return selection_to_py(plan_call(call, *backend == -2 ? std::nullopt : std::optional(to_id(*backend))));

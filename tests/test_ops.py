@@ -257,8 +257,9 @@ def test_return_lse_refused_where_the_backend_cannot_give_it():
         attnsel.attention(q, q, q, backend="torch_sdpa", return_lse=True)
 
 
-# `torch_sdpa` calls from Python skip the op when it would hand them to SDPA unchanged (attnsel.ops.sdpa_direct):
-# the result, the gradients and every refusal must be the op's.
+# Calls that the plan sends to `torch_sdpa` skip the op from Python when the op would hand them to SDPA unchanged
+# (_C.plan_route says so, attnsel.ops.sdpa_direct runs them): the result, the gradients and every refusal must be
+# the op's, whether torch_sdpa is named, a layer's policy, or auto's plan.
 @pytest.mark.parametrize("case", ["plain", "causal", "scale", "bool_mask", "additive_mask", "gqa", "mqa"])
 def test_sdpa_direct_matches_the_op(case):
     g = torch.Generator().manual_seed(3)
@@ -268,30 +269,58 @@ def test_sdpa_direct_matches_the_op(case):
     v = torch.randn(2, hkv, 11, 16, generator=g, requires_grad=True)
     mask = {"bool_mask": torch.rand(2, 1, 9, 11, generator=g) > 0.3,
             "additive_mask": torch.randn(1, 4, 1, 11, generator=g)}.get(case)
-    kwargs = dict(attn_mask=mask, is_causal=case == "causal", scale=0.3 if case == "scale" else None)
-    direct = attnsel.ops.sdpa_direct(q, k, v, kwargs["attn_mask"], kwargs["is_causal"], kwargs["scale"])
-    assert direct is not None
-    ours = attnsel.attention(q, k, v, backend="torch_sdpa", **kwargs)
-    op = torch.ops.attnsel.attention(q, k, v, mask, kwargs["is_causal"], kwargs["scale"], int(attnsel.Backend.TORCH_SDPA))[0]
-    torch.testing.assert_close(ours, op, rtol=0, atol=0)
-    grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
+    causal, scale = case == "causal", 0.3 if case == "scale" else None
+    sdpa = int(attnsel.Backend.TORCH_SDPA)
+    route = attnsel._C.plan_route(q, k, v, mask, causal, sdpa)
+    assert route == (attnsel.ops.SDPA_DIRECT_GQA if hkv != 4 else attnsel.ops.SDPA_DIRECT)
+    op = torch.ops.attnsel.attention(q, k, v, mask, causal, scale, sdpa)[0]
     op_grads = torch.autograd.grad(op.square().sum(), (q, k, v))
-    for a, b in zip(grads, op_grads):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-    layer = attnsel.nn.Attention(4, 16, num_kv_heads=hkv, backend="torch_sdpa", scale=kwargs["scale"])
-    torch.testing.assert_close(layer(q, k, v, mask, kwargs["is_causal"]), op, rtol=0, atol=0)
+    layer = attnsel.nn.Attention(4, 16, num_kv_heads=hkv, backend="torch_sdpa", scale=scale)
+    auto_layer = attnsel.nn.Attention(4, 16, num_kv_heads=hkv, scale=scale)
+    bucket = attnsel.selection.call_signature(q, k, v, mask, causal).bucket()
+    attnsel._C.set_tuning_entry(bucket, [(sdpa, 1.0), (int(attnsel.Backend.NATIVE), 2.0)])  # auto plans torch_sdpa
+    try:
+        assert attnsel.explain_call(q, k, v, attn_mask=mask, is_causal=causal).backend == attnsel.Backend.TORCH_SDPA
+        runs = {"named": lambda: attnsel.attention(q, k, v, mask, causal, scale, backend="torch_sdpa"),
+                "auto": lambda: attnsel.attention(q, k, v, mask, causal, scale),
+                "layer": lambda: layer(q, k, v, mask, causal), "auto layer": lambda: auto_layer(q, k, v, mask, causal)}
+        for name, run in runs.items():
+            ours = run()
+            torch.testing.assert_close(ours, op, rtol=0, atol=0, msg=name)
+            grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
+            for a, b in zip(grads, op_grads):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
+    finally:
+        attnsel._C.set_tuning_entry(bucket, [])
 
 
-@pytest.mark.parametrize("case", ["batch_broadcast", "heads_broadcast", "kv_heads_differ", "3d", "float64", "mask_5d"])
+@pytest.mark.parametrize("case", ["causal_with_mask", "mask_cast"])
+def test_torch_sdpa_calls_the_op_changes_go_through_the_op(case):
+    """A mask with causal (folded into the mask) or in another dtype (cast) needs the op's changes: no direct route."""
+    q = torch.randn(2, 4, 6, 8, dtype=torch.bfloat16)
+    mask = torch.randn(2, 1, 1, 6) if case == "mask_cast" else torch.rand(2, 1, 6, 6) > 0.3
+    causal = case == "causal_with_mask"
+    sdpa = int(attnsel.Backend.TORCH_SDPA)
+    assert attnsel._C.plan_route(q, q, q, mask, causal, sdpa) == sdpa
+    op = torch.ops.attnsel.attention(q, q, q, mask, causal, None, sdpa)[0]
+    assert torch.equal(attnsel.attention(q, q, q, attn_mask=mask, is_causal=causal, backend="torch_sdpa"), op)
+
+
+@pytest.mark.parametrize("case", ["batch_broadcast", "heads_broadcast", "kv_heads_differ", "3d", "float64", "mask_5d",
+                                  "head_dim_0"])
 def test_sdpa_direct_leaves_refusals_to_the_op(case):
-    """Inputs SDPA would broadcast or take but the op refuses still raise the op's ValueError."""
+    """Inputs SDPA would broadcast or take but the op refuses still raise the op's ValueError, from the plan."""
     shapes = {"batch_broadcast": ((2, 4, 5, 8), (1, 4, 5, 8), (1, 4, 5, 8)),
               "heads_broadcast": ((2, 1, 5, 8), (2, 4, 5, 8), (2, 4, 5, 8)),
               "kv_heads_differ": ((2, 4, 5, 8), (2, 1, 5, 8), (2, 4, 5, 8)),
-              "3d": ((4, 5, 8), (4, 5, 8), (4, 5, 8))}.get(case, ((2, 4, 5, 8),) * 3)
+              "3d": ((4, 5, 8), (4, 5, 8), (4, 5, 8)),
+              "head_dim_0": ((2, 4, 5, 0),) * 3}.get(case, ((2, 4, 5, 8),) * 3)
     dtype = torch.float64 if case == "float64" else torch.float32
     q, k, v = (torch.randn(*s, dtype=dtype) for s in shapes)
     mask = torch.ones(1, 2, 4, 5, 5, dtype=torch.bool) if case == "mask_5d" else None
-    assert attnsel.ops.sdpa_direct(q, k, v, mask, False, None) is None
+    with pytest.raises(ValueError, match="attnsel.attention"):
+        attnsel._C.plan_route(q, k, v, mask, False, int(attnsel.Backend.TORCH_SDPA))
+    with pytest.raises(ValueError, match="attnsel.attention"):
+        attnsel.attention(q, k, v, attn_mask=mask)
     with pytest.raises(ValueError, match="attnsel.attention"):
         attnsel.attention(q, k, v, attn_mask=mask, backend="torch_sdpa")

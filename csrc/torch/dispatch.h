@@ -46,18 +46,6 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
                                              std::optional<double> scale, std::int64_t backend, bool return_lse);
 
 // The backend the op runs for this call: `backend` when >= 0 (checked: it must accept the call), else the planner's
-// answer with this thread's context. needs_grad: the call's output needs a backward pass (backends without one are
-// refused). Raises c10::ValueError with every reason when nothing can run it. Inputs must be validated first
-// (validate_inputs).
-BackendId plan_backend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const std::optional<at::Tensor>& attn_mask, bool is_causal, std::int64_t backend,
-                       bool needs_grad);
-
-// Checks q/k/v (and the mask, broadcast to [B, Hq, Sq, Sk] as a stride-0 view) and returns the broadcast mask.
-std::optional<at::Tensor> validate_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                          const std::optional<at::Tensor>& attn_mask);
-
-// The backend the op runs for this call: `backend` when >= 0 (checked: it must accept the call), else the planner's
 // answer (auto, or this thread's policy). needs_grad: the output needs a backward pass (backends without one are
 // refused); needs_lse likewise. Raises c10::ValueError with every reason when nothing can run it. Validate the
 // inputs first.
