@@ -103,8 +103,9 @@ def attention(
     Returns the output (B, Hq, Sq, Dv); with return_lse=True, (output, lse) where lse is the natural-log
     log-sum-exp of each query row's scaled, masked scores, (B, Hq, Sq) float32 (-inf for a row that sees no key).
     """
-    if backend is not None:
-        bid = _backend_id(backend)
+    if backend is not None:  # a name seen before: one dict lookup, no call
+        if backend.__class__ is not str or (bid := _NAME_IDS.get(backend)) is None:
+            bid = _backend_id(backend)
     elif _is_compiling():
         bid = CONTEXT  # the native op resolves this thread's policy at run time
     elif CALL_HOOKS or return_lse:
