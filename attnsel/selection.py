@@ -121,21 +121,8 @@ def call_signature(
     is_causal: bool = False,
     return_lse: bool = False,
 ) -> "_C.CallSignature":
-    """The planner's view of a call (what `auto` and the tuning table key on)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"attnsel.explain_call: {name} must be a 4-d tensor (batch, heads, seq, head_dim)")
-    mask, key_padding = "none", False
-    if attn_mask is not None:
-        mask = "bool" if attn_mask.dtype == torch.bool else "additive"
-        shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
-        key_padding = shape[1] == 1 and shape[2] == 1
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    return _C.CallSignature(
-        q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3],
-        _dtype_name(q.dtype), _device_type(q.device), mask, key_padding, bool(is_causal), needs_grad,
-        bool(return_lse),
-    )
+    """The planner's view of a call (what `auto` and the tuning table key on). Raises ValueError where the op would."""
+    return _C.call_signature(q, k, v, attn_mask, bool(is_causal), bool(return_lse))
 
 
 def explain_call(

@@ -83,6 +83,18 @@ int plan_route(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   }
 }
 
+// The planner's signature of a call, from its tensors (the op's validation and its mask rules).
+CallSignature signature_of_call(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const std::optional<at::Tensor>& mask, bool is_causal, bool return_lse) {
+  using namespace attnsel::torch_glue;
+  try {
+    const std::optional<at::Tensor> broadcast = validate_inputs(q, k, v, mask);
+    return call_signature(q, k, v, broadcast, is_causal, inputs_need_grad(q, k, v), return_lse);
+  } catch (const c10::ValueError& e) {
+    throw py::value_error(e.what_without_backtrace());
+  }
+}
+
 // A component context crosses the boundary as (backend id or None, component, set_by_python, self id, cross id).
 using ScopeTuple = std::tuple<std::optional<int>, std::string, bool, std::optional<int>, std::optional<int>>;
 std::optional<ScopeTuple> context_to_py(const std::optional<ComponentContext>& c) {
@@ -312,6 +324,9 @@ PYBIND11_MODULE(_C, m) {
     return plan_route(q, k, v, attn_mask, is_causal, backend);
   }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("attn_mask"), py::arg("is_causal"), py::arg("backend"),
      py::arg("context") = py::none());
+  m.def("call_signature", &signature_of_call, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("attn_mask"),
+        py::arg("is_causal"), py::arg("return_lse"),
+        "The planner's view of a call (ValueError, with the op's message, for a call the op refuses).");
   // The plan for a call: backend None = this view's policy, -2 = auto; returns the selection tuple.
   m.def("explain_call", [](const CallSignature& call, std::optional<int> backend, std::optional<ScopeTuple> context) {
     if (backend) return selection_to_py(plan_call(call, *backend == -2 ? std::nullopt : std::optional(to_id(*backend))));
