@@ -75,13 +75,9 @@ class Attention(nn.Module):
                                 attn_mask=attn_mask, is_causal=is_causal)
         bid = self._op_backend
         if (bid == AUTO or bid == _SDPA_ID) and not _is_compiling():  # the plan, and SDPA straight from here if it says so
-            route = _plan_route(q, k, v, attn_mask, is_causal, bid)
-            if route >= 0:
-                bid = route
-            elif (out := sdpa_direct(route, q, k, v, attn_mask, is_causal, self.scale)) is not None:
-                return out
-            else:
-                bid = _SDPA_ID
+            bid = _plan_route(q, k, v, attn_mask, is_causal, bid)
+            if bid < 0:
+                return sdpa_direct(bid, q, k, v, attn_mask, is_causal, self.scale)
         return _OP(q, k, v, attn_mask, is_causal, self.scale, bid)[0]
 
     def _attend(self, q, k, v, attn_mask=None, is_causal=False):

@@ -34,19 +34,16 @@ SDPA_DIRECT, SDPA_DIRECT_GQA = -3, -4
 
 
 def sdpa_direct(route, q, k, v, attn_mask, is_causal, scale):
-    """Run a call that _C.plan_route sent to SDPA directly (route SDPA_DIRECT or SDPA_DIRECT_GQA): the op's own
-    torch_sdpa kernel with the same arguments, so the same result and autograd. None if SDPA raises: the op then
-    re-runs the call and raises its own ValueError."""
-    try:  # each argument passed costs SDPA's parser ~0.2 us: pass only what is set
-        if route == SDPA_DIRECT_GQA:
-            return _sdpa(q, k, v, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=True)
-        if attn_mask is not None:
-            return _sdpa(q, k, v, attn_mask) if scale is None else _sdpa(q, k, v, attn_mask, scale=scale)
-        if scale is None:
-            return _sdpa(q, k, v, is_causal=True) if is_causal else _sdpa(q, k, v)
-        return _sdpa(q, k, v, is_causal=is_causal, scale=scale)
-    except Exception:
-        return None
+    """Run a call that _C.plan_route sent to SDPA directly (route SDPA_DIRECT or SDPA_DIRECT_GQA): the op's
+    torch_sdpa kernel with the same arguments, so the same result, autograd and errors (the op does not wrap SDPA's)."""
+    # Each argument passed costs SDPA's parser ~0.2 us: pass only what is set.
+    if route == SDPA_DIRECT_GQA:
+        return _sdpa(q, k, v, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=True)
+    if attn_mask is not None:
+        return _sdpa(q, k, v, attn_mask) if scale is None else _sdpa(q, k, v, attn_mask, scale=scale)
+    if scale is None:
+        return _sdpa(q, k, v, is_causal=True) if is_causal else _sdpa(q, k, v)
+    return _sdpa(q, k, v, is_causal=is_causal, scale=scale)
 
 
 # The (component, role) of the layer calling `attention` for the call hooks, set by integrations that route a
@@ -106,22 +103,25 @@ def attention(
     if backend is not None:  # a name seen before: one dict lookup, no call
         if backend.__class__ is not str or (bid := _NAME_IDS.get(backend)) is None:
             bid = _backend_id(backend)
-    elif _is_compiling():
-        bid = CONTEXT  # the native op resolves this thread's policy at run time
-    elif CALL_HOOKS or return_lse:
-        bid = _policy_id()
+        if bid != _SDPA_ID or CALL_HOOKS or return_lse or _is_compiling():
+            if CALL_HOOKS:
+                _call_hooks(q, k, v, attn_mask, is_causal, scale, bid, *CALLER.get())
+            if return_lse:
+                return _OP(q, k, v, attn_mask, is_causal, scale, bid, True)
+            return _OP(q, k, v, attn_mask, is_causal, scale, bid)[0]
+        route = _plan_route(q, k, v, attn_mask, is_causal, bid)
+    elif CALL_HOOKS or return_lse or _is_compiling():
+        bid = CONTEXT if _is_compiling() else _policy_id()  # compiled: the op resolves the thread's policy at run time
+        if CALL_HOOKS:
+            _call_hooks(q, k, v, attn_mask, is_causal, scale, bid, *CALLER.get())
+        if return_lse:
+            return _OP(q, k, v, attn_mask, is_causal, scale, bid, True)
+        return _OP(q, k, v, attn_mask, is_causal, scale, bid)[0]
     else:  # the task's policy and the call's plan in one native call
         scope = _scope_get()
-        bid = _plan_route(q, k, v, attn_mask, is_causal, CONTEXT, None if scope is None else scope.view)
-        if bid < CONTEXT and (out := sdpa_direct(bid, q, k, v, attn_mask, is_causal, scale)) is not None:
-            return out
-        return _OP(q, k, v, attn_mask, is_causal, scale, _SDPA_ID if bid < CONTEXT else bid)[0]
-    if CALL_HOOKS:
-        _call_hooks(q, k, v, attn_mask, is_causal, scale, bid, *CALLER.get())
-    if return_lse:
-        return _OP(q, k, v, attn_mask, is_causal, scale, bid, True)
-    if bid == _SDPA_ID and not _is_compiling():
-        route = _plan_route(q, k, v, attn_mask, is_causal, bid)
-        if route < CONTEXT and (out := sdpa_direct(route, q, k, v, attn_mask, is_causal, scale)) is not None:
-            return out
-    return _OP(q, k, v, attn_mask, is_causal, scale, bid)[0]
+        route = _plan_route(q, k, v, attn_mask, is_causal, CONTEXT, None if scope is None else scope.view)
+    if route >= 0:
+        return _OP(q, k, v, attn_mask, is_causal, scale, route)[0]
+    if route == SDPA_DIRECT and attn_mask is None and scale is None and not is_causal:
+        return _sdpa(q, k, v)  # the common case without sdpa_direct's frame
+    return sdpa_direct(route, q, k, v, attn_mask, is_causal, scale)
