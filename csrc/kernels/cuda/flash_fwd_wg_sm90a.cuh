@@ -1,10 +1,10 @@
 // Head sizes up to 256 on Hopper (sm_90a): TMA loads, wgmma, warp specialisation (see flash_fwd_ws). Built for
-// D = 64/96/128/256; a smaller real head size is zero-padded by the tensor copy engine (columns past it read as 0).
+// D = 64/80/96/128/256; a smaller real head size is zero-padded by the tensor copy engine (columns past it read as 0).
 // S = Q·K^T runs as SS-wgmma (both operands in swizzled smem); P feeds O += P·V from registers (the S accumulator
 // layout is the wgmma A-fragment layout) with V read MN-major from smem. Tiles are stored as column chunks of
-// [rows][CW]: 64 columns with the 128-byte swizzle, or for D=96 (not a multiple of 64) 32 columns with the 64-byte
-// swizzle, so one wgmma of N=96 covers all of O.
-// Included by flash_fwd_wg{64,96,128,256}_sm90a.cu, one padded head size each (they compile in parallel).
+// [rows][CW]: 64 columns with the 128-byte swizzle; for D=96 (not a multiple of 64) 32 columns with the 64-byte
+// swizzle, for D=80 16 columns with the 32-byte one, so one wgmma of N=D covers all of O (wgmma's canonical layouts).
+// Included by flash_fwd_wg{64,80,96,128,256}_sm90a.cu, one padded head size each (they compile in parallel).
 #pragma once
 
 #include <cuda.h>
@@ -19,7 +19,7 @@
 namespace attnsel::cuda::detail {
 
 // A [B, H, S, d] operand as a 4-D tensor map (d innermost) read in boxes of `cols` columns x `rows` rows, swizzled
-// by the box's row width (64 columns: 128 bytes, 32: 64 bytes); rows past S and columns past d are zero-filled
+// by the box's row width (64 columns: 128 bytes, 32: 64, 16: 32); rows past S and columns past d are zero-filled
 // (flash_fwd_wg_sm90a.cu). False when no tensor map can be made.
 bool make_map(CUtensorMap* m, const void* base, bool bf16, int d, int seq, int heads, int batch, std::int64_t ss,
               std::int64_t sh, std::int64_t sb, int rows, int cols);
@@ -42,11 +42,13 @@ struct WgOps;
     }                                                                                                      \
   };
 ATTNSEL_WG_OPS(__nv_bfloat16, bf16, 128, 64)
+ATTNSEL_WG_OPS(__nv_bfloat16, bf16, 128, 80)
 ATTNSEL_WG_OPS(__nv_bfloat16, bf16, 128, 96)
 ATTNSEL_WG_OPS(__nv_bfloat16, bf16, 128, 128)
 ATTNSEL_WG_OPS(__nv_bfloat16, bf16, 64, 256)
 ATTNSEL_WG_OPS(__nv_bfloat16, bf16, 80, 256)
 ATTNSEL_WG_OPS(__half, f16, 128, 64)
+ATTNSEL_WG_OPS(__half, f16, 128, 80)
 ATTNSEL_WG_OPS(__half, f16, 128, 96)
 ATTNSEL_WG_OPS(__half, f16, 128, 128)
 ATTNSEL_WG_OPS(__half, f16, 64, 256)
@@ -80,8 +82,8 @@ __device__ __forceinline__ void fence_frag(std::uint32_t (&r)[N][4]) {
 template <int D, int BC, int NC, int STAGES, int QBUF = 1>
 struct WsCfg {
   static constexpr int BR = 64 * NC, NT = 128 * (NC + 1);
-  // Column chunk width (elements) and its row bytes = the swizzle span: 64 / 128 B, or 32 / 64 B for D=96.
-  static constexpr int CW = D % 64 == 0 ? 64 : 32, ROWB = CW * 2;
+  // Column chunk width (elements) and its row bytes = the swizzle span: 64 / 128 B, 32 / 64 B (D=96), 16 / 32 B (D=80).
+  static constexpr int CW = D % 64 == 0 ? 64 : D % 32 == 0 ? 32 : 16, ROWB = CW * 2;
   static_assert(D % CW == 0, "padded head size");
   static constexpr std::uint32_t Q_BYTES = BR * D * 2, KV_BYTES = BC * D * 2;
   static constexpr int N_BARS = 2 * QBUF + 4 * STAGES;  // q_full, q_empty [QBUF]; k/v full/empty [STAGES]
@@ -247,7 +249,7 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
 
     auto issue_qk = [&](int st, std::uint64_t dq0) {
       const std::uint64_t dk0 = make_desc(sK + st * KV_BYTES, 16, 8 * ROWB, ROWB);
-      constexpr int KPC = CW / 16;  // k16 steps per chunk
+      constexpr int KPC = CW / 16;  // k16 steps per chunk (1 for 16-column chunks)
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
         const std::uint32_t koff = (kk % KPC) << 1;
@@ -543,8 +545,10 @@ cudaError_t run_wg_d(const FwdArgs& a, int batch, int heads, bool bf16, bool cau
 
 }  // namespace
 
-// One per padded head size (flash_fwd_wg{64,96,128,256}_sm90a.cu).
+// One per padded head size (flash_fwd_wg{64,80,96,128,256}_sm90a.cu).
 cudaError_t run_wg_sm90_d64(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int mask_mode,
+                            int variant, cudaStream_t s);
+cudaError_t run_wg_sm90_d80(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int mask_mode,
                             int variant, cudaStream_t s);
 cudaError_t run_wg_sm90_d96(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int mask_mode,
                             int variant, cudaStream_t s);

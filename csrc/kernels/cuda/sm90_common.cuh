@@ -18,10 +18,10 @@ __device__ __forceinline__ void fence_regs(float (&r)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
 
-// row_bytes: the swizzle span, 128 (128-byte swizzle, layout type 1) or 64 (64-byte swizzle, type 2).
+// row_bytes: the swizzle span, 128 / 64 / 32 bytes (layout types 1 / 2 / 3).
 __device__ __forceinline__ std::uint64_t make_desc(std::uint32_t saddr, std::uint32_t lbo, std::uint32_t sbo,
                                                    int row_bytes = 128) {
-  const std::uint64_t layout = row_bytes == 128 ? 1 : 2;
+  const std::uint64_t layout = row_bytes == 128 ? 1 : row_bytes == 64 ? 2 : 3;
   return static_cast<std::uint64_t>((saddr & 0x3FFFF) >> 4) | (static_cast<std::uint64_t>(lbo >> 4) << 16) |
          (static_cast<std::uint64_t>(sbo >> 4) << 32) | (layout << 62);
 }
