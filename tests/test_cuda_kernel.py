@@ -163,14 +163,14 @@ def test_gqa(D, causal, dtype):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("D", [64, 128, 256, 512])
+@pytest.mark.parametrize("D", [64, 72, 128, 256, 512])
 @pytest.mark.parametrize("layout", [("bshd", "padded", "bshd"), ("padded", "bshd", "padded")], ids=["bshd-q", "padded-q"])
 def test_non_contiguous(layout, D, causal):
     _check(2, 6, 3, 200, 333, D, causal, torch.bfloat16, layout=layout, seed=D + 1)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("D", [64, 128, 256, 512])
+@pytest.mark.parametrize("D", [64, 88, 128, 256, 512])
 def test_expanded_kv(D, causal):  # zero batch/head strides (e.g. one text context shared by a batch)
     _check(2, 4, 2, 150, 211, D, causal, torch.bfloat16, layout=("bhsd", "expand", "expand"), seed=D + 2)
 

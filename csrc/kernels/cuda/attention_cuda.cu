@@ -65,6 +65,7 @@ detail::FwdArgs make_args(const kernels::AttentionParams& p) {
   a.seq_q = static_cast<int>(p.seq_q);
   a.seq_kv = static_cast<int>(p.seq_kv);
   a.head_dim = static_cast<int>(p.head_dim);
+  a.kv_cols = a.head_dim;
   a.lse = p.lse;
   a.scale = p.scale;
   constexpr float kLog2e = 1.4426950408889634f;
@@ -91,7 +92,7 @@ int mask_mode(const kernels::AttentionParams& p) {
 
 // The size the kernels are built for: head sizes up to 256 run zero-padded to 64, 128 or 256 (sm_80 kernels); the
 // Hopper kernels also have 80 and 96, so 72/80 and 88/96 pay for 80 and 96 columns, not 128. Variant 21 takes the
-// next size up for 65-96 (96, 128), for comparing.
+// next size up for 65-96 (96, 128) and 22 keeps K/V unpacked (flash_fwd_wg_sm90a.cu), for comparing.
 int padded_head_dim(std::int64_t d) { return d <= 64 ? 64 : d <= 128 ? 128 : d <= 256 ? 256 : 512; }
 int padded_head_dim_sm90(std::int64_t d, int variant) {
   if (d > 64 && d <= 80) return variant == 21 ? 96 : 80;

@@ -471,11 +471,11 @@ template <typename T, int D, int BC, int NC, int STAGES, int QBUF, bool PERSIST,
 cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, cudaStream_t stream) {
   using C = WsCfg<D, BC, NC, STAGES, QBUF>;
   constexpr bool bf16 = std::is_same<T, __nv_bfloat16>::value;
-  const int heads_kv = heads / a.group, d = a.head_dim;
+  const int heads_kv = heads / a.group, d = a.head_dim, dkv = a.kv_cols;
   CUtensorMap tq, tk, tv;
   if (!make_map(&tq, a.q, bf16, d, a.seq_q, heads, batch, a.q_ss, a.q_sh, a.q_sb, C::BR, C::CW) ||
-      !make_map(&tk, a.k, bf16, d, a.seq_kv, heads_kv, batch, a.k_ss, a.k_sh, a.k_sb, BC, C::CW) ||
-      !make_map(&tv, a.v, bf16, d, a.seq_kv, heads_kv, batch, a.v_ss, a.v_sh, a.v_sb, BC, C::CW))
+      !make_map(&tk, a.k, bf16, dkv, a.seq_kv, heads_kv, batch, a.k_ss, a.k_sh, a.k_sb, BC, C::CW) ||
+      !make_map(&tv, a.v, bf16, dkv, a.seq_kv, heads_kv, batch, a.v_ss, a.v_sh, a.v_sb, BC, C::CW))
     return cudaErrorNotSupported;
   auto kern = flash_fwd_ws<T, D, BC, NC, STAGES, QBUF, PERSIST, CAUSAL, MM>;
   constexpr int smem = MM == kNoMask ? C::SMEM : C::SMEM_MASKED;

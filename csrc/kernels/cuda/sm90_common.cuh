@@ -45,6 +45,11 @@ __device__ __forceinline__ void load_tile_sw128(std::uint32_t s, const T* g, std
 
 }  // namespace attnsel::cuda::detail::sm90c
 
+namespace attnsel::cuda::detail {
+// Stream-ordered scratch memory from a pool that keeps it (flash_fwd_d512_sm90a.cu); free with cudaFreeAsync.
+cudaError_t workspace_alloc(void** ptr, std::size_t bytes, cudaStream_t stream);
+}  // namespace attnsel::cuda::detail
+
 // ---- mbarrier / bulk tensor copy (TMA) / register reallocation ----------------------
 namespace attnsel::cuda::detail::sm90c {
 
