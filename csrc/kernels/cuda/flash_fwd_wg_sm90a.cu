@@ -68,9 +68,11 @@ __global__ void repack_kv(const RepackArgs r) {
   uint4 v = make_uint4(0u, 0u, 0u, 0u);
   if (c * 8 < r.cols_in)
     v = *reinterpret_cast<const uint4*>(r.src[which] +
-                                             2 * (b * r.sb[which] + h * r.sh[which] + s * r.ss[which] + c * 8));
+                                        2 * (b * r.sb[which] + h * r.sh[which] + s * r.ss[which] + c * 8));
   r.dst[(which * r.rows + row) * per_row + c] = v;
 }
+
+constexpr std::int64_t kMaxRepackBytes = std::int64_t{256} << 20;  // K+V of 24 heads x 29k keys at 96 columns
 
 cudaError_t run_padded(const FwdArgs& a, int padded_dim, int batch, int heads, bool bf16, bool causal, int mask_mode,
                        int variant, cudaStream_t s) {
@@ -87,10 +89,12 @@ cudaError_t run_padded(const FwdArgs& a, int padded_dim, int batch, int heads, b
 }  // namespace
 
 // Head sizes 72 and 88 (rows of 144 / 176 bytes) ran no faster at the padded size 80/96 than at 128 (H200), while 96
-// ran 10% faster: the tensor copies of K/V rows that straddle 64-byte segments, padding columns out of bounds, cost
-// more than the saved columns. So K and V of the 80/96 kernels are first copied into zero-padded rows of the padded
-// size (one pass over K and V, which each query tile then reads again); Q is read once per tile and stays where it
-// is. Variant 22 skips this.
+// and 80 ran 10-20% faster: the tensor copies of K/V rows that straddle 64-byte segments, padding columns out of
+// bounds, cost more than the saved columns. So K and V of the 80/96 kernels are first copied into zero-padded rows
+// of the padded size (one pass over K and V, which each query tile then reads again): +16% at 72, +3.5% at 88
+// (docs/cuda-kernels.md). Q is read once per tile and stays where it is. Variant 22 skips this, and so do calls whose
+// padded K/V would pass kMaxRepackBytes: the workspace pool keeps the memory it handed out (its peak), so this bounds
+// what stays held after the call.
 cudaError_t run_wg_sm90(const FwdArgs& a, int padded_dim, int batch, int heads, bool bf16, bool causal, int mask_mode,
                         int variant, cudaStream_t s) {
   if ((padded_dim != 80 && padded_dim != 96) || a.head_dim == padded_dim || variant == 22)
@@ -106,11 +110,10 @@ cudaError_t run_wg_sm90(const FwdArgs& a, int padded_dim, int batch, int heads, 
   r.seq = a.seq_kv;
   r.cols_in = a.head_dim;
   r.cols = padded_dim;
-  const std::int64_t threads = r.rows * (padded_dim / 8);
-  if ((threads + 255) / 256 > 0x7fffffff)  // beyond one grid: unpacked
-    return run_padded(a, padded_dim, batch, heads, bf16, causal, mask_mode, variant, s);
+  const std::int64_t threads = r.rows * (padded_dim / 8), bytes = 2 * r.rows * padded_dim * 2;
+  if (bytes > kMaxRepackBytes) return run_padded(a, padded_dim, batch, heads, bf16, causal, mask_mode, variant, s);
   void* ws = nullptr;
-  cudaError_t e = workspace_alloc(&ws, 2 * r.rows * padded_dim * 2, s);
+  cudaError_t e = workspace_alloc(&ws, static_cast<std::size_t>(bytes), s);
   if (e != cudaSuccess) return e;
   r.dst = static_cast<uint4*>(ws);
   repack_kv<<<dim3(static_cast<unsigned>((threads + 255) / 256), 2), 256, 0, s>>>(r);
