@@ -36,6 +36,7 @@ SHAPES = [  # name, (B, H, Sq, Sk, D), causal, mask
     ("pixart-72", (2, 16, 4096, 4096, 72), False, None),
     ("hunyuan-88", (2, 16, 4096, 4096, 88), False, None),
     ("lumina-96", (2, 24, 4096, 4096, 96), False, None),
+    ("hdim-80", (2, 16, 4096, 4096, 80), False, None),  # the padded-80 kernel at its own size
     ("hd-256", (1, 8, 8192, 8192, 256), False, None),
     ("vae-4k", (1, 1, 4096, 4096, 512), False, None),
     ("vae-12k", (1, 1, 12544, 12544, 512), False, None),

@@ -149,7 +149,7 @@ def _check(B, Hq, Hkv, Sq, Sk, D, causal, dtype, layout=("bhsd", "bhsd", "bhsd")
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("D", [64, 128, 256, 512])
+@pytest.mark.parametrize("D", [64, 80, 96, 128, 256, 512])
 @pytest.mark.parametrize("Sq,Sk", [(1, 1), (1, 77), (77, 1), (127, 129), (128, 128), (257, 1000), (1000, 257)])
 def test_lengths(Sq, Sk, D, causal, dtype):
     _check(2, 3, 3, Sq, Sk, D, causal, dtype, seed=Sq * 7919 + Sk)
@@ -157,25 +157,25 @@ def test_lengths(Sq, Sk, D, causal, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("D", [64, 128, 256, 512])
+@pytest.mark.parametrize("D", [64, 96, 128, 256, 512])
 def test_gqa(D, causal, dtype):
     _check(1, 8, 2, 300, 411, D, causal, dtype, seed=D)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("D", [64, 128, 256, 512])
+@pytest.mark.parametrize("D", [64, 72, 128, 256, 512])
 @pytest.mark.parametrize("layout", [("bshd", "padded", "bshd"), ("padded", "bshd", "padded")], ids=["bshd-q", "padded-q"])
 def test_non_contiguous(layout, D, causal):
     _check(2, 6, 3, 200, 333, D, causal, torch.bfloat16, layout=layout, seed=D + 1)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("D", [64, 128, 256, 512])
+@pytest.mark.parametrize("D", [64, 88, 128, 256, 512])
 def test_expanded_kv(D, causal):  # zero batch/head strides (e.g. one text context shared by a batch)
     _check(2, 4, 2, 150, 211, D, causal, torch.bfloat16, layout=("bhsd", "expand", "expand"), seed=D + 2)
 
 
-@pytest.mark.parametrize("D", [64, 128, 512])
+@pytest.mark.parametrize("D", [64, 72, 88, 128, 512])
 def test_long_rows(D):  # many key tiles; for D=512 this also takes the split-KV path
     _check(1, 2, 1, 2049, 4095, D, False, torch.bfloat16, seed=5)
     _check(1, 2, 2, 4095, 2049, D, True, torch.float16, seed=6)
@@ -195,7 +195,7 @@ HEAD_SIZES = [8, 40, 72, 80, 88, 96, 136, 160, 192, 200, 256, 512]
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("D", HEAD_SIZES)
-def test_head_sizes(D, causal, dtype):  # zero-padded to 64/128/256 inside the kernel
+def test_head_sizes(D, causal, dtype):  # zero-padded to 64/128/256 inside the kernel (Hopper: 65-80 to 80, 81-96 to 96)
     _check(2, 4, 2, 133, 301, D, causal, dtype, seed=D * 3 + causal)
     _check(1, 2, 2, 300, 70, D, causal, dtype, layout=("bshd", "padded", "bshd"), seed=D * 5 + causal)
 
@@ -235,7 +235,7 @@ MASKS = {
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("D", [64, 128, 256, 512])
+@pytest.mark.parametrize("D", [64, 72, 96, 128, 256, 512])
 @pytest.mark.parametrize("form", list(MASKS))
 def test_masks(form, D, causal, dtype):
     make = _add(MASKS[form], dtype) if form.startswith("addq") else MASKS[form]
@@ -255,7 +255,7 @@ def test_key_padding_many_tiles(D, causal):  # the key-padding path over many ke
     _check(3, 4, 4, 257, 1500, D, causal, torch.float16, seed=D + 1, mask=additive, lse=True)
 
 
-@pytest.mark.parametrize("D", [64, 128, 256, 512])
+@pytest.mark.parametrize("D", [64, 72, 88, 128, 256, 512])
 def test_fully_masked_rows(D):  # rows with no key: zeros and LSE -inf (bool all-False, additive all -inf)
     def bool_mask(gen):
         m = torch.rand(2, 1, 90, 150, generator=gen, device="cuda") < 0.5
@@ -291,7 +291,7 @@ def test_mask_layouts(D):  # non-contiguous masks: last-dim stride 2, transposed
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("D", [64, 96, 128, 256, 512])
+@pytest.mark.parametrize("D", [64, 80, 96, 128, 256, 512])
 @pytest.mark.parametrize("Sq,Sk", [(1, 77), (77, 1), (255, 1000), (1000, 255)])
 def test_lse(Sq, Sk, D, causal, dtype):  # log-sum-exp vs float64 (unmasked; the mask tests check it masked)
     _check(2, 3, 1, Sq, Sk, D, causal, dtype, seed=Sq + Sk + D, lse=True)
@@ -305,7 +305,7 @@ def test_lse_split_kv():  # D=512 with few query blocks splits the keys; the LSE
 # Hopper's persistent schedule serves short key loops (at most kPersistMaxKeyTiles key tiles, flash_fwd_wg_sm90a.cuh)
 # with more (batch, head, query tile) work items than SMs: these shapes have 300-640 items and <= 300 keys, so every
 # CTA walks several items (the K/V ring, the Q buffers and the key-padding rows carried across items).
-@pytest.mark.parametrize("D", [40, 64, 72, 128, 200, 256])
+@pytest.mark.parametrize("D", [40, 64, 72, 80, 88, 96, 128, 200, 256])
 def test_persistent_schedule(D):
     _check(3, 48, 16, 333, 300, D, False, torch.bfloat16, seed=D, lse=True)
     _check(2, 40, 40, 300, 257, D, False, torch.float16, seed=D + 1, lse=True,

@@ -40,7 +40,7 @@ for dt in ("bf16", "f16"):
     for n in (32, 64, 80, 128):
         out.append(gen_ss(n, dt, 0))
     out.append(gen_ss(256, dt, 1))
-    for n in (64, 128, 256):
+    for n in (64, 80, 96, 128, 256):
         out.append(gen_rs(n, dt, 1))
 out.append("}  // namespace attnsel::cuda::sm90")
 root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")

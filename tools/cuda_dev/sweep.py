@@ -49,7 +49,7 @@ def errs(out, ref):
 
 
 def cases(full):
-    dims = [64, 128, 256, 512]
+    dims = [64, 80, 96, 128, 256, 512]
     lens = [(1, 1), (1, 77), (77, 1), (127, 129), (128, 128), (257, 1000), (1000, 257), (513, 513)]
     for D, causal, (Sq, Sk) in itertools.product(dims, [False, True], lens):
         yield dict(B=2, Hq=3, Hkv=3, Sq=Sq, Sk=Sk, D=D, causal=causal, layout=("bhsd", "bhsd", "bhsd"))
@@ -58,7 +58,7 @@ def cases(full):
             yield dict(B=1, Hq=8, Hkv=2, Sq=300, Sk=411, D=D, causal=causal, layout=("bhsd", "bhsd", "bhsd"))
             yield dict(B=2, Hq=4, Hkv=4, Sq=200, Sk=333, D=D, causal=causal, layout=("bshd", "padded", "bshd"))
             yield dict(B=3, Hq=6, Hkv=3, Sq=129, Sk=700, D=D, causal=causal, layout=("padded", "bshd", "padded"))
-    for D in dims[:3]:  # more work items than SMs: the persistent kernel (default here, variant 19) walks several
+    for D in (64, 72, 88, 96, 128, 256):  # more items than SMs: the persistent kernel (default here, variant 19)
         yield dict(B=2, Hq=40, Hkv=8, Sq=777, Sk=300, D=D, causal=False, layout=("bhsd", "bhsd", "bhsd"))
         yield dict(B=3, Hq=50, Hkv=50, Sq=200, Sk=3000, D=D, causal=False, layout=("bshd", "padded", "bshd"))
     if full:  # longer rows exercise many key tiles
@@ -67,7 +67,8 @@ def cases(full):
             yield dict(B=1, Hq=2, Hkv=2, Sq=4095, Sk=2049, D=D, causal=True, layout=("bhsd",) * 3)
 
 
-VARIANTS = {64: [-1, 17, 18, 19, 20, 0], 128: [-1, 18, 19, 20, 1], 256: [-1, 16, 19, 20, 0], 512: [0]}
+VARIANTS = {64: [-1, 17, 18, 19, 20, 0], 72: [-1, 19, 20, 21, 0], 80: [-1, 19, 20, 21, 0], 88: [-1, 19, 20, 21, 0],
+            96: [-1, 19, 20, 21, 0], 128: [-1, 18, 19, 20, 1], 256: [-1, 16, 19, 20, 0], 512: [0]}
 
 
 def main():

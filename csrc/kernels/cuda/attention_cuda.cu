@@ -65,6 +65,7 @@ detail::FwdArgs make_args(const kernels::AttentionParams& p) {
   a.seq_q = static_cast<int>(p.seq_q);
   a.seq_kv = static_cast<int>(p.seq_kv);
   a.head_dim = static_cast<int>(p.head_dim);
+  a.kv_cols = a.head_dim;
   a.lse = p.lse;
   a.scale = p.scale;
   constexpr float kLog2e = 1.4426950408889634f;
@@ -89,8 +90,15 @@ int mask_mode(const kernels::AttentionParams& p) {
   }
 }
 
-// The size the kernels are built for: head sizes up to 256 run zero-padded to 64, 128 or 256.
+// The size the kernels are built for: head sizes up to 256 run zero-padded to 64, 128 or 256 (sm_80 kernels); the
+// Hopper kernels also have 80 and 96, so 72/80 and 88/96 pay for 80 and 96 columns, not 128. Variant 21 takes the
+// next size up for 65-96 (96, 128) and 22 keeps K/V unpacked (flash_fwd_wg_sm90a.cu), for comparing.
 int padded_head_dim(std::int64_t d) { return d <= 64 ? 64 : d <= 128 ? 128 : d <= 256 ? 256 : 512; }
+int padded_head_dim_sm90(std::int64_t d, int variant) {
+  if (d > 64 && d <= 80) return variant == 21 ? 96 : 80;
+  if (d > 80 && d <= 96) return variant == 21 ? 128 : 96;
+  return padded_head_dim(d);
+}
 
 // ATTNSEL_CUDA_KERNEL=mma keeps the sm_80 mma.sync kernels on Hopper too (tests check that path on an H100/H200).
 bool force_mma_kernels() {
@@ -176,7 +184,7 @@ void attention_forward_variant(const kernels::AttentionParams& p, void* stream, 
   // mma.sync kernels. cudaErrorNotSupported means no tensor map could be made (driver without
   // cuTensorMapEncodeTiled): the mma.sync kernel below serves instead.
   if (p.head_dim != 512 && (variant < 0 || variant >= 10) && device_is_sm90() && !force_mma_kernels()) {
-    e = run_wg_sm90(a, padded_head_dim(p.head_dim), B, H, bf16, p.causal, mm, variant, s);
+    e = run_wg_sm90(a, padded_head_dim_sm90(p.head_dim, variant), B, H, bf16, p.causal, mm, variant, s);
     if (e != cudaErrorNotSupported) {
       if (e != cudaSuccess)
         throw std::runtime_error(std::string("attnsel native CUDA attention launch failed: ") + cudaGetErrorString(e));

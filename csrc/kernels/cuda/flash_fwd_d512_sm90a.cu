@@ -248,6 +248,8 @@ int sm_count() {
   return n;
 }
 
+}  // namespace
+
 // Stream-ordered workspace from a private pool that keeps its memory (the default pool would hand it back
 // to the driver at every sync, and re-mapping costs more than the split saves). Other pools are untouched.
 cudaError_t workspace_alloc(void** ptr, std::size_t bytes, cudaStream_t stream) {
@@ -269,6 +271,8 @@ cudaError_t workspace_alloc(void** ptr, std::size_t bytes, cudaStream_t stream) 
   }
   return cudaMallocFromPoolAsync(ptr, bytes, pools[dev], stream);
 }
+
+namespace {
 
 template <typename T, bool CAUSAL, int MM>
 cudaError_t launch(const FwdArgs& a, int batch, int heads, int force_splits, cudaStream_t stream) {

@@ -25,7 +25,7 @@ cudaError_t run_hdim512(const FwdArgs& a, int batch, int heads, bool bf16, bool 
 cudaError_t run_hdim512_sm90(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int mask_mode,
                              int variant, cudaStream_t s);
 // Hopper path for head sizes up to 256 (flash_fwd_wg*_sm90a.cu): warp-specialised, TMA + wgmma, built for the
-// padded size padded_dim (64/128/256); variants 16.. pick alternative tiles. Returns cudaErrorNotSupported when no
+// padded size padded_dim (64/80/96/128/256); variants 16.. pick alternative tiles. Returns cudaErrorNotSupported when no
 // TMA descriptor can be made.
 cudaError_t run_wg_sm90(const FwdArgs& a, int padded_dim, int batch, int heads, bool bf16, bool causal, int mask_mode,
                         int variant, cudaStream_t s);

@@ -27,30 +27,110 @@ EncodeTiledFn encode_tiled() {
 }  // namespace
 
 // Rows past seq and columns past d (up to the padded head size) read as zeros (OOB fill); strides of size-1 dims
-// are never stepped, so any valid value does.
+// are never stepped, so any valid value does. A box row of `cols` elements is the swizzle span (64 columns: 128 B,
+// 32: 64 B, 16: 32 B).
 bool make_map(CUtensorMap* m, const void* base, bool bf16, int d, int seq, int heads, int batch, std::int64_t ss,
-              std::int64_t sh, std::int64_t sb, int rows) {
+              std::int64_t sh, std::int64_t sb, int rows, int cols) {
   const EncodeTiledFn fn = encode_tiled();
   if (fn == nullptr) return false;
   auto bytes = [](std::int64_t st, int n) -> cuuint64_t { return n > 1 ? static_cast<cuuint64_t>(st) * 2 : 16; };
   const cuuint64_t dims[4] = {static_cast<cuuint64_t>(d), static_cast<cuuint64_t>(seq),
                               static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(batch)};
   const cuuint64_t strides[3] = {bytes(ss, seq), bytes(sh, heads), bytes(sb, batch)};
-  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(rows), 1, 1};
+  const cuuint32_t box[4] = {static_cast<cuuint32_t>(cols), static_cast<cuuint32_t>(rows), 1, 1};
   const cuuint32_t elem[4] = {1, 1, 1, 1};
+  const CUtensorMapSwizzle swizzle = cols == 64   ? CU_TENSOR_MAP_SWIZZLE_128B
+                                     : cols == 32 ? CU_TENSOR_MAP_SWIZZLE_64B
+                                                  : CU_TENSOR_MAP_SWIZZLE_32B;
   return fn(m, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4, const_cast<void*>(base),
-            dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+            dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-cudaError_t run_wg_sm90(const FwdArgs& a, int padded_dim, int batch, int heads, bool bf16, bool causal, int mask_mode,
-                        int variant, cudaStream_t s) {
+namespace {
+
+// K and V copied into zero-padded rows of `cols` elements ([2][B][Hkv][Sk][cols], K first), 16 bytes a thread.
+struct RepackArgs {
+  const char* src[2];
+  std::int64_t sb[2], sh[2], ss[2];  // element strides of K and V
+  uint4* dst;
+  std::int64_t rows;  // B * Hkv * Sk
+  int heads_kv, seq, cols_in, cols;
+};
+
+__global__ void repack_kv(const RepackArgs r) {
+  const int per_row = r.cols / 8;
+  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= r.rows * per_row) return;
+  const int which = blockIdx.y, c = static_cast<int>(i % per_row);
+  const std::int64_t row = i / per_row;
+  const std::int64_t s = row % r.seq, bh = row / r.seq, h = bh % r.heads_kv, b = bh / r.heads_kv;
+  uint4 v = make_uint4(0u, 0u, 0u, 0u);
+  if (c * 8 < r.cols_in)
+    v = *reinterpret_cast<const uint4*>(r.src[which] +
+                                        2 * (b * r.sb[which] + h * r.sh[which] + s * r.ss[which] + c * 8));
+  r.dst[(which * r.rows + row) * per_row + c] = v;
+}
+
+constexpr std::int64_t kMaxRepackBytes = std::int64_t{256} << 20;  // K+V of 24 heads x 29k keys at 96 columns
+
+cudaError_t run_padded(const FwdArgs& a, int padded_dim, int batch, int heads, bool bf16, bool causal, int mask_mode,
+                       int variant, cudaStream_t s) {
   switch (padded_dim) {
     case 64: return run_wg_sm90_d64(a, batch, heads, bf16, causal, mask_mode, variant, s);
+    case 80: return run_wg_sm90_d80(a, batch, heads, bf16, causal, mask_mode, variant, s);
+    case 96: return run_wg_sm90_d96(a, batch, heads, bf16, causal, mask_mode, variant, s);
     case 128: return run_wg_sm90_d128(a, batch, heads, bf16, causal, mask_mode, variant, s);
     case 256: return run_wg_sm90_d256(a, batch, heads, bf16, causal, mask_mode, variant, s);
   }
   return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+// Head sizes 72 and 88 (rows of 144 / 176 bytes) ran no faster at the padded size 80/96 than at 128 (H200), while 96
+// and 80 ran 10-20% faster: the tensor copies of K/V rows that straddle 64-byte segments, padding columns out of
+// bounds, cost more than the saved columns. So K and V of the 80/96 kernels are first copied into zero-padded rows
+// of the padded size (one pass over K and V, which each query tile then reads again): +16% at 72, +3.5% at 88
+// (docs/cuda-kernels.md). Q is read once per tile and stays where it is. Variant 22 skips this, and so do calls whose
+// padded K/V would pass kMaxRepackBytes: the workspace pool keeps the memory it handed out (its peak), so this bounds
+// what stays held after the call.
+cudaError_t run_wg_sm90(const FwdArgs& a, int padded_dim, int batch, int heads, bool bf16, bool causal, int mask_mode,
+                        int variant, cudaStream_t s) {
+  if ((padded_dim != 80 && padded_dim != 96) || a.head_dim == padded_dim || variant == 22)
+    return run_padded(a, padded_dim, batch, heads, bf16, causal, mask_mode, variant, s);
+  const int heads_kv = heads / a.group;
+  RepackArgs r{};
+  r.src[0] = static_cast<const char*>(a.k);
+  r.src[1] = static_cast<const char*>(a.v);
+  r.sb[0] = a.k_sb, r.sh[0] = a.k_sh, r.ss[0] = a.k_ss;
+  r.sb[1] = a.v_sb, r.sh[1] = a.v_sh, r.ss[1] = a.v_ss;
+  r.rows = static_cast<std::int64_t>(batch) * heads_kv * a.seq_kv;
+  r.heads_kv = heads_kv;
+  r.seq = a.seq_kv;
+  r.cols_in = a.head_dim;
+  r.cols = padded_dim;
+  const std::int64_t threads = r.rows * (padded_dim / 8), bytes = 2 * r.rows * padded_dim * 2;
+  if (bytes > kMaxRepackBytes) return run_padded(a, padded_dim, batch, heads, bf16, causal, mask_mode, variant, s);
+  void* ws = nullptr;
+  cudaError_t e = workspace_alloc(&ws, static_cast<std::size_t>(bytes), s);
+  if (e != cudaSuccess) return e;
+  r.dst = static_cast<uint4*>(ws);
+  repack_kv<<<dim3(static_cast<unsigned>((threads + 255) / 256), 2), 256, 0, s>>>(r);
+  e = cudaGetLastError();
+  if (e == cudaSuccess) {
+    FwdArgs p = a;
+    const std::int64_t per_head = static_cast<std::int64_t>(a.seq_kv) * padded_dim;
+    p.k = ws;
+    p.v = static_cast<const char*>(ws) + 2 * r.rows * padded_dim;
+    p.k_ss = p.v_ss = padded_dim;
+    p.k_sh = p.v_sh = per_head;
+    p.k_sb = p.v_sb = per_head * heads_kv;
+    p.kv_cols = padded_dim;
+    e = run_padded(p, padded_dim, batch, heads, bf16, causal, mask_mode, variant, s);
+  }
+  const cudaError_t ef = cudaFreeAsync(ws, s);
+  return e != cudaSuccess ? e : ef;
 }
 
 }  // namespace attnsel::cuda::detail

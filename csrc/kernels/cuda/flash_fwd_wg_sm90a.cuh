@@ -1,8 +1,10 @@
 // Head sizes up to 256 on Hopper (sm_90a): TMA loads, wgmma, warp specialisation (see flash_fwd_ws). Built for
-// D = 64/128/256; a smaller real head size is zero-padded by the tensor copy engine (columns past it read as 0).
-// S = Q·K^T runs as SS-wgmma (both operands in 128-byte-swizzled smem); P feeds O += P·V from registers
-// (the S accumulator layout is the wgmma A-fragment layout) with V read MN-major from smem.
-// Included by flash_fwd_wg{64,128,256}_sm90a.cu, one padded head size each (they compile in parallel).
+// D = 64/80/96/128/256; a smaller real head size is zero-padded by the tensor copy engine (columns past it read as 0).
+// S = Q·K^T runs as SS-wgmma (both operands in swizzled smem); P feeds O += P·V from registers (the S accumulator
+// layout is the wgmma A-fragment layout) with V read MN-major from smem. Tiles are stored as column chunks of
+// [rows][CW]: 64 columns with the 128-byte swizzle; for D=96 (not a multiple of 64) 32 columns with the 64-byte
+// swizzle, for D=80 16 columns with the 32-byte one, so one wgmma of N=D covers all of O (wgmma's canonical layouts).
+// Included by flash_fwd_wg{64,80,96,128,256}_sm90a.cu, one padded head size each (they compile in parallel).
 #pragma once
 
 #include <cuda.h>
@@ -16,10 +18,11 @@
 
 namespace attnsel::cuda::detail {
 
-// A [B, H, S, d] operand as a 4-D tensor map (d innermost) read in boxes of 64 columns x `rows` rows; rows past
-// S and columns past d are zero-filled (flash_fwd_wg_sm90a.cu). False when no tensor map can be made.
+// A [B, H, S, d] operand as a 4-D tensor map (d innermost) read in boxes of `cols` columns x `rows` rows, swizzled
+// by the box's row width (64 columns: 128 bytes, 32: 64, 16: 32); rows past S and columns past d are zero-filled
+// (flash_fwd_wg_sm90a.cu). False when no tensor map can be made.
 bool make_map(CUtensorMap* m, const void* base, bool bf16, int d, int seq, int heads, int batch, std::int64_t ss,
-              std::int64_t sh, std::int64_t sb, int rows);
+              std::int64_t sh, std::int64_t sb, int rows, int cols);
 
 namespace {
 
@@ -39,10 +42,14 @@ struct WgOps;
     }                                                                                                      \
   };
 ATTNSEL_WG_OPS(__nv_bfloat16, bf16, 128, 64)
+ATTNSEL_WG_OPS(__nv_bfloat16, bf16, 128, 80)
+ATTNSEL_WG_OPS(__nv_bfloat16, bf16, 128, 96)
 ATTNSEL_WG_OPS(__nv_bfloat16, bf16, 128, 128)
 ATTNSEL_WG_OPS(__nv_bfloat16, bf16, 64, 256)
 ATTNSEL_WG_OPS(__nv_bfloat16, bf16, 80, 256)
 ATTNSEL_WG_OPS(__half, f16, 128, 64)
+ATTNSEL_WG_OPS(__half, f16, 128, 80)
+ATTNSEL_WG_OPS(__half, f16, 128, 96)
 ATTNSEL_WG_OPS(__half, f16, 128, 128)
 ATTNSEL_WG_OPS(__half, f16, 64, 256)
 ATTNSEL_WG_OPS(__half, f16, 80, 256)
@@ -75,6 +82,9 @@ __device__ __forceinline__ void fence_frag(std::uint32_t (&r)[N][4]) {
 template <int D, int BC, int NC, int STAGES, int QBUF = 1>
 struct WsCfg {
   static constexpr int BR = 64 * NC, NT = 128 * (NC + 1);
+  // Column chunk width (elements) and its row bytes = the swizzle span: 64 / 128 B, 32 / 64 B (D=96), 16 / 32 B (D=80).
+  static constexpr int CW = D % 64 == 0 ? 64 : D % 32 == 0 ? 32 : 16, ROWB = CW * 2;
+  static_assert(D % CW == 0, "padded head size");
   static constexpr std::uint32_t Q_BYTES = BR * D * 2, KV_BYTES = BC * D * 2;
   static constexpr int N_BARS = 2 * QBUF + 4 * STAGES;  // q_full, q_empty [QBUF]; k/v full/empty [STAGES]
   static constexpr int TILES = QBUF * Q_BYTES + 2 * STAGES * KV_BYTES;
@@ -102,10 +112,11 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
   using Op = MmaOp<T>;
   constexpr int BR = C::BR;
   constexpr std::uint32_t KV_BYTES = C::KV_BYTES;
+  constexpr int CW = C::CW, ROWB = C::ROWB;
   static_assert(PERSIST || QBUF == 1, "one Q buffer per CTA without the persistent loop");
 
   extern __shared__ unsigned char smem_raw[];
-  const std::uint32_t sQ = (smem_u32(smem_raw) + 1023) & ~1023u;  // 128-byte swizzle wants 1024-byte alignment
+  const std::uint32_t sQ = (smem_u32(smem_raw) + 1023) & ~1023u;  // the swizzle pattern repeats every 1024 bytes
   const std::uint32_t sK = sQ + QBUF * C::Q_BYTES, sV = sK + STAGES * KV_BYTES;
   const std::uint32_t bars = sV + STAGES * KV_BYTES;
   auto q_full = [&](int qb) { return bars + 8 * qb; };
@@ -167,21 +178,21 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
         if (PERSIST) mbar_wait(q_empty(qb), ((it / QBUF) & 1) ^ 1);
         mbar_arrive_expect_tx(q_full(qb), C::Q_BYTES);
 #pragma unroll
-        for (int c = 0; c < D / 64; ++c)
-          tma_load_4d(sQ + qb * C::Q_BYTES + c * BR * 128, &tq, q_full(qb), c * 64, m0, h, b);
+        for (int c = 0; c < D / CW; ++c)
+          tma_load_4d(sQ + qb * C::Q_BYTES + c * BR * ROWB, &tq, q_full(qb), c * CW, m0, h, b);
         for (int jt = 0; jt < n_tiles; ++jt, ++kc) {
           const int st = kc % STAGES;
           const std::uint32_t ph = (kc / STAGES) & 1;
           mbar_wait(k_empty(st), ph ^ 1);
           mbar_arrive_expect_tx(k_full(st), KV_BYTES);
 #pragma unroll
-          for (int c = 0; c < D / 64; ++c)
-            tma_load_4d(sK + st * KV_BYTES + c * BC * 128, &tk, k_full(st), c * 64, jt * BC, hk, b);
+          for (int c = 0; c < D / CW; ++c)
+            tma_load_4d(sK + st * KV_BYTES + c * BC * ROWB, &tk, k_full(st), c * CW, jt * BC, hk, b);
           mbar_wait(v_empty(st), ph ^ 1);
           mbar_arrive_expect_tx(v_full(st), KV_BYTES);
 #pragma unroll
-          for (int c = 0; c < D / 64; ++c)
-            tma_load_4d(sV + st * KV_BYTES + c * BC * 128, &tv, v_full(st), c * 64, jt * BC, hk, b);
+          for (int c = 0; c < D / CW; ++c)
+            tma_load_4d(sV + st * KV_BYTES + c * BC * ROWB, &tv, v_full(st), c * CW, jt * BC, hk, b);
         }
       }
     }
@@ -230,14 +241,19 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
     float m_r[2], l_r[2];
     std::uint32_t pa[BC / 16][4];
     float s[BC / 2];
-    auto q_desc = [&](int itx) { return make_desc(sQ + (itx % QBUF) * C::Q_BYTES + cw * 64 * 128, 16, 1024); };
+    // K-major descriptors: 8-row groups ROWB * 8 bytes apart; a k16 step is 32 bytes (+2 in 16-byte units)
+    // within a chunk, the next chunk BR (Q) or BC (K) rows on.
+    auto q_desc = [&](int itx) {
+      return make_desc(sQ + (itx % QBUF) * C::Q_BYTES + cw * 64 * ROWB, 16, 8 * ROWB, ROWB);
+    };
 
     auto issue_qk = [&](int st, std::uint64_t dq0) {
-      const std::uint64_t dk0 = make_desc(sK + st * KV_BYTES, 16, 1024);
+      const std::uint64_t dk0 = make_desc(sK + st * KV_BYTES, 16, 8 * ROWB, ROWB);
+      constexpr int KPC = CW / 16;  // k16 steps per chunk (1 for 16-column chunks)
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
-        const std::uint32_t koff = (kk & 3) << 1;
-        Ops::qk(s, dq0 + (kk >> 2) * ((BR * 128) >> 4) + koff, dk0 + (kk >> 2) * ((BC * 128) >> 4) + koff,
+        const std::uint32_t koff = (kk % KPC) << 1;
+        Ops::qk(s, dq0 + (kk / KPC) * ((BR * ROWB) >> 4) + koff, dk0 + (kk / KPC) * ((BC * ROWB) >> 4) + koff,
                 kk > 0 ? 1 : 0);
       }
     };
@@ -249,10 +265,11 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
       issue_qk(kcx % STAGES, q_desc(itx));
       wg_commit();
     };
+    // V MN-major: column chunks BC * ROWB bytes apart (leading offset), 8-key groups 8 * ROWB apart.
     auto issue_pv = [&](int st) {
-      const std::uint64_t dv0 = make_desc(sV + st * KV_BYTES, BC * 128, 1024);
+      const std::uint64_t dv0 = make_desc(sV + st * KV_BYTES, BC * ROWB, 8 * ROWB, ROWB);
 #pragma unroll
-      for (int kk = 0; kk < BC / 16; ++kk) Ops::pv(acc, pa[kk], dv0 + ((kk * 16 * 128) >> 4));
+      for (int kk = 0; kk < BC / 16; ++kk) Ops::pv(acc, pa[kk], dv0 + ((kk * 16 * ROWB) >> 4));
     };
     auto load_mask = [&](int jt) {  // issued before S_jt is ready
       const int n0 = jt * BC;
@@ -454,11 +471,11 @@ template <typename T, int D, int BC, int NC, int STAGES, int QBUF, bool PERSIST,
 cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, cudaStream_t stream) {
   using C = WsCfg<D, BC, NC, STAGES, QBUF>;
   constexpr bool bf16 = std::is_same<T, __nv_bfloat16>::value;
-  const int heads_kv = heads / a.group, d = a.head_dim;
+  const int heads_kv = heads / a.group, d = a.head_dim, dkv = a.kv_cols;
   CUtensorMap tq, tk, tv;
-  if (!make_map(&tq, a.q, bf16, d, a.seq_q, heads, batch, a.q_ss, a.q_sh, a.q_sb, C::BR) ||
-      !make_map(&tk, a.k, bf16, d, a.seq_kv, heads_kv, batch, a.k_ss, a.k_sh, a.k_sb, BC) ||
-      !make_map(&tv, a.v, bf16, d, a.seq_kv, heads_kv, batch, a.v_ss, a.v_sh, a.v_sb, BC))
+  if (!make_map(&tq, a.q, bf16, d, a.seq_q, heads, batch, a.q_ss, a.q_sh, a.q_sb, C::BR, C::CW) ||
+      !make_map(&tk, a.k, bf16, dkv, a.seq_kv, heads_kv, batch, a.k_ss, a.k_sh, a.k_sb, BC, C::CW) ||
+      !make_map(&tv, a.v, bf16, dkv, a.seq_kv, heads_kv, batch, a.v_ss, a.v_sh, a.v_sb, BC, C::CW))
     return cudaErrorNotSupported;
   auto kern = flash_fwd_ws<T, D, BC, NC, STAGES, QBUF, PERSIST, CAUSAL, MM>;
   constexpr int smem = MM == kNoMask ? C::SMEM : C::SMEM_MASKED;
@@ -510,7 +527,7 @@ cudaError_t run_t(const FwdArgs& a, int batch, int heads, int mask_mode, int var
   if (mask_mode == kAddMask) return launch_ws<T, D, BC, 2, 2, 1, false, C, kAddMask>(a, batch, heads, s);
   if constexpr (D == 64)
     if (variant == 17) return launch_ws<T, 64, 128, 3, 2, 1, false, C>(a, batch, heads, s);
-  if constexpr (D != 256)
+  if constexpr (D == 64 || D == 128)
     if (variant == 18) return launch_ws<T, D, 128, 2, 3, 1, false, C>(a, batch, heads, s);
   if constexpr (D == 256)
     if (variant == 16) return launch_ws<T, 256, 64, 2, 2, 1, false, C>(a, batch, heads, s);
@@ -528,8 +545,12 @@ cudaError_t run_wg_d(const FwdArgs& a, int batch, int heads, bool bf16, bool cau
 
 }  // namespace
 
-// One per padded head size (flash_fwd_wg{64,128,256}_sm90a.cu).
+// One per padded head size (flash_fwd_wg{64,80,96,128,256}_sm90a.cu).
 cudaError_t run_wg_sm90_d64(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int mask_mode,
+                            int variant, cudaStream_t s);
+cudaError_t run_wg_sm90_d80(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int mask_mode,
+                            int variant, cudaStream_t s);
+cudaError_t run_wg_sm90_d96(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int mask_mode,
                             int variant, cudaStream_t s);
 cudaError_t run_wg_sm90_d128(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int mask_mode,
                              int variant, cudaStream_t s);

@@ -18,9 +18,12 @@ __device__ __forceinline__ void fence_regs(float (&r)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
 
-__device__ __forceinline__ std::uint64_t make_desc(std::uint32_t saddr, std::uint32_t lbo, std::uint32_t sbo) {
+// row_bytes: the swizzle span, 128 / 64 / 32 bytes (layout types 1 / 2 / 3).
+__device__ __forceinline__ std::uint64_t make_desc(std::uint32_t saddr, std::uint32_t lbo, std::uint32_t sbo,
+                                                   int row_bytes = 128) {
+  const std::uint64_t layout = row_bytes == 128 ? 1 : row_bytes == 64 ? 2 : 3;
   return static_cast<std::uint64_t>((saddr & 0x3FFFF) >> 4) | (static_cast<std::uint64_t>(lbo >> 4) << 16) |
-         (static_cast<std::uint64_t>(sbo >> 4) << 32) | (1ull << 62);  // 128-byte swizzle
+         (static_cast<std::uint64_t>(sbo >> 4) << 32) | (layout << 62);
 }
 
 // Byte offset of (row, col) in a [cols/64][ROWS][64] swizzled tile; col a multiple of 8.
@@ -41,6 +44,11 @@ __device__ __forceinline__ void load_tile_sw128(std::uint32_t s, const T* g, std
 }
 
 }  // namespace attnsel::cuda::detail::sm90c
+
+namespace attnsel::cuda::detail {
+// Stream-ordered scratch memory from a pool that keeps it (flash_fwd_d512_sm90a.cu); free with cudaFreeAsync.
+cudaError_t workspace_alloc(void** ptr, std::size_t bytes, cudaStream_t stream);
+}  // namespace attnsel::cuda::detail
 
 // ---- mbarrier / bulk tensor copy (TMA) / register reallocation ----------------------
 namespace attnsel::cuda::detail::sm90c {
