@@ -69,6 +69,7 @@ CASES = {
     "ulysses_default_chunks_bf16_gqa_causal_mask": ((2,), "ulysses", torch.bfloat16, 1, 48, 24, 301, 301, 64, True,
                                                     "bool"),
     "ring_bf16_gqa_mask_uneven": ((2,), "ring", torch.bfloat16, 1, 8, 4, 41, 41, 64, False, "bool"),
+    "ring_bf16_additive_cross_causal": ((2,), "ring", torch.bfloat16, 1, 4, 2, 40, 23, 64, True, "additive"),
     # USP on 2 processes through the scope: Ulysses 2 x ring 1 and Ulysses 1 x ring 2
     "usp_2x1_bf16_causal_mask": ((2,), "usp_2x1", torch.bfloat16, 1, 8, 8, 45, 45, 64, True, "bool"),
     "usp_1x2_bf16_causal_mask": ((2,), "usp_1x2", torch.bfloat16, 1, 8, 8, 45, 45, 64, True, "bool"),
@@ -266,8 +267,16 @@ def test_two_processes_match_one(results2, name):
 
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if 2 in c[0]])
 def test_two_gpus_nccl_match_one(results_nccl, name):
-    r = results_nccl[name]
-    assert "refused" not in r, r  # on CUDA the native kernel returns the log-sum-exp: nothing may be refused
+    check_gpu_case(name, results_nccl[name])
+
+
+def check_gpu_case(name, r):
+    """A 2-GPU result: within the bound, or, for a float32 ring, refused for want of a log-sum-exp (on CUDA only
+    16-bit kernels return it); any other refusal fails."""
+    if CASES[name][1] in ("ring", "usp_1x2") and CASES[name][2] == torch.float32:
+        assert "log-sum-exp" in r.get("refused", "") and "float32" in r["refused"], r
+        return
+    assert "refused" not in r, r
     assert r["sp"] <= 2 * r["single"] + FLOOR + r["allowance"], r
 
 
