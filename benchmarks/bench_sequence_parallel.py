@@ -9,9 +9,9 @@ Ulysses at several head-chunk counts (and, for comparison, with one copy per hea
 and tensor), the ring with its last block in several head chunks (RING_LAST_CHUNKS). Per variant also: the
 communication alone (the same exchange, no attention) and the local compute alone (Ulysses: one attention call on
 already-exchanged data; the ring: its block attentions and their merge, one stream); `comm_share` = communication
-alone / total, `exposed_ms` = total - compute alone (what overlapping did not hide), both the slowest rank's. A
-diagnostic reference: the copy-engine Ulysses' attention alone in its default chunks on its two streams, reading the
-symmetric buffer (no copies, no barriers).
+alone / total, `exposed_ms` = total - compute alone (what overlapping did not hide), both the slowest rank's.
+Diagnostic references: the copy-engine Ulysses' attention alone in its default chunks on its two streams (no copies,
+no barriers), on ordinary memory and reading the symmetric buffer.
 Timing: warm-up, then --reps calls back to back, CUDA events around each call, median per rank; `max_rank_ms` is the
 slowest rank's median. That is one round; --rounds rounds run one after another, each timing the one-GPU call and
 the compute-alone references, then every variant. A round's speedup is rank 0's one-GPU median over the slowest
@@ -152,21 +152,23 @@ def ring_ce_comm(k, v, group, lens):
     return held
 
 
-def ulysses_ce_compute(q, k, v, group, lens, chunks, backend):
-    """The copy-engine Ulysses' attention alone: its head chunks on its two streams, reading this rank's symmetric
-    buffer as the pipeline does, no copies and no barriers (what is left when communication costs nothing)."""
+def ulysses_chunked_compute(q, k, v, group, lens, chunks, backend, heads=None):
+    """The copy-engine Ulysses' attention alone: its head chunks on its two streams, no copies and no barriers
+    (what is left when communication costs nothing), reading this rank's symmetric buffer as the pipeline does, or
+    with `heads` (qh, kh, vh), ordinary memory."""
     mem = D._peer_memory(group, q, "copy_engine", "bench")
-    b, h, _, d = q.shape
-    hu, s = h // len(lens), sum(lens)
-    layout = D._Layout([("q", (b, hu, s, d), q.dtype), ("k", (b, hu, s, d), k.dtype), ("v", (b, hu, s, d), v.dtype)])
-    mem.reserve(layout.nbytes)
-    mine = {name: layout.view(mem, dist.get_rank(group), name) for name in ("q", "k", "v")}
+    if heads is None:
+        b, h, _, d = q.shape
+        hu, s = h // len(lens), sum(lens)
+        layout = D._Layout([(name, (b, hu, s, d), q.dtype) for name in ("q", "k", "v")])
+        mem.reserve(layout.nbytes)
+        heads = [layout.view(mem, dist.get_rank(group), name) for name in ("q", "k", "v")]
     current = torch.cuda.current_stream()
     streams = [current, mem.compute_stream]
     mem.compute_stream.wait_stream(current)
-    for c, (h0, h1) in enumerate(D._chunk_bounds(hu, chunks)):
+    for c, (h0, h1) in enumerate(D._chunk_bounds(heads[0].shape[1], chunks)):
         with torch.cuda.stream(streams[c % 2]):
-            attnsel.attention(mine["q"][:, h0:h1], mine["k"][:, h0:h1], mine["v"][:, h0:h1], backend=backend)
+            attnsel.attention(*(t[:, h0:h1] for t in heads), backend=backend)
     current.wait_stream(mem.compute_stream)
 
 
@@ -301,7 +303,9 @@ def main():
                              ulysses(chunks, "nccl"), comm_ms, "ulysses_compute"))
         if transport == "copy_engine":
             default = D.copy_engine_chunks(s)
-            refs[f"ulysses_compute_{default}_chunks_on_buffer"] = lambda: ulysses_ce_compute(
+            refs[f"ulysses_compute_{default}_chunks"] = lambda: ulysses_chunked_compute(
+                qs, ks, vs, group, lens, default, backend, (qh, kh, vh))
+            refs[f"ulysses_compute_{default}_chunks_on_buffer"] = lambda: ulysses_chunked_compute(
                 qs, ks, vs, group, lens, default, backend)
             for chunks in _ints(args.ce_chunks):
                 count = chunks or default
