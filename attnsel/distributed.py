@@ -43,6 +43,7 @@ for _name, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTIC
     os.environ.setdefault(_name, _value)
 
 import contextlib  # noqa: E402
+import ctypes  # noqa: E402
 import contextvars  # noqa: E402
 import math  # noqa: E402
 import socket  # noqa: E402
@@ -315,8 +316,8 @@ def copy_engine_chunks(seq_len: int) -> int:
     """Ulysses' default head chunks on the copy engines for a sequence of seq_len tokens (over NCCL: 1).
 
     Measured on 2 H200s (benchmarks/results/sequence_parallel_h200x2.json): Wan-14B's 32760 tokens ran fastest in 6
-    chunks (of 1, 4, 6, 10, 20; exposed 1.17 ms unchunked, 0.46 ms in 6), HunyuanVideo's 118800 unchunked (there the
-    exchange is 2-3% of the call and chunking cost more than it hid). The threshold between them is a guess.
+    chunks (of 1, 2, 4, 6, 8: 19.11, 18.93, 18.72, 18.56, 18.60 ms), HunyuanVideo's 118800 unchunked (there the
+    exchange is 1.5% of the call and chunking cost more than it hid). The threshold between them is a guess.
     """
     return 6 if seq_len <= 65536 else 1
 
@@ -344,6 +345,7 @@ class _PeerMemory:
         self.comm_stream = torch.cuda.Stream(device, priority=-1)  # its barriers and copies get SMs/CEs first
         self.copy_stream = torch.cuda.Stream(device, priority=-1)  # copies within this GPU, beside the pushes
         self.compute_stream = torch.cuda.Stream(device)  # every other chunk's attention: fills the last wave of one
+        self.compute_stream2 = torch.cuda.Stream(device)  # with compute_stream: the ring's last block in chunks
         self.nbytes, self.buffer, self.handle = 0, None, None
         self.reserve(1 << 20)
 
@@ -464,6 +466,64 @@ class _Layout:
         return mem.view(rank, offset, shape or full, dtype)
 
 
+class _Memcpy2D(ctypes.Structure):
+    """The CUDA driver's CUDA_MEMCPY2D."""
+
+    _fields_ = [("srcXInBytes", ctypes.c_size_t), ("srcY", ctypes.c_size_t), ("srcMemoryType", ctypes.c_int),
+                ("srcHost", ctypes.c_void_p), ("srcDevice", ctypes.c_uint64), ("srcArray", ctypes.c_void_p),
+                ("srcPitch", ctypes.c_size_t), ("dstXInBytes", ctypes.c_size_t), ("dstY", ctypes.c_size_t),
+                ("dstMemoryType", ctypes.c_int), ("dstHost", ctypes.c_void_p), ("dstDevice", ctypes.c_uint64),
+                ("dstArray", ctypes.c_void_p), ("dstPitch", ctypes.c_size_t), ("WidthInBytes", ctypes.c_size_t),
+                ("Height", ctypes.c_size_t)]
+
+
+_MEMCPY_2D: list = []  # [cuMemcpy2DAsync or None], looked up once
+_MAX_PITCH = (1 << 31) - 1  # cudaDevAttrMaxPitch on current GPUs: wider pitches go row by row
+_COPY_2D = True  # False: one copy per row (what the benchmark compares against)
+
+
+def _memcpy_2d():
+    if not _MEMCPY_2D:
+        fn = None
+        try:
+            fn = ctypes.CDLL("libcuda.so.1").cuMemcpy2DAsync_v2
+            fn.argtypes, fn.restype = [ctypes.POINTER(_Memcpy2D), ctypes.c_void_p], ctypes.c_int
+        except (OSError, AttributeError):
+            fn = None
+        _MEMCPY_2D.append(fn)
+    return _MEMCPY_2D[0]
+
+
+def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x with every (S, D) matrix contiguous (what `_copy_rows` moves in one piece): x itself when it is."""
+    return x if x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] else x.contiguous()
+
+
+def _copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst.copy_(src) for (rows, ...) tensors whose rows are each contiguous, on the current stream.
+
+    On CUDA that is one 2-d copy (cuMemcpy2DAsync, a copy-engine transfer with a row pitch on each side) instead of
+    one per row: at a Ulysses chunk of many heads, one transfer per peer and tensor rather than one per head.
+    """
+    rows = src.shape[0]
+    if not src.is_cuda or rows == 1 or (dst.is_contiguous() and src.is_contiguous()):
+        dst.copy_(src)
+        return
+    width = src[0].numel() * src.element_size()
+    fn = _memcpy_2d() if _COPY_2D else None
+    if (fn is None or not (src[0].is_contiguous() and dst[0].is_contiguous()) or src.dtype != dst.dtype
+            or max(src.stride(0), dst.stride(0)) * src.element_size() > _MAX_PITCH):
+        for i in range(rows):
+            dst[i].copy_(src[i])
+        return
+    desc = _Memcpy2D(srcMemoryType=2, srcDevice=src.data_ptr(), srcPitch=src.stride(0) * src.element_size(),
+                     dstMemoryType=2, dstDevice=dst.data_ptr(), dstPitch=dst.stride(0) * dst.element_size(),
+                     WidthInBytes=width, Height=rows)  # 2 = CU_MEMORYTYPE_DEVICE
+    err = fn(ctypes.byref(desc), ctypes.c_void_p(torch.cuda.current_stream(src.device).cuda_stream))
+    if err:
+        raise RuntimeError(f"attnsel.distributed: cuMemcpy2DAsync failed (CUDA driver error {err})")
+
+
 def _chunk_bounds(heads: int, chunks: int) -> list[tuple[int, int]]:
     """Head chunks for the copy-engine pipeline: the first and last one head each (what is not overlapped: the
     first chunk's inputs arrive before any compute, the last chunk's output leaves after it), the rest even."""
@@ -480,6 +540,7 @@ def _ulysses_copy_engine(q, k, v, full_mask, mem, rank, q_lens, k_lens, local: L
     chunk c+1 computes; consecutive chunks compute on two streams so one chunk's last wave overlaps the next's first.
 
     Every rank's buffer holds qh (B, H/U, S, D), kh and vh (B, Hkv/U, Sk, D/Dv) and out (B, H, max S_local, Dv).
+    A chunk's heads for one peer are one 2-d transfer per tensor and batch entry (`_copy_rows`).
     """
     size = len(q_lens)
     b, h, nq, d = q.shape
@@ -490,7 +551,7 @@ def _ulysses_copy_engine(q, k, v, full_mask, mem, rank, q_lens, k_lens, local: L
     layout = _Layout([("q", (b, hu, s_q, d), q.dtype), ("k", (b, hkv_u, s_k, d), k.dtype),
                       ("v", (b, hkv_u, s_k, dv), v.dtype), ("out", (b, h, max(q_lens), dv), q.dtype)])
     mem.reserve(layout.nbytes)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
     current = torch.cuda.current_stream() if q.is_cuda else None
     comm, local_copy = mem.comm_stream, mem.copy_stream
     compute = [current, mem.compute_stream]
@@ -507,14 +568,13 @@ def _ulysses_copy_engine(q, k, v, full_mask, mem, rank, q_lens, k_lens, local: L
         mem.barrier()  # every rank is done with its buffer from the previous call
     arrived = []
     for k0, k1 in bounds:  # chunk (k0, k1): heads p*hu + [k0*g, k1*g) of q, p*hkv_u + [k0, k1) of k/v to rank p
+        h0, h1 = k0 * group_size, k1 * group_size
         for p in range(size):  # the own part on its own stream: beside the pushes (another copy engine)
             with _on(comm if p != rank else local_copy):
                 for bi in range(b):
-                    for j in range(k0 * group_size, k1 * group_size):
-                        peers[p]["q"][bi, j, q_off:q_off + nq].copy_(q[bi, p * hu + j])
-                    for j in range(k0, k1):
-                        peers[p]["k"][bi, j, k_off:k_off + nk].copy_(k[bi, p * hkv_u + j])
-                        peers[p]["v"][bi, j, k_off:k_off + nk].copy_(v[bi, p * hkv_u + j])
+                    _copy_rows(peers[p]["q"][bi, h0:h1, q_off:q_off + nq], q[bi, p * hu + h0:p * hu + h1])
+                    _copy_rows(peers[p]["k"][bi, k0:k1, k_off:k_off + nk], k[bi, p * hkv_u + k0:p * hkv_u + k1])
+                    _copy_rows(peers[p]["v"][bi, k0:k1, k_off:k_off + nk], v[bi, p * hkv_u + k0:p * hkv_u + k1])
         _wait(comm, _record(local_copy))
         with _on(comm):
             mem.barrier()
@@ -539,27 +599,36 @@ def _ulysses_copy_engine(q, k, v, full_mask, mem, rank, q_lens, k_lens, local: L
             stream = comm if p != rank else local_copy
             _wait(stream, event)
             lo = sum(q_lens[:p])
+            dst = outs[p] if p != rank else result  # its own tokens straight into the result
             with _on(stream):
                 for bi in range(b):
-                    for j in range(h0, h1):  # its own tokens straight into the result
-                        dst = outs[p][bi, rank * hu + j] if p != rank else result[bi, rank * hu + j]
-                        dst.copy_(y[bi, j - h0, lo:lo + q_lens[p]])
+                    _copy_rows(dst[bi, rank * hu + h0:rank * hu + h1], y[bi, :, lo:lo + q_lens[p]])
         with _on(comm):
             mem.barrier()
             for r in range(size):  # the peers' heads, out of the shared buffer before the next call reuses it
                 if r != rank:
-                    result[:, r * hu + h0:r * hu + h1].copy_(mine_out[:, r * hu + h0:r * hu + h1])
+                    for bi in range(b):
+                        _copy_rows(result[bi, r * hu + h0:r * hu + h1], mine_out[bi, r * hu + h0:r * hu + h1])
     _wait(current, _record(comm))
     _wait(current, _record(local_copy))
     return result
 
 
+RING_LAST_CHUNKS = 4  # the last block's head chunks: each merged while the next chunk's attention runs
+
+
 def _ring_copy_engine(q, k, v, pad, mem, rank, q_lens, k_lens, is_causal, scale, backend):
     """The ring over peer memory: each step pushes the block a rank holds into the next rank's other slot (two
-    slots, alternating) while the current block computes; block attentions alternate between two streams."""
+    slots, alternating) while the current block computes; block attentions alternate between two streams.
+
+    The last block's attention runs in RING_LAST_CHUNKS head chunks (first and last of one k/v head, alternating
+    between two side streams) and each chunk is merged into the result while the next computes: only the last
+    chunk's merge is left after the last attention (Wan-14B on an H200: the whole merge alone 0.29 ms).
+    """
     size = len(q_lens)
     b, hkv, nk, d = k.shape
     dv = v.shape[3]
+    g = q.shape[1] // hkv
     kmax = max(k_lens)
     pad_dtype = None if pad is None else (torch.uint8 if pad.dtype == torch.bool else pad.dtype)
     regions = []
@@ -576,6 +645,21 @@ def _ring_copy_engine(q, k, v, pad, mem, rank, q_lens, k_lens, is_causal, scale,
             views.append(layout.view(mem, p, f"pad{slot}", (pad.shape[0], n)))
         return views
 
+    def attend(heads, kind, stream):  # one block's attention on k/v heads [k0, k1) (all q heads they serve)
+        k0, k1 = heads
+        block_pad = None if pad is None else (held[2].bool() if pad.dtype == torch.bool else held[2])
+        mask = _block_mask(block_pad, kind if isinstance(kind, torch.Tensor) else None)
+        with _on(stream):
+            out, lse = _attend(q[:, k0 * g:k1 * g], held[0][:, k0:k1], held[1][:, k0:k1], attn_mask=mask,
+                               is_causal=isinstance(kind, str) and kind == "local", scale=scale, backend=backend,
+                               return_lse=True)
+            if mask is not None:  # a row that saw no key here may hold anything: its weight is 0, make it 0 too
+                out = out.masked_fill((lse == float("-inf")).unsqueeze(-1), 0)
+            if stream is not current:
+                out.record_stream(current)
+                lse.record_stream(current)
+            return out, lse, _record(stream)
+
     nxt = (rank + 1) % size
     q_off, k_offs = sum(q_lens[:rank]), [sum(k_lens[:j]) for j in range(size)]
     held = [k.contiguous(), v.contiguous()]
@@ -587,18 +671,22 @@ def _ring_copy_engine(q, k, v, pad, mem, rank, q_lens, k_lens, is_causal, scale,
     current = torch.cuda.current_stream() if q.is_cuda else None
     comm = mem.comm_stream
     compute = [current, mem.compute_stream]
-    if compute[1] is not None:
-        compute[1].wait_stream(current)
-    _wait(comm, _record(current))
+    side = [mem.compute_stream, mem.compute_stream2]  # the chunks of the last block
+    start = _record(current)
+    for stream in (comm, *side):
+        _wait(stream, start)
     with _on(comm):
         mem.barrier()  # every rank is done with its slots from the previous call
     acc = lse_acc = None
     pending = None  # (event, out, lse, dtype) of the last attention: merged once the next one is queued
-    computed = None  # the event after the previous step's attention (its slot may then be overwritten)
+    computed = []  # the events after the previous step's attention (its slot may then be overwritten)
+    arrived = None  # the event after the push of the block this rank computes next
     for step in range(size):
         src = (rank - step) % size
+        block_arrived = arrived
         if step < size - 1:  # push the held block into the next rank's slot step % 2 (the block it needs next)
-            _wait(comm, computed)
+            for event in computed:
+                _wait(comm, event)
             with _on(comm):
                 if step > 0:
                     mem.barrier()  # the next rank is done with that slot (its step - 1)
@@ -606,27 +694,35 @@ def _ring_copy_engine(q, k, v, pad, mem, rank, q_lens, k_lens, is_causal, scale,
                     dst.copy_(t)
                 mem.barrier()
                 arrived = _record(comm)
-        stream, kind = compute[step % 2], kinds[step]
-        with _on(stream):
+        kind = kinds[step]
+        if kind is not None and step == last and (acc is not None or pending is not None):
+            parts = []
+            for c, heads in enumerate(_chunk_bounds(hkv, RING_LAST_CHUNKS)):
+                _wait(side[c % 2], block_arrived)
+                parts.append((heads, *attend(heads, kind, side[c % 2])))
+            if pending is not None:
+                _wait(current, pending[0])
+                acc, lse_acc = _merge(acc, lse_acc, *pending[1:3])
+                pending = None
+            result = q.new_empty(b, q.shape[1], q.shape[2], dv)
+            for (k0, k1), out, lse, event in parts:  # queued on `current`, each behind its own chunk only
+                _wait(current, event)
+                _merge(acc[:, k0 * g:k1 * g], lse_acc[:, k0 * g:k1 * g], out, lse, q.dtype,
+                       into=result[:, k0 * g:k1 * g])
+            acc, computed = result, [part[3] for part in parts]
+        else:
+            stream = compute[step % 2]
             if kind is not None:
-                block_pad = None if pad is None else (held[2].bool() if pad.dtype == torch.bool else held[2])
-                causal_mask = kind if isinstance(kind, torch.Tensor) else None
-                mask = _block_mask(block_pad, causal_mask)
-                out, lse = _attend(q, held[0], held[1], attn_mask=mask,
-                                   is_causal=isinstance(kind, str) and kind == "local", scale=scale, backend=backend,
-                                   return_lse=True)
-                if mask is not None:
-                    out = out.masked_fill((lse == float("-inf")).unsqueeze(-1), 0)
-                if stream is not current:
-                    out.record_stream(current)
-                    lse.record_stream(current)
-            computed = _record(stream)
-        if pending is not None:  # the previous block's merge, queued behind this block's attention
-            _wait(current, pending[0])
-            acc, lse_acc = _merge(acc, lse_acc, *pending[1:])
-            pending = None
-        if kind is not None:
-            pending = (computed, out, lse, q.dtype if step == last else None)
+                out, lse, event = attend((0, hkv), kind, stream)
+            else:
+                event = _record(stream)
+            computed = [event]
+            if pending is not None:  # the previous block's merge, queued behind this block's attention
+                _wait(current, pending[0])
+                acc, lse_acc = _merge(acc, lse_acc, *pending[1:])
+                pending = None
+            if kind is not None:
+                pending = (event, out, lse, q.dtype if step == last else None)
         if step < size - 1:
             _wait(compute[(step + 1) % 2], arrived)
             held = block(rank, step % 2, k_lens[(src - 1) % size])
@@ -687,7 +783,7 @@ def _lse_backend(backend, q: torch.Tensor, where: str):
     return backend
 
 
-def _merge(acc, lse_acc, out, lse, final_dtype=None):
+def _merge(acc, lse_acc, out, lse, final_dtype=None, into=None):
     """Fold one block's (out, lse) into the running (acc, lse_acc).
 
     Weights exp(lse_i - lse_total) and sums are fp32; acc is the first block's output as it came, fp32 after a
@@ -703,12 +799,14 @@ def _merge(acc, lse_acc, out, lse, final_dtype=None):
     new = torch.logaddexp(lse_acc, lse)
     ref = new.masked_fill(new == float("-inf"), 0.0)
     if final_dtype is not None and acc.dtype == out.dtype == final_dtype:
-        return torch.lerp(acc, out, torch.exp(lse - ref).unsqueeze(-1).to(out.dtype)), new
+        weight = torch.exp(lse - ref).unsqueeze(-1).to(out.dtype)
+        return (torch.lerp(acc, out, weight) if into is None else torch.lerp(acc, out, weight, out=into)), new
     scaled = torch.mul(acc, torch.exp(lse_acc - ref).unsqueeze(-1))  # fp32 (the weights are)
     w = torch.exp(lse - ref).unsqueeze(-1)
     if final_dtype is None:
         return scaled.addcmul_(out, w), new
-    return torch.addcmul(scaled, out, w, out=torch.empty_like(out, dtype=final_dtype)), new
+    into = torch.empty_like(out, dtype=final_dtype) if into is None else into
+    return torch.addcmul(scaled, out, w, out=into), new
 
 
 def _causal_block(q_off, nq, k_off, nk, device):

@@ -3,18 +3,20 @@
     torchrun --nproc-per-node 2 benchmarks/bench_sequence_parallel.py --backend native --out sp.json
 
 Per shape (bf16): the one-GPU time of attnsel.attention on the whole sequence (every rank runs it on its own GPU at
-once; rank 0's median is reported), then each sequence-parallel variant on (B, H, S/N, D) shards, over each
-transport: `nccl` (NCCL all-to-alls / send-recvs, kernels on the SMs) and `copy_engine` (pushes into peers'
-symmetric memory, copy engines, no SMs). For each variant also: the communication alone (the same exchange, no
-attention) and the local compute alone (one attention call on already-exchanged data for Ulysses; the block
-attentions and their merge for the ring); `comm_share` = communication alone / total, `exposed_ms` = total -
-compute alone (what overlapping did not hide). Also measured, communication only: q, k, v moved by one stacked
-all-to-all (packed and unpacked) against three; Ulysses over NCCL chunked on a communicator limited to few CTAs
-(ProcessGroupNCCL config max_ctas), so the attention keeps more SMs. Timing: warm-up, then --reps calls back to
-back, CUDA events around each call on rank 0, median; `max_rank_ms` is the slowest rank's median; speedup = one-GPU
-median / slowest rank's median. TFLOP/s = 4*B*H*S*S*D / time. Ring needs a backend that returns the log-sum-exp;
-without one it is reported as not measurable, with the reason. USP needs both degrees > 1 (4 GPUs); on 2 GPUs it
-is Ulysses (2, 1) or the ring (1, 2).
+once), then each sequence-parallel variant on (B, H, S/N, D) shards, over each transport: `nccl` (NCCL all-to-alls
+/ send-recvs, kernels on the SMs) and `copy_engine` (pushes into peers' symmetric memory, copy engines, no SMs);
+Ulysses at several head-chunk counts (and, for comparison, with one copy per head instead of one 2-d copy per peer
+and tensor), the ring with its last block in several head chunks (RING_LAST_CHUNKS). For each variant also: the
+communication alone (the same exchange, no attention) and the local compute alone (one attention call on
+already-exchanged data for Ulysses; the block attentions and their merge for the ring); `comm_share` =
+communication alone / total, `exposed_ms` = total - compute alone (what overlapping did not hide). Also measured,
+communication only: q, k, v moved by one stacked all-to-all (packed and unpacked) against three.
+Timing: warm-up, then --reps calls back to back, CUDA events around each call, median per rank; `max_rank_ms` is
+the slowest rank's median. That is one round; --rounds rounds run one after another, each timing the one-GPU call
+and then every variant, and a round's speedup is its one-GPU median / its slowest rank's median: reported are the
+median over the rounds and their min and max (the spread). TFLOP/s = 4*B*H*S*S*D / time. Ring needs a backend that
+returns the log-sum-exp; without one it is reported as not measurable, with the reason. USP needs both degrees > 1
+(4 GPUs); on 2 GPUs it is Ulysses (2, 1) or the ring (1, 2).
 """
 
 import os
@@ -28,6 +30,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
@@ -147,13 +150,6 @@ def ring_ce_comm(k, v, group, lens):
     return held
 
 
-def merge_two_pass(o1, l1, o2, l2):
-    """The earlier merge of two blocks: o1 * w1 into fp32, then + o2 * w2 written in o1's dtype."""
-    new = torch.logaddexp(l1, l2)
-    scaled = torch.mul(o1, torch.exp(l1 - new).unsqueeze(-1))
-    return torch.addcmul(scaled, o2, torch.exp(l2 - new).unsqueeze(-1), out=torch.empty_like(o1))
-
-
 def ring_compute(q, blocks, backend):
     """The ring's local work alone: one attention with LSE per block, merged in fp32."""
     acc = lse_acc = None
@@ -163,23 +159,54 @@ def ring_compute(q, blocks, backend):
     return acc.to(q.dtype)
 
 
+def _ints(text):
+    return [int(c) for c in text.split(",") if c]
+
+
+def _environment(device, world, transport, label):
+    cuda = device.type == "cuda"
+    env = {"gpu": torch.cuda.get_device_name() if cuda else platform.processor(), "processes": world,
+           "torch": torch.__version__, "cuda": torch.version.cuda,
+           "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
+           "attnsel": attnsel.__version__, "python": platform.python_version(), "transport_auto": transport,
+           "nvls_env": {n: os.environ.get(n) for n in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
+                                                       "NVSHMEM_DISABLE_NVLS")},
+           "tree": label}
+    if cuda:
+        for key, cmd in (("driver", ["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,power.limit",
+                                     "--format=csv,noheader"]), ("topology", ["nvidia-smi", "topo", "-m"])):
+            try:
+                env[key] = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip()
+            except (OSError, subprocess.SubprocessError) as err:
+                env[key] = f"unavailable: {err}"
+    return env
+
+
+def _summary(rounds_one, rounds_mine, rounds_worst):
+    speedups = [one / worst for one, worst in zip(rounds_one, rounds_worst)]
+    return {"ms": statistics.median(rounds_mine), "max_rank_ms": statistics.median(rounds_worst),
+            "max_rank_ms_rounds": rounds_worst, "speedup": statistics.median(speedups),
+            "speedup_min": min(speedups), "speedup_max": max(speedups), "speedup_rounds": speedups}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--backend", default="torch_sdpa", help="Ulysses' local backend (default: %(default)s)")
-    ap.add_argument("--ring-backend", default="native",
-                    help="ring's local backend: must return the log-sum-exp (default: %(default)s)")
+    ap.add_argument("--backend", default="native", help="the local backend (default: %(default)s)")
+    ap.add_argument("--ring-backend", default="",
+                    help="the ring's local backend, must return the log-sum-exp (default: --backend)")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: gloo, for a smoke test")
     ap.add_argument("--shapes", default="wan-14b,hunyuanvideo", help="comma-separated: " + ", ".join(SHAPES))
     ap.add_argument("--chunks", default="1", help="Ulysses head chunks over NCCL (default: %(default)s)")
-    ap.add_argument("--ce-chunks", default="1,4,6,10,20",
-                    help="Ulysses head chunks over the copy engines (default: %(default)s)")
-    ap.add_argument("--cta-chunks", default="2,4",
-                    help="Ulysses head chunks over an NCCL communicator limited to --max-ctas CTAs "
-                         "(default: %(default)s)")
-    ap.add_argument("--max-ctas", type=int, default=4, help="that communicator's CTA limit (default: %(default)s)")
-    ap.add_argument("--reps", type=int, default=0, help="timed calls per variant (default: by shape)")
-    ap.add_argument("--high-priority", action="store_true",
-                    help="NCCL on high-priority streams (its blocks go ahead of queued attention blocks)")
+    ap.add_argument("--ce-chunks", default="1,4,6,8",
+                    help="Ulysses head chunks over the copy engines (default: %(default)s; 0 = the default count)")
+    ap.add_argument("--row-copy-chunks", default="6",
+                    help="the same with one copy per head instead of 2-d copies (default: %(default)s)")
+    ap.add_argument("--ring-chunks", default="1,4",
+                    help="the ring's last block in these many head chunks, copy engines (default: %(default)s)")
+    ap.add_argument("--rounds", type=int, default=0, help="rounds per shape (default: 5, 1 above 64k tokens)")
+    ap.add_argument("--reps", type=int, default=0, help="timed calls per variant and round (default: by shape)")
+    ap.add_argument("--trace", help="folder: a torch.profiler trace of each rank's default Ulysses and ring calls")
+    ap.add_argument("--label", default="", help="what tree was measured (recorded in the JSON)")
     ap.add_argument("--out", help="JSON file (rank 0 writes it)")
     args = ap.parse_args()
 
@@ -188,23 +215,9 @@ def main():
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
-    if device.type == "cuda":
-        options = dist.ProcessGroupNCCL.Options()
-        options.is_high_priority_stream = args.high_priority
-        dist.init_process_group("nccl", pg_options=options)
-    else:
-        dist.init_process_group("gloo")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     group = dist.group.WORLD
-    few_cta_group, few_cta_reason = None, None
-    if device.type == "cuda" and args.cta_chunks:
-        try:
-            options = dist.ProcessGroupNCCL.Options()
-            options.config.min_ctas = 1
-            options.config.max_ctas = args.max_ctas
-            few_cta_group = dist.new_group(list(range(world)), backend="nccl", pg_options=options)
-        except Exception as err:  # noqa: BLE001 - reported, not fatal
-            few_cta_reason = f"{type(err).__name__}: {err}"
     transport = "undecided"
     if device.type == "cuda":
         D._peer_memory(group, torch.empty(1, device=device), "auto", "bench")
@@ -217,8 +230,8 @@ def main():
             print(*a, flush=True)
 
     try:
-        ring_backend, ring_reason = D._lse_backend(args.ring_backend, torch.empty(1, 1, 1, 128, device=device,
-                                                                                  dtype=dtype), "ring_attention"), None
+        ring_backend, ring_reason = D._lse_backend(args.ring_backend or backend, torch.empty(
+            1, 1, 1, 128, device=device, dtype=dtype), "ring_attention"), None
     except ValueError as err:
         ring_backend, ring_reason = None, str(err)
 
@@ -227,19 +240,16 @@ def main():
         b, h, s, d = SHAPES[name]
         flops = 4 * b * h * s * s * d
         reps = args.reps or (20 if s < 60000 else 6)
+        rounds = args.rounds or (5 if s < 65536 else 1)
         warmup = 3
         gen = torch.Generator(device=device).manual_seed(0)
         q, k, v = (torch.randn(b, h, s, d, device=device, dtype=dtype, generator=gen) for _ in range(3))
         lens = D.shard_lengths(s, world)
         lo = sum(lens[:rank])
         qs, ks, vs = (t[:, :, lo:lo + lens[rank]].contiguous() for t in (q, k, v))
-
-        one_ms, one_worst = timed(lambda: attnsel.attention(q, k, v, backend=backend), reps, warmup, device)
         full_out = attnsel.attention(q, k, v, backend=backend)
         row = {"shape": name, "B": b, "H": h, "S": s, "D": d, "dtype": "bf16", "processes": world,
-               "device": device.type, "backend": backend, "nccl_high_priority": args.high_priority,
-               "one_gpu_ms": one_ms, "one_gpu_tflops": flops / one_ms / 1e9, "variants": []}
-        say(f"{name} {b}x{h}x{s}x{d}: 1 GPU {one_ms:.2f} ms ({flops / one_ms / 1e9:.0f} TFLOP/s)")
+               "device": device.type, "backend": backend, "rounds": rounds, "reps": reps, "variants": []}
 
         # Ulysses: compute alone = the local attention on (B, H/N, S, D); communication alone = the 4 all-to-alls.
         qh, kh, vh = (D._seq_to_heads(t, group, lens) for t in (qs, ks, vs))
@@ -249,94 +259,125 @@ def main():
         sep_ms, _ = timed(lambda: qkv_separate_comm(qs, ks, vs, group, lens), reps, warmup, device)
         stacked_ms, _ = timed(lambda: qkv_stacked_comm(qs, ks, vs, group, lens), reps, warmup, device)
         row["qkv_in_comm_ms"] = {"three_all_to_alls": sep_ms, "one_stacked_all_to_all": stacked_ms}
-        say(f"  q,k,v in: 3 all-to-alls {sep_ms:.2f} ms, 1 stacked (pack+unpack) {stacked_ms:.2f} ms")
 
-        def ulysses_variant(label, fn, comm_alone_ms, **extra):
-            try:
-                out = fn()
-            except (ValueError, RuntimeError) as err:  # e.g. a refused CTA limit: the same on every rank
-                row["variants"].append({"kind": "ulysses", **extra, "not_measurable": str(err)})
-                say(f"  ulysses {label}: not measurable: {err}")
-                return
-            err = (out.float() - full_out[:, :, lo:lo + lens[rank]].float()).abs().max()
-            dist.all_reduce(err, op=dist.ReduceOp.MAX)
-            ms, worst = timed(fn, reps, warmup, device)
-            row["variants"].append({"kind": "ulysses", **extra, "ms": ms, "max_rank_ms": worst,
-                                    "speedup": one_ms / worst, "tflops": flops / worst / 1e9,
-                                    "comm_alone_ms": comm_alone_ms, "compute_alone_ms": compute_ms,
-                                    "comm_share": comm_alone_ms / worst, "exposed_ms": worst - compute_ms,
-                                    "max_abs_diff_vs_one_gpu": err.item()})
-            say(f"  ulysses {label}: {worst:.2f} ms, speedup {one_ms / worst:.3f}x, comm alone "
-                f"{comm_alone_ms:.2f} ms ({100 * comm_alone_ms / worst:.1f}%), compute alone {compute_ms:.2f} ms, "
-                f"exposed {worst - compute_ms:.2f} ms, max|diff| {err.item():.3g}")
+        variants = []  # (meta, fn, comm alone ms, compute alone ms)
 
-        for chunks in (int(c) for c in args.chunks.split(",") if c):
-            ulysses_variant(f"nccl chunks={chunks}", lambda: D.ulysses_attention(  # noqa: B023
-                qs, ks, vs, backend=backend, shard_lengths=lens, chunks=chunks, transport="nccl"),
-                comm_ms, transport="nccl", chunks=chunks)
-        for chunks in (int(c) for c in args.cta_chunks.split(",") if c and few_cta_group is not None):
-            ulysses_variant(f"nccl max_ctas={args.max_ctas} chunks={chunks}", lambda: D.ulysses_attention(  # noqa
-                qs, ks, vs, few_cta_group, backend=backend, shard_lengths=lens, chunks=chunks, transport="nccl"),
-                comm_ms, transport="nccl", nccl_max_ctas=args.max_ctas, chunks=chunks)
-        if few_cta_reason:
-            row["variants"].append({"kind": "ulysses", "nccl_max_ctas": args.max_ctas,
-                                    "not_measurable": few_cta_reason})
+        def ulysses(chunks, transport_, copy_2d=True):
+            def fn():
+                D._COPY_2D = copy_2d
+                try:
+                    return D.ulysses_attention(qs, ks, vs, backend=backend, shard_lengths=lens,
+                                               chunks=chunks or None, transport=transport_)
+                finally:
+                    D._COPY_2D = True
+            return fn
+
+        for chunks in _ints(args.chunks):
+            variants.append(({"kind": "ulysses", "transport": "nccl", "chunks": chunks},
+                             ulysses(chunks, "nccl"), comm_ms, compute_ms))
         if transport == "copy_engine":
-            for chunks in (int(c) for c in args.ce_chunks.split(",") if c):
-                ce_comm_ms, _ = timed(lambda: ulysses_ce_comm(qs, ks, vs, group, lens, chunks), reps, warmup,  # noqa
-                                      device)
-                ulysses_variant(f"copy_engine chunks={chunks}", lambda: D.ulysses_attention(  # noqa: B023
-                    qs, ks, vs, backend=backend, shard_lengths=lens, chunks=chunks, transport="copy_engine"),
-                    ce_comm_ms, transport="copy_engine", chunks=chunks)
+            for chunks in _ints(args.ce_chunks):
+                count = chunks or D.copy_engine_chunks(s)
+                ce_ms, _ = timed(lambda: ulysses_ce_comm(qs, ks, vs, group, lens, count), reps, warmup,  # noqa
+                                 device)
+                meta = {"kind": "ulysses", "transport": "copy_engine", "chunks": count,
+                        "default": count == D.copy_engine_chunks(s)}
+                variants.append((meta, ulysses(chunks, "copy_engine"), ce_ms, compute_ms))
+            for chunks in _ints(args.row_copy_chunks):
+                D._COPY_2D = False
+                ce_ms, _ = timed(lambda: ulysses_ce_comm(qs, ks, vs, group, lens, chunks), reps, warmup,  # noqa
+                                 device)
+                D._COPY_2D = True
+                variants.append(({"kind": "ulysses", "transport": "copy_engine", "chunks": chunks,
+                                  "copies": "one per head"}, ulysses(chunks, "copy_engine", False), ce_ms,
+                                 compute_ms))
         else:
             row["variants"].append({"kind": "ulysses", "transport": "copy_engine", "not_measurable": transport})
 
-        if ring_backend is None and ring_reason is not None:
+        if ring_backend is None:
             row["variants"].append({"kind": "ring", "not_measurable": ring_reason})
             say(f"  ring: not measurable: {ring_reason}")
         else:
             blocks = [(kb.contiguous(), vb.contiguous()) for kb, vb in zip(k.split(lens, 2), v.split(lens, 2))]
-            compute_ms, _ = timed(lambda: ring_compute(qs, blocks, ring_backend), reps, warmup, device)
+            ring_compute_ms, _ = timed(lambda: ring_compute(qs, blocks, ring_backend), reps, warmup, device)
             parts = [attnsel.attention(qs, kb, vb, backend=ring_backend, return_lse=True) for kb, vb in blocks]
             merge_ms, _ = timed(lambda: D._merge(*parts[0], *parts[1], q.dtype), reps, warmup, device)
-            fp32_ms, _ = timed(lambda: merge_two_pass(*parts[0], *parts[1]), reps, warmup, device)
-            del parts
-            row["ring_merge_alone_ms"] = {"lerp": merge_ms, "two_pass_fp32": fp32_ms}
-            say(f"  ring: merging two blocks alone: lerp {merge_ms:.3f} ms, two fp32 passes {fp32_ms:.3f} ms")
-            comms = {"nccl": lambda: ring_comm(ks, vs, group)}
+            del parts, blocks
+            row["ring_merge_alone_ms"] = merge_ms
+
+            def ring(transport_, last_chunks=None):
+                def fn():
+                    saved = D.RING_LAST_CHUNKS
+                    D.RING_LAST_CHUNKS = last_chunks or saved
+                    try:
+                        return D.ring_attention(qs, ks, vs, backend=ring_backend, shard_lengths=lens,
+                                                transport=transport_)
+                    finally:
+                        D.RING_LAST_CHUNKS = saved
+                return fn
+
+            nccl_ms, _ = timed(lambda: ring_comm(ks, vs, group), reps, warmup, device)
+            variants.append(({"kind": "ring", "transport": "nccl"}, ring("nccl"), nccl_ms, ring_compute_ms))
             if transport == "copy_engine":
-                comms["copy_engine"] = lambda: ring_ce_comm(ks, vs, group, lens)
-            else:
-                row["variants"].append({"kind": "ring", "transport": "copy_engine", "not_measurable": transport})
-            for name_t, comm_fn in comms.items():
-                comm_ms, _ = timed(comm_fn, reps, warmup, device)
-                fn = lambda: D.ring_attention(qs, ks, vs, backend=ring_backend, shard_lengths=lens,  # noqa: E731
-                                              transport=name_t)  # noqa: B023
-                out = fn()
-                err = (out.float() - full_out[:, :, lo:lo + lens[rank]].float()).abs().max()
-                dist.all_reduce(err, op=dist.ReduceOp.MAX)
-                ms, worst = timed(fn, reps, warmup, device)
-                row["variants"].append({"kind": "ring", "transport": name_t, "backend": str(ring_backend), "ms": ms,
-                                        "max_rank_ms": worst, "speedup": one_ms / worst,
-                                        "tflops": flops / worst / 1e9, "comm_alone_ms": comm_ms,
-                                        "compute_alone_ms": compute_ms, "comm_share": comm_ms / worst,
-                                        "exposed_ms": worst - compute_ms, "max_abs_diff_vs_one_gpu": err.item()})
-                say(f"  ring {name_t}: {worst:.2f} ms, speedup {one_ms / worst:.3f}x, comm alone {comm_ms:.2f} ms "
-                    f"({100 * comm_ms / worst:.1f}%), compute alone {compute_ms:.2f} ms, exposed "
-                    f"{worst - compute_ms:.2f} ms, max|diff| {err.item():.3g}")
-            del blocks
+                ce_ms, _ = timed(lambda: ring_ce_comm(ks, vs, group, lens), reps, warmup, device)
+                for chunks in _ints(args.ring_chunks):
+                    variants.append(({"kind": "ring", "transport": "copy_engine", "last_block_chunks": chunks,
+                                      "default": chunks == D.RING_LAST_CHUNKS}, ring("copy_engine", chunks), ce_ms,
+                                     ring_compute_ms))
+
+        diffs = []
+        for meta, fn, _, _ in variants:
+            out = fn()
+            err = (out.float() - full_out[:, :, lo:lo + lens[rank]].float()).abs().max()
+            dist.all_reduce(err, op=dist.ReduceOp.MAX)
+            diffs.append(err.item())
+        one_rounds, one_ranks = [], []
+        results = [([], []) for _ in variants]
+        for _ in range(rounds):  # every round: the one-GPU call, then every variant
+            one_ms, one_worst = timed(lambda: attnsel.attention(q, k, v, backend=backend), reps, warmup, device)
+            one_rounds.append(one_ms)
+            one_ranks.append(one_worst)
+            for (meta, fn, _, _), (mine, worst) in zip(variants, results):
+                ms, w = timed(fn, reps, warmup, device)
+                mine.append(ms)
+                worst.append(w)
+        one_ms = statistics.median(one_rounds)
+        row.update({"one_gpu_ms": one_ms, "one_gpu_ms_rounds": one_rounds,
+                    "one_gpu_slowest_rank_ms_rounds": one_ranks, "one_gpu_tflops": flops / one_ms / 1e9})
+        say(f"{name} {b}x{h}x{s}x{d}: 1 GPU {one_ms:.2f} ms ({flops / one_ms / 1e9:.0f} TFLOP/s), {rounds} rounds x "
+            f"{reps} calls; Ulysses compute alone {compute_ms:.2f} ms")
+        for (meta, fn, comm_alone, compute_alone), (mine, worst), diff in zip(variants, results, diffs):
+            entry = {**meta, **_summary(one_rounds, mine, worst)}
+            entry.update({"tflops": flops / entry["max_rank_ms"] / 1e9, "comm_alone_ms": comm_alone,
+                          "compute_alone_ms": compute_alone, "comm_share": comm_alone / entry["max_rank_ms"],
+                          "exposed_ms": entry["max_rank_ms"] - compute_alone, "max_abs_diff_vs_one_gpu": diff})
+            row["variants"].append(entry)
+            label = " ".join(f"{k_}={v_}" for k_, v_ in meta.items() if k_ != "kind")
+            say(f"  {meta['kind']} {label}: {entry['max_rank_ms']:.2f} ms, speedup {entry['speedup']:.3f}x "
+                f"[{entry['speedup_min']:.3f}, {entry['speedup_max']:.3f}], comm alone {comm_alone:.2f} ms "
+                f"({100 * entry['comm_share']:.1f}%), exposed {entry['exposed_ms']:.2f} ms, max|diff| {diff:.3g}")
+
+        if args.trace and device.type == "cuda":
+            os.makedirs(args.trace, exist_ok=True)
+            picks = {"ulysses": ulysses(0, "copy_engine")}
+            if ring_backend is not None and transport == "copy_engine":
+                picks["ring"] = ring("copy_engine")
+            for kind, fn in picks.items():
+                fn()
+                torch.cuda.synchronize()
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                        torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    for _ in range(3):
+                        fn()
+                    torch.cuda.synchronize()
+                prof.export_chrome_trace(os.path.join(args.trace, f"{name}_{kind}_rank{rank}.json"))
         rows.append(row)
         del q, k, v, qs, ks, vs, full_out
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     if rank == 0 and args.out:
-        cuda = device.type == "cuda"
-        env = {"gpu": torch.cuda.get_device_name() if cuda else platform.processor(), "processes": world,
-               "torch": torch.__version__, "cuda": torch.version.cuda,
-               "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
-               "attnsel": attnsel.__version__, "python": platform.python_version(), "transport_auto": transport,
-               "nvls_env": {n: os.environ.get(n) for n in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
-                                                           "NVSHMEM_DISABLE_NVLS")}}
+        env = _environment(device, world, transport, args.label)
         with open(args.out, "w") as f:
             json.dump({"environment": env, "method": __doc__.split("\n\n", 2)[2], "results": rows}, f, indent=1)
     dist.destroy_process_group()
