@@ -346,6 +346,7 @@ class _PeerMemory:
         self.copy_stream = torch.cuda.Stream(device, priority=-1)  # copies within this GPU, beside the pushes
         self.compute_stream = torch.cuda.Stream(device)  # every other chunk's attention: fills the last wave of one
         self.compute_stream2 = torch.cuda.Stream(device)  # with compute_stream: the ring's last block in chunks
+        self.merge_stream = torch.cuda.Stream(device, priority=-1)  # the ring's merges of those chunks
         self.nbytes, self.buffer, self.handle = 0, None, None
         self.reserve(1 << 20)
 
@@ -562,8 +563,8 @@ def _ulysses_copy_engine(q, k, v, full_mask, mem, rank, q_lens, k_lens, local: L
     bounds = _chunk_bounds(hkv_u, chunks)
 
     start = _record(current)
-    _wait(comm, start)
-    _wait(local_copy, start)
+    for stream in (comm, local_copy, compute[1]):  # the caller's work on q, k, v and the mask comes first
+        _wait(stream, start)
     with _on(comm):
         mem.barrier()  # every rank is done with its buffer from the previous call
     arrived = []
@@ -582,8 +583,6 @@ def _ulysses_copy_engine(q, k, v, full_mask, mem, rank, q_lens, k_lens, local: L
     done = []
     for c, ((k0, k1), event) in enumerate(zip(bounds, arrived)):
         stream = compute[c % 2]
-        if stream is not None and c == 1:
-            stream.wait_stream(current)
         _wait(stream, event)
         with _on(stream):
             y = local(mine["q"][:, k0 * group_size:k1 * group_size], mine["k"][:, k0:k1], mine["v"][:, k0:k1],
@@ -622,8 +621,9 @@ def _ring_copy_engine(q, k, v, pad, mem, rank, q_lens, k_lens, is_causal, scale,
     slots, alternating) while the current block computes; block attentions alternate between two streams.
 
     The last block's attention runs in RING_LAST_CHUNKS head chunks (first and last of one k/v head, alternating
-    between two side streams) and each chunk is merged into the result while the next computes: only the last
-    chunk's merge is left after the last attention (Wan-14B on an H200: the whole merge alone 0.29 ms).
+    between two side streams) and each chunk is merged into the result while the next computes, on a high-priority
+    stream (at equal priority the running chunk's queued blocks go first and the merges wait for its end): only the
+    last chunk's merge is left after the last attention (Wan-14B on an H200: the whole merge alone 0.27-0.29 ms).
     """
     size = len(q_lens)
     b, hkv, nk, d = k.shape
@@ -655,9 +655,10 @@ def _ring_copy_engine(q, k, v, pad, mem, rank, q_lens, k_lens, is_causal, scale,
                                return_lse=True)
             if mask is not None:  # a row that saw no key here may hold anything: its weight is 0, make it 0 too
                 out = out.masked_fill((lse == float("-inf")).unsqueeze(-1), 0)
-            if stream is not current:
-                out.record_stream(current)
-                lse.record_stream(current)
+            for other in (current, merge):  # merged on `current` or on `merge`
+                if stream is not None and other is not stream:
+                    out.record_stream(other)
+                    lse.record_stream(other)
             return out, lse, _record(stream)
 
     nxt = (rank + 1) % size
@@ -672,6 +673,7 @@ def _ring_copy_engine(q, k, v, pad, mem, rank, q_lens, k_lens, is_causal, scale,
     comm = mem.comm_stream
     compute = [current, mem.compute_stream]
     side = [mem.compute_stream, mem.compute_stream2]  # the chunks of the last block
+    merge = mem.merge_stream  # their merges: high priority, so they get SMs as the running chunk's blocks retire
     start = _record(current)
     for stream in (comm, *side):
         _wait(stream, start)
@@ -705,10 +707,13 @@ def _ring_copy_engine(q, k, v, pad, mem, rank, q_lens, k_lens, is_causal, scale,
                 acc, lse_acc = _merge(acc, lse_acc, *pending[1:3])
                 pending = None
             result = q.new_empty(b, q.shape[1], q.shape[2], dv)
-            for (k0, k1), out, lse, event in parts:  # queued on `current`, each behind its own chunk only
-                _wait(current, event)
-                _merge(acc[:, k0 * g:k1 * g], lse_acc[:, k0 * g:k1 * g], out, lse, q.dtype,
-                       into=result[:, k0 * g:k1 * g])
+            _wait(merge, _record(current))
+            for (k0, k1), out, lse, event in parts:  # each merge behind its own chunk only
+                _wait(merge, event)
+                with _on(merge):
+                    _merge(acc[:, k0 * g:k1 * g], lse_acc[:, k0 * g:k1 * g], out, lse, q.dtype,
+                           into=result[:, k0 * g:k1 * g])
+            _wait(current, _record(merge))
             acc, computed = result, [part[3] for part in parts]
         else:
             stream = compute[step % 2]

@@ -6,17 +6,19 @@ Per shape (bf16): the one-GPU time of attnsel.attention on the whole sequence (e
 once), then each sequence-parallel variant on (B, H, S/N, D) shards, over each transport: `nccl` (NCCL all-to-alls
 / send-recvs, kernels on the SMs) and `copy_engine` (pushes into peers' symmetric memory, copy engines, no SMs);
 Ulysses at several head-chunk counts (and, for comparison, with one copy per head instead of one 2-d copy per peer
-and tensor), the ring with its last block in several head chunks (RING_LAST_CHUNKS). For each variant also: the
-communication alone (the same exchange, no attention) and the local compute alone (one attention call on
-already-exchanged data for Ulysses; the block attentions and their merge for the ring); `comm_share` =
-communication alone / total, `exposed_ms` = total - compute alone (what overlapping did not hide). Also measured,
-communication only: q, k, v moved by one stacked all-to-all (packed and unpacked) against three.
-Timing: warm-up, then --reps calls back to back, CUDA events around each call, median per rank; `max_rank_ms` is
-the slowest rank's median. That is one round; --rounds rounds run one after another, each timing the one-GPU call
-and then every variant, and a round's speedup is its one-GPU median / its slowest rank's median: reported are the
-median over the rounds and their min and max (the spread). TFLOP/s = 4*B*H*S*S*D / time. Ring needs a backend that
-returns the log-sum-exp; without one it is reported as not measurable, with the reason. USP needs both degrees > 1
-(4 GPUs); on 2 GPUs it is Ulysses (2, 1) or the ring (1, 2).
+and tensor), the ring with its last block in several head chunks (RING_LAST_CHUNKS). Per variant also: the
+communication alone (the same exchange, no attention) and the local compute alone (Ulysses: one attention call on
+already-exchanged data; the ring: its block attentions and their merge, one stream); `comm_share` = communication
+alone / total, `exposed_ms` = total - compute alone (what overlapping did not hide), both the slowest rank's.
+Diagnostic references: the copy-engine Ulysses' attention alone in its default chunks on its two streams (no copies,
+no barriers), on ordinary memory and reading the symmetric buffer.
+Timing: warm-up, then --reps calls back to back, CUDA events around each call, median per rank; `max_rank_ms` is the
+slowest rank's median. That is one round; --rounds rounds run one after another, each timing the one-GPU call and
+the compute-alone references, then every variant. A round's speedup is rank 0's one-GPU median over the slowest
+rank's median of the variant; reported are the median over the rounds and their min and max (the spread), and
+`speedup_vs_slowest_gpu` (the one-GPU median of the slower GPU, which also bounds the variant). TFLOP/s =
+4*B*H*S*S*D / time. Ring needs a backend that returns the log-sum-exp; without one it is reported as not measurable,
+with the reason. USP needs both degrees > 1 (4 GPUs); on 2 GPUs it is Ulysses (2, 1) or the ring (1, 2).
 """
 
 import os
@@ -150,6 +152,26 @@ def ring_ce_comm(k, v, group, lens):
     return held
 
 
+def ulysses_chunked_compute(q, k, v, group, lens, chunks, backend, heads=None):
+    """The copy-engine Ulysses' attention alone: its head chunks on its two streams, no copies and no barriers
+    (what is left when communication costs nothing), reading this rank's symmetric buffer as the pipeline does, or
+    with `heads` (qh, kh, vh), ordinary memory."""
+    mem = D._peer_memory(group, q, "copy_engine", "bench")
+    if heads is None:
+        b, h, _, d = q.shape
+        hu, s = h // len(lens), sum(lens)
+        layout = D._Layout([(name, (b, hu, s, d), q.dtype) for name in ("q", "k", "v")])
+        mem.reserve(layout.nbytes)
+        heads = [layout.view(mem, dist.get_rank(group), name) for name in ("q", "k", "v")]
+    current = torch.cuda.current_stream()
+    streams = [current, mem.compute_stream]
+    mem.compute_stream.wait_stream(current)
+    for c, (h0, h1) in enumerate(D._chunk_bounds(heads[0].shape[1], chunks)):
+        with torch.cuda.stream(streams[c % 2]):
+            attnsel.attention(*(t[:, h0:h1] for t in heads), backend=backend)
+    current.wait_stream(mem.compute_stream)
+
+
 def ring_compute(q, blocks, backend):
     """The ring's local work alone: one attention with LSE per block, merged in fp32."""
     acc = lse_acc = None
@@ -197,7 +219,7 @@ def main():
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: gloo, for a smoke test")
     ap.add_argument("--shapes", default="wan-14b,hunyuanvideo", help="comma-separated: " + ", ".join(SHAPES))
     ap.add_argument("--chunks", default="1", help="Ulysses head chunks over NCCL (default: %(default)s)")
-    ap.add_argument("--ce-chunks", default="1,4,6,8",
+    ap.add_argument("--ce-chunks", default="1,4,0,8",
                     help="Ulysses head chunks over the copy engines (default: %(default)s; 0 = the default count)")
     ap.add_argument("--row-copy-chunks", default="6",
                     help="the same with one copy per head instead of 2-d copies (default: %(default)s)")
@@ -205,7 +227,10 @@ def main():
                     help="the ring's last block in these many head chunks, copy engines (default: %(default)s)")
     ap.add_argument("--rounds", type=int, default=0, help="rounds per shape (default: 5, 1 above 64k tokens)")
     ap.add_argument("--reps", type=int, default=0, help="timed calls per variant and round (default: by shape)")
-    ap.add_argument("--trace", help="folder: a torch.profiler trace of each rank's default Ulysses and ring calls")
+    ap.add_argument("--trace", help="folder: a torch.profiler trace of each rank's default Ulysses and ring calls "
+                                    "(3 calls each, the first shape)")
+    ap.add_argument("--qkv-comparisons", action="store_true",
+                    help="also time q, k, v moved by one stacked all-to-all against three (communication only)")
     ap.add_argument("--label", default="", help="what tree was measured (recorded in the JSON)")
     ap.add_argument("--out", help="JSON file (rank 0 writes it)")
     args = ap.parse_args()
@@ -239,7 +264,7 @@ def main():
     for name in args.shapes.split(","):
         b, h, s, d = SHAPES[name]
         flops = 4 * b * h * s * s * d
-        reps = args.reps or (20 if s < 60000 else 6)
+        reps = args.reps or (15 if s < 60000 else 5)
         rounds = args.rounds or (5 if s < 65536 else 1)
         warmup = 3
         gen = torch.Generator(device=device).manual_seed(0)
@@ -251,16 +276,17 @@ def main():
         row = {"shape": name, "B": b, "H": h, "S": s, "D": d, "dtype": "bf16", "processes": world,
                "device": device.type, "backend": backend, "rounds": rounds, "reps": reps, "variants": []}
 
-        # Ulysses: compute alone = the local attention on (B, H/N, S, D); communication alone = the 4 all-to-alls.
+        # Timed in every round besides the variants: the one-GPU call and the local compute alone.
+        refs = {"one_gpu": lambda: attnsel.attention(q, k, v, backend=backend)}
         qh, kh, vh = (D._seq_to_heads(t, group, lens) for t in (qs, ks, vs))
-        compute_ms, _ = timed(lambda: attnsel.attention(qh, kh, vh, backend=backend), reps, warmup, device)
+        refs["ulysses_compute"] = lambda: attnsel.attention(qh, kh, vh, backend=backend)
         comm_ms, _ = timed(lambda: ulysses_comm(qs, ks, vs, group, lens), reps, warmup, device)
-        del qh, kh, vh
-        sep_ms, _ = timed(lambda: qkv_separate_comm(qs, ks, vs, group, lens), reps, warmup, device)
-        stacked_ms, _ = timed(lambda: qkv_stacked_comm(qs, ks, vs, group, lens), reps, warmup, device)
-        row["qkv_in_comm_ms"] = {"three_all_to_alls": sep_ms, "one_stacked_all_to_all": stacked_ms}
+        if args.qkv_comparisons:
+            sep_ms, _ = timed(lambda: qkv_separate_comm(qs, ks, vs, group, lens), reps, warmup, device)
+            stacked_ms, _ = timed(lambda: qkv_stacked_comm(qs, ks, vs, group, lens), reps, warmup, device)
+            row["qkv_in_comm_ms"] = {"three_all_to_alls": sep_ms, "one_stacked_all_to_all": stacked_ms}
 
-        variants = []  # (meta, fn, comm alone ms, compute alone ms)
+        variants = []  # (meta, fn, comm alone ms, the reference its compute alone is)
 
         def ulysses(chunks, transport_, copy_2d=True):
             def fn():
@@ -274,15 +300,19 @@ def main():
 
         for chunks in _ints(args.chunks):
             variants.append(({"kind": "ulysses", "transport": "nccl", "chunks": chunks},
-                             ulysses(chunks, "nccl"), comm_ms, compute_ms))
+                             ulysses(chunks, "nccl"), comm_ms, "ulysses_compute"))
         if transport == "copy_engine":
+            default = D.copy_engine_chunks(s)
+            refs[f"ulysses_compute_{default}_chunks"] = lambda: ulysses_chunked_compute(
+                qs, ks, vs, group, lens, default, backend, (qh, kh, vh))
+            refs[f"ulysses_compute_{default}_chunks_on_buffer"] = lambda: ulysses_chunked_compute(
+                qs, ks, vs, group, lens, default, backend)
             for chunks in _ints(args.ce_chunks):
-                count = chunks or D.copy_engine_chunks(s)
+                count = chunks or default
                 ce_ms, _ = timed(lambda: ulysses_ce_comm(qs, ks, vs, group, lens, count), reps, warmup,  # noqa
                                  device)
-                meta = {"kind": "ulysses", "transport": "copy_engine", "chunks": count,
-                        "default": count == D.copy_engine_chunks(s)}
-                variants.append((meta, ulysses(chunks, "copy_engine"), ce_ms, compute_ms))
+                meta = {"kind": "ulysses", "transport": "copy_engine", "chunks": count, "default": count == default}
+                variants.append((meta, ulysses(chunks, "copy_engine"), ce_ms, "ulysses_compute"))
             for chunks in _ints(args.row_copy_chunks):
                 D._COPY_2D = False
                 ce_ms, _ = timed(lambda: ulysses_ce_comm(qs, ks, vs, group, lens, chunks), reps, warmup,  # noqa
@@ -290,7 +320,7 @@ def main():
                 D._COPY_2D = True
                 variants.append(({"kind": "ulysses", "transport": "copy_engine", "chunks": chunks,
                                   "copies": "one per head"}, ulysses(chunks, "copy_engine", False), ce_ms,
-                                 compute_ms))
+                                 "ulysses_compute"))
         else:
             row["variants"].append({"kind": "ulysses", "transport": "copy_engine", "not_measurable": transport})
 
@@ -299,10 +329,10 @@ def main():
             say(f"  ring: not measurable: {ring_reason}")
         else:
             blocks = [(kb.contiguous(), vb.contiguous()) for kb, vb in zip(k.split(lens, 2), v.split(lens, 2))]
-            ring_compute_ms, _ = timed(lambda: ring_compute(qs, blocks, ring_backend), reps, warmup, device)
+            refs["ring_compute"] = lambda: ring_compute(qs, blocks, ring_backend)
             parts = [attnsel.attention(qs, kb, vb, backend=ring_backend, return_lse=True) for kb, vb in blocks]
             merge_ms, _ = timed(lambda: D._merge(*parts[0], *parts[1], q.dtype), reps, warmup, device)
-            del parts, blocks
+            del parts
             row["ring_merge_alone_ms"] = merge_ms
 
             def ring(transport_, last_chunks=None):
@@ -317,13 +347,13 @@ def main():
                 return fn
 
             nccl_ms, _ = timed(lambda: ring_comm(ks, vs, group), reps, warmup, device)
-            variants.append(({"kind": "ring", "transport": "nccl"}, ring("nccl"), nccl_ms, ring_compute_ms))
+            variants.append(({"kind": "ring", "transport": "nccl"}, ring("nccl"), nccl_ms, "ring_compute"))
             if transport == "copy_engine":
                 ce_ms, _ = timed(lambda: ring_ce_comm(ks, vs, group, lens), reps, warmup, device)
                 for chunks in _ints(args.ring_chunks):
                     variants.append(({"kind": "ring", "transport": "copy_engine", "last_block_chunks": chunks,
                                       "default": chunks == D.RING_LAST_CHUNKS}, ring("copy_engine", chunks), ce_ms,
-                                     ring_compute_ms))
+                                     "ring_compute"))
 
         diffs = []
         for meta, fn, _, _ in variants:
@@ -331,33 +361,42 @@ def main():
             err = (out.float() - full_out[:, :, lo:lo + lens[rank]].float()).abs().max()
             dist.all_reduce(err, op=dist.ReduceOp.MAX)
             diffs.append(err.item())
-        one_rounds, one_ranks = [], []
+        ref_rounds = {key: ([], []) for key in refs}
         results = [([], []) for _ in variants]
-        for _ in range(rounds):  # every round: the one-GPU call, then every variant
-            one_ms, one_worst = timed(lambda: attnsel.attention(q, k, v, backend=backend), reps, warmup, device)
-            one_rounds.append(one_ms)
-            one_ranks.append(one_worst)
+        for _ in range(rounds):  # every round: the references, then every variant
+            for key, fn in refs.items():
+                for store, value in zip(ref_rounds[key], timed(fn, reps, warmup, device)):
+                    store.append(value)
             for (meta, fn, _, _), (mine, worst) in zip(variants, results):
                 ms, w = timed(fn, reps, warmup, device)
                 mine.append(ms)
                 worst.append(w)
+        one_rounds, one_slowest = ref_rounds["one_gpu"]
         one_ms = statistics.median(one_rounds)
         row.update({"one_gpu_ms": one_ms, "one_gpu_ms_rounds": one_rounds,
-                    "one_gpu_slowest_rank_ms_rounds": one_ranks, "one_gpu_tflops": flops / one_ms / 1e9})
-        say(f"{name} {b}x{h}x{s}x{d}: 1 GPU {one_ms:.2f} ms ({flops / one_ms / 1e9:.0f} TFLOP/s), {rounds} rounds x "
-            f"{reps} calls; Ulysses compute alone {compute_ms:.2f} ms")
-        for (meta, fn, comm_alone, compute_alone), (mine, worst), diff in zip(variants, results, diffs):
+                    "one_gpu_slowest_gpu_ms_rounds": one_slowest, "one_gpu_tflops": flops / one_ms / 1e9,
+                    "compute_alone_slowest_rank_ms_rounds": {key: ref_rounds[key][1] for key in refs
+                                                             if key != "one_gpu"}})
+        say(f"{name} {b}x{h}x{s}x{d}: 1 GPU {one_ms:.2f} ms ({flops / one_ms / 1e9:.0f} TFLOP/s; slowest GPU "
+            f"{statistics.median(one_slowest):.2f}), {rounds} rounds x {reps} calls; compute alone: " + ", ".join(
+                f"{key} {statistics.median(ref_rounds[key][1]):.2f} ms" for key in refs if key != "one_gpu"))
+        for (meta, fn, comm_alone, ref), (mine, worst), diff in zip(variants, results, diffs):
             entry = {**meta, **_summary(one_rounds, mine, worst)}
-            entry.update({"tflops": flops / entry["max_rank_ms"] / 1e9, "comm_alone_ms": comm_alone,
+            vs_slowest = [one / w for one, w in zip(one_slowest, worst)]
+            compute_alone = statistics.median(ref_rounds[ref][1])
+            exposed = [w - c for w, c in zip(worst, ref_rounds[ref][1])]
+            entry.update({"speedup_vs_slowest_gpu": statistics.median(vs_slowest),
+                          "tflops": flops / entry["max_rank_ms"] / 1e9, "comm_alone_ms": comm_alone,
                           "compute_alone_ms": compute_alone, "comm_share": comm_alone / entry["max_rank_ms"],
-                          "exposed_ms": entry["max_rank_ms"] - compute_alone, "max_abs_diff_vs_one_gpu": diff})
+                          "exposed_ms": statistics.median(exposed), "max_abs_diff_vs_one_gpu": diff})
             row["variants"].append(entry)
             label = " ".join(f"{k_}={v_}" for k_, v_ in meta.items() if k_ != "kind")
             say(f"  {meta['kind']} {label}: {entry['max_rank_ms']:.2f} ms, speedup {entry['speedup']:.3f}x "
-                f"[{entry['speedup_min']:.3f}, {entry['speedup_max']:.3f}], comm alone {comm_alone:.2f} ms "
+                f"[{entry['speedup_min']:.3f}, {entry['speedup_max']:.3f}] (vs the slowest GPU "
+                f"{entry['speedup_vs_slowest_gpu']:.3f}x), comm alone {comm_alone:.2f} ms "
                 f"({100 * entry['comm_share']:.1f}%), exposed {entry['exposed_ms']:.2f} ms, max|diff| {diff:.3g}")
 
-        if args.trace and device.type == "cuda":
+        if args.trace and device.type == "cuda" and not rows:  # the first shape only
             os.makedirs(args.trace, exist_ok=True)
             picks = {"ulysses": ulysses(0, "copy_engine")}
             if ring_backend is not None and transport == "copy_engine":
@@ -372,7 +411,9 @@ def main():
                     torch.cuda.synchronize()
                 prof.export_chrome_trace(os.path.join(args.trace, f"{name}_{kind}_rank{rank}.json"))
         rows.append(row)
-        del q, k, v, qs, ks, vs, full_out
+        del q, k, v, qs, ks, vs, full_out, qh, kh, vh, refs
+        if ring_backend is not None:
+            del blocks
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

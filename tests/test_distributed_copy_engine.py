@@ -23,7 +23,7 @@ from test_distributed import CASES, FLOOR, _reference, _spawn, check_gpu_case
 class FakePeerMemory:
     """What the copy-engine code needs of attnsel.distributed._PeerMemory, for threads of one process."""
 
-    comm_stream = copy_stream = compute_stream = compute_stream2 = None
+    comm_stream = copy_stream = compute_stream = compute_stream2 = merge_stream = None
 
     def __init__(self, buffers: list, barrier: threading.Barrier, rank: int):
         self.buffers, self._barrier, self.rank = buffers, barrier, rank
