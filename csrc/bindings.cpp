@@ -70,8 +70,8 @@ int plan_route(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
                bool is_causal, std::int64_t backend) {
   using namespace attnsel::torch_glue;
   try {
-    const std::optional<at::Tensor> broadcast = validate_inputs(q, k, v, mask);
-    const BackendId chosen = plan_backend(q, k, v, broadcast, is_causal, backend, inputs_need_grad(q, k, v));
+    check_call_inputs(q, k, v, mask);
+    const BackendId chosen = plan_backend(q, k, v, mask, is_causal, backend, inputs_need_grad(q, k, v));
     // The op hands torch_sdpa calls to SDPA unchanged except a mask in another dtype (cast) or a mask with causal
     // (folded in): only those need the op.
     const bool unchanged = !mask || (!is_causal && (mask->scalar_type() == at::kBool ||
@@ -88,8 +88,8 @@ CallSignature signature_of_call(const at::Tensor& q, const at::Tensor& k, const 
                                 const std::optional<at::Tensor>& mask, bool is_causal, bool return_lse) {
   using namespace attnsel::torch_glue;
   try {
-    const std::optional<at::Tensor> broadcast = validate_inputs(q, k, v, mask);
-    return call_signature(q, k, v, broadcast, is_causal, inputs_need_grad(q, k, v), return_lse);
+    check_call_inputs(q, k, v, mask);
+    return call_signature(q, k, v, mask, is_causal, inputs_need_grad(q, k, v), return_lse);
   } catch (const c10::ValueError& e) {
     throw py::value_error(e.what_without_backtrace());
   }

@@ -22,8 +22,8 @@ std::string shape_str(const at::Tensor& t) {
   return s + "]";
 }
 
-// Broadcasts an SDPA-style mask to [B, Hq, Sq, Sk] as a stride-0 view, checking it can be.
-at::Tensor broadcast_mask(const at::Tensor& mask, const at::Tensor& q, const at::Tensor& k) {
+// Checks that an SDPA-style mask broadcasts to [B, Hq, Sq, Sk] (dtype, device, sizes).
+void check_mask(const at::Tensor& mask, const at::Tensor& q, const at::Tensor& k) {
   const std::array<int64_t, 4> target = {q.size(0), q.size(1), q.size(2), k.size(2)};
   TORCH_CHECK_VALUE(mask.dim() >= 1 && mask.dim() <= 4, "attnsel.attention: attn_mask must have 1 to 4 dims, got ",
               mask.dim());
@@ -40,7 +40,12 @@ at::Tensor broadcast_mask(const at::Tensor& mask, const at::Tensor& q, const at:
                 " does not broadcast to [B, Hq, Sq, Sk] = [", target[0], ", ", target[1], ", ", target[2], ", ",
                 target[3], "]");
   }
-  return mask.expand(at::IntArrayRef(target.data(), 4));
+}
+
+// The mask broadcast to [B, Hq, Sq, Sk] as a stride-0 view (what the kernels index), checked first.
+at::Tensor broadcast_mask(const at::Tensor& mask, const at::Tensor& q, const at::Tensor& k) {
+  check_mask(mask, q, k);
+  return mask.expand({q.size(0), q.size(1), q.size(2), k.size(2)});
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -86,6 +91,12 @@ KernelFn find_kernel(BackendId backend, DeviceType device) {
   return g_table[static_cast<int>(backend)][static_cast<int>(device)];
 }
 
+void check_call_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const std::optional<at::Tensor>& attn_mask) {
+  check_inputs(q, k, v);
+  if (attn_mask) check_mask(*attn_mask, q, k);
+}
+
 std::optional<at::Tensor> validate_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                           const std::optional<at::Tensor>& attn_mask) {
   check_inputs(q, k, v);
@@ -107,8 +118,11 @@ CallSignature call_signature(const at::Tensor& q, const at::Tensor& k, const at:
   c.device = selector_device(q);
   if (mask) {
     c.mask = mask->scalar_type() == at::kBool ? MaskKind::Bool : MaskKind::Additive;
-    // Broadcast [B, Hq, Sq, Sk] view: stride 0 over heads and queries (or a single one) = one row of keys per batch.
-    const auto bcast = [&](int dim) { return mask->size(dim) == 1 || mask->stride(dim) == 0; };
+    // Broadcast over heads and queries (missing leading dims, size 1 or stride 0) = one row of keys per batch.
+    const int64_t missing = 4 - mask->dim();
+    const auto bcast = [&](int64_t dim) {
+      return dim < missing || mask->size(dim - missing) == 1 || mask->stride(dim - missing) == 0;
+    };
     c.mask_key_padding = bcast(1) && bcast(2);
   }
   c.causal = is_causal;
@@ -127,9 +141,7 @@ BackendId plan_backend(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   TORCH_CHECK_VALUE(backend >= kAutoBackend && backend < kNumBackends, "attnsel.attention: backend id ", backend,
                     " out of range [", kAutoBackend, ", ", kNumBackends - 1, "] (", kAutoBackend, " = auto, ",
                     kContextBackend, " = this thread's policy)");
-  std::optional<at::Tensor> mask;
-  if (attn_mask) mask = attn_mask->dim() == 4 ? *attn_mask : broadcast_mask(*attn_mask, q, k);
-  const CallSignature call = call_signature(q, k, v, mask, is_causal, needs_grad, needs_lse);
+  const CallSignature call = call_signature(q, k, v, attn_mask, is_causal, needs_grad, needs_lse);
   try {
     if (backend == kContextBackend) {
       const std::optional<ComponentContext> ctx = current_component();
@@ -147,7 +159,8 @@ BackendId plan_backend(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                              const std::optional<at::Tensor>& attn_mask, bool is_causal,
                                              std::optional<double> scale, std::int64_t backend, bool return_lse) {
-  const std::optional<at::Tensor> mask = validate_inputs(q, k, v, attn_mask);
+  check_call_inputs(q, k, v, attn_mask);  // no broadcast view: make_params derives its strides (~1 us saved)
+  const std::optional<at::Tensor>& mask = attn_mask;
   const DeviceType device = selector_device(q);
   const BackendId chosen = plan_backend(q, k, v, mask, is_causal, backend, inputs_need_grad(q, k, v), return_lse);
   KernelFn fn = find_kernel(chosen, device);
@@ -203,7 +216,10 @@ kernels::AttentionParams make_params(const AttentionCall& c, at::Tensor& out) {
     p.mask = m.data_ptr();
     p.mask_kind = m.scalar_type() == at::kBool ? kernels::MaskKind::Bool : kernels::MaskKind::Additive;
     p.mask_dtype = dtype(m);
-    for (int i = 0; i < 4; ++i) p.mask_stride[i] = m.stride(i);
+    // [B, Hq, Sq, Sk] strides of the mask as given (1 to 4 dims, right-aligned): 0 where it broadcasts.
+    const int64_t missing = 4 - m.dim();
+    for (int64_t i = 0; i < 4; ++i)
+      p.mask_stride[i] = i < missing || m.size(i - missing) == 1 ? 0 : m.stride(i - missing);
   }
   p.causal = c.causal;
   p.scale = static_cast<float>(c.scale);

@@ -11,12 +11,12 @@
 
 namespace attnsel::torch_glue {
 
-// Inputs after validation: the mask is already broadcast to [B, Hq, Sq, Sk] (stride-0 views).
+// Inputs after validation (the mask as the caller gave it: kernels index it through make_params's 4-d strides).
 struct AttentionCall {
   const at::Tensor& q;
   const at::Tensor& k;
   const at::Tensor& v;
-  const std::optional<at::Tensor>& mask;  // bool or floating additive, 4-d
+  const std::optional<at::Tensor>& mask;  // bool or floating additive, 1-4 dims broadcastable to [B, Hq, Sq, Sk]
   bool causal;
   double scale;       // resolved (1/sqrt(D) by default)
   bool return_lse;    // the caller needs the log-sum-exp (a kernel that cannot give it refuses)
@@ -53,7 +53,11 @@ BackendId plan_backend(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                        const std::optional<at::Tensor>& attn_mask, bool is_causal, std::int64_t backend,
                        bool needs_grad, bool needs_lse = false);
 
-// The call's signature as the planner takes it (mask: as given or broadcast to 4-d).
+// The checks of validate_inputs without building the broadcast mask (for planning only).
+void check_call_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const std::optional<at::Tensor>& attn_mask);
+
+// The call's signature as the planner takes it (mask: as given, or broadcast to 4-d; checked).
 CallSignature call_signature(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const std::optional<at::Tensor>& mask, bool is_causal, bool needs_grad, bool needs_lse);
 

@@ -12,13 +12,14 @@
 namespace attnsel::torch_glue {
 namespace {
 
-// The call's mask is broadcast to [B, Hq, Sq, Sk] (stride 0 where it repeats): give SDPA the broadcast dims back as
-// size 1, since some of its kernels (and a dtype cast) would otherwise materialise the whole [B, Hq, Sq, Sk] mask.
+// A mask expanded by the caller (stride 0 where it repeats): give SDPA those dims back as size 1, since some of its
+// kernels (and a dtype cast) would otherwise materialise the whole [B, Hq, Sq, Sk] mask.
 at::Tensor compact(const at::Tensor& mask) {
   std::vector<int64_t> sizes(mask.sizes().begin(), mask.sizes().end());
+  bool expanded = false;
   for (int64_t i = 0; i < mask.dim(); ++i)
-    if (mask.stride(i) == 0) sizes[i] = 1;
-  return mask.as_strided(sizes, mask.strides(), mask.storage_offset());
+    if (mask.stride(i) == 0 && sizes[i] > 1) sizes[i] = 1, expanded = true;
+  return expanded ? mask.as_strided(sizes, mask.strides(), mask.storage_offset()) : mask;
 }
 
 at::Tensor run_sdpa(const AttentionCall& call) {
