@@ -3,6 +3,7 @@
 #include <pybind11/functional.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <torch/csrc/autograd/python_variable.h>  // THPVariable_Check / THPVariable_Unpack
 #include <torch/csrc/utils/pybind.h>  // the at::Tensor caster
 
 #include <stdexcept>
@@ -62,25 +63,69 @@ std::optional<BackendId> view_policy(const std::optional<ComponentContext>& view
   return resolve_policy(std::nullopt, Role::None, ctx ? &*ctx : nullptr).first;
 }
 
-// attnsel.attention's route for a call (see plan_route below).
-constexpr int kRouteSdpaDirect = -3;     // torch_sdpa, passed unchanged: the front calls PyTorch's SDPA itself
+// attnsel.attention's route for a call: the backend id the op will run (checked: a refusal raises the op's
+// c10::ValueError), or one of these when that is torch_sdpa and the op would pass the call to SDPA unchanged.
+constexpr int kRouteSdpaDirect = -3;     // the front calls PyTorch's SDPA itself
 constexpr int kRouteSdpaDirectGqa = -4;  // the same, grouped-query (enable_gqa=True)
 
 int plan_route(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
                bool is_causal, std::int64_t backend) {
   using namespace attnsel::torch_glue;
-  try {
-    check_call_inputs(q, k, v, mask);
-    const BackendId chosen = plan_backend(q, k, v, mask, is_causal, backend, inputs_need_grad(q, k, v));
-    // The op hands torch_sdpa calls to SDPA unchanged except a mask in another dtype (cast) or a mask with causal
-    // (folded in): only those need the op.
-    const bool unchanged = !mask || (!is_causal && (mask->scalar_type() == at::kBool ||
-                                                    mask->scalar_type() == q.scalar_type()));
-    if (chosen != BackendId::TORCH_SDPA || !unchanged) return static_cast<int>(chosen);
-    return q.size(1) == k.size(1) ? kRouteSdpaDirect : kRouteSdpaDirectGqa;
-  } catch (const c10::ValueError& e) {
-    throw py::value_error(e.what_without_backtrace());  // the op's own message
+  check_call_inputs(q, k, v, mask);
+  const BackendId chosen = plan_backend(q, k, v, mask, is_causal, backend, inputs_need_grad(q, k, v));
+  // The op hands torch_sdpa calls to SDPA unchanged except a mask in another dtype (cast) or a mask with causal
+  // (folded in): only those need the op.
+  const bool unchanged = !mask || (!is_causal && (mask->scalar_type() == at::kBool ||
+                                                  mask->scalar_type() == q.scalar_type()));
+  if (chosen != BackendId::TORCH_SDPA || !unchanged) return static_cast<int>(chosen);
+  return q.size(1) == k.size(1) ? kRouteSdpaDirect : kRouteSdpaDirectGqa;
+}
+
+std::optional<ComponentContext> from_py_view(PyObject* view);
+
+// _C.plan_route(q, k, v, attn_mask, is_causal, backend, context=None), on every eager attnsel.attention call: a
+// vectorcall function, since pybind11's argument conversion cost more than the plan itself (~0.3 of ~0.45 us).
+// backend: a named id, -2 = auto, or -1 = the policy of `context` (a task's scope view, as call_policy).
+PyObject* plan_route_py(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs < 6 || nargs > 7) {
+    PyErr_SetString(PyExc_TypeError, "plan_route(q, k, v, attn_mask, is_causal, backend, context=None)");
+    return nullptr;
   }
+  static const char* const kNames[] = {"q", "k", "v"};
+  for (int i = 0; i < 3; ++i)
+    if (!THPVariable_Check(args[i])) {
+      PyErr_Format(PyExc_TypeError, "attnsel.attention: %s must be a tensor, got %s", kNames[i], Py_TYPE(args[i])->tp_name);
+      return nullptr;
+    }
+  if (args[3] != Py_None && !THPVariable_Check(args[3])) {
+    PyErr_Format(PyExc_TypeError, "attnsel.attention: attn_mask must be a tensor or None, got %s",
+                 Py_TYPE(args[3])->tp_name);
+    return nullptr;
+  }
+  const int causal = PyObject_IsTrue(args[4]);
+  const long backend = PyLong_AsLong(args[5]);
+  if (causal < 0 || (backend == -1 && PyErr_Occurred())) return nullptr;
+  try {
+    std::int64_t id = backend;
+    if (id == -1) {
+      const bool has_view = nargs == 7 && args[6] != Py_None;
+      const std::optional<BackendId> policy = view_policy(has_view ? from_py_view(args[6]) : std::nullopt, has_view);
+      id = policy ? static_cast<int>(*policy) : -2;
+    }
+    std::optional<at::Tensor> mask;
+    if (args[3] != Py_None) mask = THPVariable_Unpack(args[3]);
+    return PyLong_FromLong(plan_route(THPVariable_Unpack(args[0]), THPVariable_Unpack(args[1]),
+                                      THPVariable_Unpack(args[2]), mask, causal != 0, id));
+  } catch (const c10::ValueError& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());  // the op's own message
+  } catch (const std::invalid_argument& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+  } catch (py::error_already_set& e) {  // a malformed context view
+    e.restore();
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return nullptr;
 }
 
 // The planner's signature of a call, from its tensors (the op's validation and its mask rules).
@@ -107,6 +152,10 @@ std::optional<ComponentContext> from_py(const std::optional<ScopeTuple>& c) {
   ComponentContext ctx{to_opt_id(std::get<0>(*c)), std::get<1>(*c), std::get<2>(*c), {}};
   ctx.role_backends = {to_opt_id(std::get<3>(*c)), to_opt_id(std::get<4>(*c))};
   return ctx;
+}
+
+std::optional<ComponentContext> from_py_view(PyObject* view) {
+  return from_py(py::cast<ScopeTuple>(py::handle(view)));
 }
 
 SelectionRequest make_request(int head_size, const std::string& dtype, const std::string& device,
@@ -314,16 +363,9 @@ PYBIND11_MODULE(_C, m) {
   // raise ValueError here, with the op's message), or -3 / -4 when that is torch_sdpa and the op would pass the
   // call to PyTorch's SDPA unchanged (-4: grouped-query). backend: a named id, -2 = auto, or -1 = the policy of
   // `context` (a task's scope view, as call_policy).
-  m.def("plan_route", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         const std::optional<at::Tensor>& attn_mask, bool is_causal, int backend,
-                         std::optional<ScopeTuple> context) -> int {
-    if (backend == -1) {
-      const std::optional<BackendId> policy = view_policy(from_py(context), context.has_value());
-      backend = policy ? static_cast<int>(*policy) : -2;
-    }
-    return plan_route(q, k, v, attn_mask, is_causal, backend);
-  }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("attn_mask"), py::arg("is_causal"), py::arg("backend"),
-     py::arg("context") = py::none());
+  static PyMethodDef plan_route_def = {"plan_route", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&plan_route_py)),
+                                       METH_FASTCALL, "plan_route(q, k, v, attn_mask, is_causal, backend, context=None)"};
+  m.add_object("plan_route", py::reinterpret_steal<py::object>(PyCFunction_New(&plan_route_def, nullptr)));
   m.def("call_signature", &signature_of_call, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("attn_mask"),
         py::arg("is_causal"), py::arg("return_lse"),
         "The planner's view of a call (ValueError, with the op's message, for a call the op refuses).");

@@ -324,3 +324,13 @@ def test_sdpa_direct_leaves_refusals_to_the_op(case):
         attnsel.attention(q, k, v, attn_mask=mask)
     with pytest.raises(ValueError, match="attnsel.attention"):
         attnsel.attention(q, k, v, attn_mask=mask, backend="torch_sdpa")
+
+
+def test_non_tensor_inputs_are_type_errors_naming_the_argument():
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(TypeError, match="q must be a tensor, got str"):
+        attnsel.attention("x", q, q)
+    with pytest.raises(TypeError, match="attn_mask must be a tensor or None, got list"):
+        attnsel.attention(q, q, q, attn_mask=[1])
+    with pytest.raises(TypeError, match=r"plan_route\(q, k, v, attn_mask, is_causal, backend, context=None\)"):
+        attnsel._C.plan_route(q, q, q)
