@@ -10,7 +10,7 @@ from torch import nn
 from . import distributed
 from . import tracing as _tracing
 from .backends import Backend
-from .ops import _OP, _SDPA_ID, AUTO, CALL_HOOKS, _call_hooks, _is_compiling, _plan_route, sdpa_direct
+from .ops import _OP, _SDPA_ID, AUTO, CALL_HOOKS, _call_hooks, _is_compiling, _route, sdpa_direct
 from .selection import Explanation, explain_attn_backend
 
 
@@ -74,10 +74,13 @@ class Attention(nn.Module):
             return _tracing.run(self.selection.component, self.role, self.policy, self._attend, q, k, v,
                                 attn_mask=attn_mask, is_causal=is_causal)
         bid = self._op_backend
-        if (bid == AUTO or bid == _SDPA_ID) and not _is_compiling():  # the plan, and SDPA straight from here if it says so
-            bid = _plan_route(q, k, v, attn_mask, is_causal, bid)
-            if bid < 0:
-                return sdpa_direct(bid, q, k, v, attn_mask, is_causal, self.scale)
+        if (bid == AUTO or bid == _SDPA_ID) and not _is_compiling():  # the plan, and SDPA from there if it says so
+            out = _route(q, k, v, attn_mask, is_causal, self.scale, bid)
+            if out.__class__ is not int:
+                return out
+            if out < 0:  # SDPA_FROM_PYTHON
+                return sdpa_direct(q, k, v, attn_mask, is_causal, self.scale)
+            bid = out
         return _OP(q, k, v, attn_mask, is_causal, self.scale, bid)[0]
 
     def _attend(self, q, k, v, attn_mask=None, is_causal=False):

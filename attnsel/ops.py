@@ -27,23 +27,15 @@ _scope_get = _SCOPE.get
 
 _SDPA_ID = int(Backend.TORCH_SDPA)
 _sdpa = torch.nn.functional.scaled_dot_product_attention
-_plan_route = _C.plan_route
-# Routes from _C.plan_route besides a backend id: torch_sdpa, and the op would pass the call to PyTorch's SDPA
-# unchanged, so the front calls SDPA itself (skipping the op's boxed call, ~3 us on a tiny call); GQA: grouped-query.
-SDPA_DIRECT, SDPA_DIRECT_GQA = -3, -4
+_route = _C.route
+# _C.route's answer besides SDPA's output or a backend id for the op: the plan is torch_sdpa, the op would pass the
+# call to PyTorch's SDPA unchanged, and an input or a mode overrides __torch_function__, so SDPA runs from Python.
+SDPA_FROM_PYTHON = -3
 
 
-def sdpa_direct(route, q, k, v, attn_mask, is_causal, scale):
-    """Run a call that _C.plan_route sent to SDPA directly (route SDPA_DIRECT or SDPA_DIRECT_GQA): the op's
-    torch_sdpa kernel with the same arguments, so the same result, autograd and errors (the op does not wrap SDPA's)."""
-    # Each argument passed costs SDPA's parser ~0.2 us: pass only what is set.
-    if route == SDPA_DIRECT_GQA:
-        return _sdpa(q, k, v, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=True)
-    if attn_mask is not None:
-        return _sdpa(q, k, v, attn_mask) if scale is None else _sdpa(q, k, v, attn_mask, scale=scale)
-    if scale is None:
-        return _sdpa(q, k, v, is_causal=True) if is_causal else _sdpa(q, k, v)
-    return _sdpa(q, k, v, is_causal=is_causal, scale=scale)
+def sdpa_direct(q, k, v, attn_mask, is_causal, scale):
+    """SDPA as the op's torch_sdpa kernel calls it (same arguments, so the same result, autograd and errors)."""
+    return _sdpa(q, k, v, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 # The (component, role) of the layer calling `attention` for the call hooks, set by integrations that route a
@@ -112,13 +104,14 @@ def attention(
         if return_lse:
             return _OP(q, k, v, attn_mask, is_causal, scale, bid, True)
         return _OP(q, k, v, attn_mask, is_causal, scale, bid)[0]
-    if bid == CONTEXT:  # the task's policy and the call's plan in one native call
+    # The task's policy, the call's plan and, when that is SDPA taking the call unchanged, SDPA: one native call.
+    if bid == CONTEXT:
         scope = _scope_get()
-        route = _plan_route(q, k, v, attn_mask, is_causal, CONTEXT, None if scope is None else scope.view)
-    else:  # torch_sdpa named: checked, and whether SDPA can take the call directly
-        route = _plan_route(q, k, v, attn_mask, is_causal, bid)
-    if route >= 0:
-        return _OP(q, k, v, attn_mask, is_causal, scale, route)[0]
-    if route == SDPA_DIRECT and attn_mask is None and scale is None and not is_causal:
-        return _sdpa(q, k, v)  # the common case without sdpa_direct's frame
-    return sdpa_direct(route, q, k, v, attn_mask, is_causal, scale)
+        out = _route(q, k, v, attn_mask, is_causal, scale, CONTEXT, None if scope is None else scope.view)
+    else:  # torch_sdpa named
+        out = _route(q, k, v, attn_mask, is_causal, scale, bid)
+    if out.__class__ is not int:
+        return out
+    if out >= 0:
+        return _OP(q, k, v, attn_mask, is_causal, scale, out)[0]
+    return sdpa_direct(q, k, v, attn_mask, is_causal, scale)  # SDPA_FROM_PYTHON

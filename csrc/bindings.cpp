@@ -1,9 +1,13 @@
-// pybind11 bindings: selection, context, descriptors and the tuning table (tensor work goes through
-// torch.ops.attnsel; tensors come here only to be read for a call's plan).
+// pybind11 bindings: selection, context, descriptors and the tuning table (our kernels run only through
+// torch.ops.attnsel; tensors come here to be read for a call's plan, and the eager route hands a call planned to
+// PyTorch's SDPA to ATen's op, see route_py).
 #include <pybind11/functional.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
-#include <torch/csrc/autograd/python_variable.h>  // THPVariable_Check / THPVariable_Unpack
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/ops/scaled_dot_product_attention.h>
+#include <torch/csrc/Exceptions.h>  // HANDLE_TH_ERRORS: c10 errors as PyTorch raises them
+#include <torch/csrc/autograd/python_variable.h>  // THPVariable_Check / THPVariable_Unpack / THPVariable_Wrap
 #include <torch/csrc/utils/pybind.h>  // the at::Tensor caster
 
 #include <stdexcept>
@@ -77,10 +81,16 @@ std::optional<BackendId> view_policy(const std::optional<ComponentContext>& view
   return resolve_policy(std::nullopt, Role::None, ctx ? &*ctx : nullptr).first;
 }
 
-// attnsel.attention's route for a call: the backend id the op will run (checked: a refusal raises the op's
-// c10::ValueError), or one of these when that is torch_sdpa and the op would pass the call to SDPA unchanged.
-constexpr int kRouteSdpaDirect = -3;     // the front calls PyTorch's SDPA itself
-constexpr int kRouteSdpaDirectGqa = -4;  // the same, grouped-query (enable_gqa=True)
+// attnsel.attention's plan for a call: the backend id the op will run (checked: a refusal raises the op's
+// c10::ValueError), or kRouteSdpa when that is torch_sdpa and the op would pass the call to SDPA unchanged.
+constexpr int kRouteSdpa = -3;
+constexpr double kReleaseGilWork = 1 << 24;
+
+// The bare CPython pair (pybind11's guard looks up its internals on every call).
+struct GilRelease {
+  PyThreadState* state = PyEval_SaveThread();
+  ~GilRelease() { PyEval_RestoreThread(state); }
+};
 
 int plan_route(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
                bool is_causal, std::int64_t backend) {
@@ -91,16 +101,21 @@ int plan_route(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   // (folded in): only those need the op.
   const bool unchanged = !mask || (!is_causal && (mask->scalar_type() == at::kBool ||
                                                   mask->scalar_type() == q.scalar_type()));
-  if (chosen != BackendId::TORCH_SDPA || !unchanged) return static_cast<int>(chosen);
-  return q.size(1) == k.size(1) ? kRouteSdpaDirect : kRouteSdpaDirectGqa;
+  return chosen == BackendId::TORCH_SDPA && unchanged ? kRouteSdpa : static_cast<int>(chosen);
 }
 
-// _C.plan_route(q, k, v, attn_mask, is_causal, backend, context=None), on every eager attnsel.attention call: a
-// vectorcall function, since pybind11's argument conversion cost more than the plan itself (~0.3 of ~0.45 us).
+// _C.route(q, k, v, attn_mask, is_causal, scale, backend, context=None), on every eager attnsel.attention call and
+// auto / torch_sdpa layer call. It resolves the policy, plans the call and, when the plan is SDPA taking the call
+// unchanged, runs ATen's scaled_dot_product_attention itself and returns its output: the same op F.sdpa reaches
+// (dispatcher, autograd, errors), without the Python argument parsing (that and the op's boxed call were the
+// route's cost over calling SDPA directly). Otherwise it returns the backend id for torch.ops.attnsel.attention,
+// or -3 when SDPA should run from Python because an input or a mode overrides __torch_function__.
+// A vectorcall function: pybind11's argument conversion cost more than the plan itself.
 // backend: a named id, -2 = auto, or -1 = the policy of `context` (a task's scope view, as call_policy).
-PyObject* plan_route_py(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs < 6 || nargs > 7) {
-    PyErr_SetString(PyExc_TypeError, "plan_route(q, k, v, attn_mask, is_causal, backend, context=None)");
+PyObject* route_py(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs < 7 || nargs > 8) {
+    PyErr_SetString(PyExc_TypeError, "route(q, k, v, attn_mask, is_causal, scale, backend, context=None)");
     return nullptr;
   }
   static const char* const kNames[] = {"q", "k", "v"};
@@ -109,37 +124,61 @@ PyObject* plan_route_py(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       PyErr_Format(PyExc_TypeError, "attnsel.attention: %s must be a tensor, got %s", kNames[i], Py_TYPE(args[i])->tp_name);
       return nullptr;
     }
-  if (args[3] != Py_None && !THPVariable_Check(args[3])) {
+  PyObject* const mask_obj = args[3];
+  if (mask_obj != Py_None && !THPVariable_Check(mask_obj)) {
     PyErr_Format(PyExc_TypeError, "attnsel.attention: attn_mask must be a tensor or None, got %s",
-                 Py_TYPE(args[3])->tp_name);
+                 Py_TYPE(mask_obj)->tp_name);
     return nullptr;
   }
   const int causal = PyObject_IsTrue(args[4]);
-  const long backend = PyLong_AsLong(args[5]);
-  if (causal < 0 || (backend == -1 && PyErr_Occurred())) return nullptr;
-  try {
-    std::int64_t id = backend;
-    if (id == -1) {
-      const bool has_view = nargs == 7 && args[6] != Py_None;
-      const std::optional<ComponentContext> view =
-          has_view ? from_py(py::cast<ScopeTuple>(py::handle(args[6]))) : std::nullopt;
-      const std::optional<BackendId> policy = view_policy(view, has_view);
-      id = policy ? static_cast<int>(*policy) : -2;
-    }
-    std::optional<at::Tensor> mask;
-    if (args[3] != Py_None) mask = THPVariable_Unpack(args[3]);
-    return PyLong_FromLong(plan_route(THPVariable_Unpack(args[0]), THPVariable_Unpack(args[1]),
-                                      THPVariable_Unpack(args[2]), mask, causal != 0, id));
-  } catch (const c10::ValueError& e) {
-    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());  // the op's own message
-  } catch (const std::invalid_argument& e) {
-    PyErr_SetString(PyExc_ValueError, e.what());
-  } catch (py::error_already_set& e) {  // a malformed context view
-    e.restore();
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
+  std::optional<double> scale;
+  if (args[5] != Py_None) {
+    scale = PyFloat_AsDouble(args[5]);
+    if (*scale == -1.0 && PyErr_Occurred()) return nullptr;
   }
-  return nullptr;
+  const long backend = PyLong_AsLong(args[6]);
+  if (causal < 0 || (backend == -1 && PyErr_Occurred())) return nullptr;
+  std::int64_t id = backend;
+  if (id == -1) {
+    const bool has_view = nargs == 8 && args[7] != Py_None;
+    std::optional<ComponentContext> view;
+    try {
+      if (has_view) view = from_py(py::cast<ScopeTuple>(py::handle(args[7])));
+    } catch (const py::cast_error& e) {
+      PyErr_Format(PyExc_TypeError, "attnsel: malformed scope view: %s", e.what());
+      return nullptr;
+    }
+    const std::optional<BackendId> policy = view_policy(view, has_view);
+    id = policy ? static_cast<int>(*policy) : -2;
+  }
+  const at::Tensor& q = THPVariable_Unpack(args[0]);
+  const at::Tensor& k = THPVariable_Unpack(args[1]);
+  const at::Tensor& v = THPVariable_Unpack(args[2]);
+  std::optional<at::Tensor> mask;
+  if (mask_obj != Py_None) mask = THPVariable_Unpack(mask_obj);
+  int route;
+  try {
+    route = plan_route(q, k, v, mask, causal != 0, id);
+  } catch (const std::invalid_argument& e) {  // an id out of range
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+  if (route != kRouteSdpa) return PyLong_FromLong(route);
+  // Tensor subclasses (exact Tensor and Parameter have no __torch_function__ of their own) and torch function modes
+  // (e.g. `with torch.device(...)`) take the Python route, where F.sdpa hands them the call.
+  if (at::impl::torch_function_mode_enabled()) return PyLong_FromLong(kRouteSdpa);
+  for (PyObject* t : {args[0], args[1], args[2], mask_obj})
+    if (t != Py_None && !THPVariable_CheckExact(t)) return PyLong_FromLong(kRouteSdpa);
+  // As F.sdpa, without the GIL, so that a long call does not hold up other threads; but not for a small call
+  // (under ~2^24 multiply-adds, a few microseconds), where the release and re-acquire cost ~0.5 us, a tenth of it.
+  const double work = static_cast<double>(q.numel()) * k.size(-2) * (k.size(-1) + v.size(-1)) / q.size(-1);
+  std::optional<GilRelease> no_gil;
+  if (work > kReleaseGilWork) no_gil.emplace();
+  at::Tensor out = at::scaled_dot_product_attention(q, k, v, mask, 0.0, causal != 0, scale,
+                                                    /*enable_gqa=*/q.size(1) != k.size(1));
+  no_gil.reset();
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
 }
 
 // The planner's signature of a call, from its tensors (the op's validation and its mask rules).
@@ -355,13 +394,10 @@ PYBIND11_MODULE(_C, m) {
     const std::optional<BackendId> backend = view_policy(from_py(context), context.has_value());
     return backend ? static_cast<int>(*backend) : -2;
   }, py::arg("context"));
-  // The route of an eager attnsel.attention call: the backend id the op will run (checked: the call's refusals
-  // raise ValueError here, with the op's message), or -3 / -4 when that is torch_sdpa and the op would pass the
-  // call to PyTorch's SDPA unchanged (-4: grouped-query). backend: a named id, -2 = auto, or -1 = the policy of
-  // `context` (a task's scope view, as call_policy).
-  static PyMethodDef plan_route_def = {"plan_route", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&plan_route_py)),
-                                       METH_FASTCALL, "plan_route(q, k, v, attn_mask, is_causal, backend, context=None)"};
-  m.add_object("plan_route", py::reinterpret_steal<py::object>(PyCFunction_New(&plan_route_def, nullptr)));
+  // The route of an eager call (route_py above): SDPA's output, or the backend id for the op.
+  static PyMethodDef route_def = {"route", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&route_py)),
+                                  METH_FASTCALL, "route(q, k, v, attn_mask, is_causal, scale, backend, context=None)"};
+  m.add_object("route", py::reinterpret_steal<py::object>(PyCFunction_New(&route_def, nullptr)));
   m.def("call_signature", &signature_of_call, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("attn_mask"),
         py::arg("is_causal"), py::arg("return_lse"),
         "The planner's view of a call (ValueError, with the op's message, for a call the op refuses).");

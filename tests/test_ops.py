@@ -257,9 +257,9 @@ def test_return_lse_refused_where_the_backend_cannot_give_it():
         attnsel.attention(q, q, q, backend="torch_sdpa", return_lse=True)
 
 
-# Calls that the plan sends to `torch_sdpa` skip the op from Python when the op would hand them to SDPA unchanged
-# (_C.plan_route says so, attnsel.ops.sdpa_direct runs them): the result, the gradients and every refusal must be
-# the op's, whether torch_sdpa is named, a layer's policy, or auto's plan.
+# Calls that the plan sends to `torch_sdpa` skip the op when the op would hand them to SDPA unchanged (_C.route runs
+# ATen's SDPA itself, or says to call it from Python for __torch_function__ overrides): the result, the gradients and
+# every refusal must be the op's, whether torch_sdpa is named, a layer's policy, or auto's plan.
 @pytest.mark.parametrize("case", ["plain", "causal", "scale", "bool_mask", "additive_mask", "gqa", "mqa"])
 def test_sdpa_direct_matches_the_op(case):
     g = torch.Generator().manual_seed(3)
@@ -271,9 +271,10 @@ def test_sdpa_direct_matches_the_op(case):
             "additive_mask": torch.randn(1, 4, 1, 11, generator=g)}.get(case)
     causal, scale = case == "causal", 0.3 if case == "scale" else None
     sdpa = int(attnsel.Backend.TORCH_SDPA)
-    route = attnsel._C.plan_route(q, k, v, mask, causal, sdpa)
-    assert route == (attnsel.ops.SDPA_DIRECT_GQA if hkv != 4 else attnsel.ops.SDPA_DIRECT)
+    routed = attnsel._C.route(q, k, v, mask, causal, scale, sdpa)
+    assert isinstance(routed, torch.Tensor), routed  # SDPA ran inside the route
     op = torch.ops.attnsel.attention(q, k, v, mask, causal, scale, sdpa)[0]
+    torch.testing.assert_close(routed, op, rtol=0, atol=0)
     op_grads = torch.autograd.grad(op.square().sum(), (q, k, v))
     layer = attnsel.nn.Attention(4, 16, num_kv_heads=hkv, backend="torch_sdpa", scale=scale)
     auto_layer = attnsel.nn.Attention(4, 16, num_kv_heads=hkv, scale=scale)
@@ -294,6 +295,43 @@ def test_sdpa_direct_matches_the_op(case):
         attnsel._C.set_tuning_entry(bucket, [])
 
 
+class _LoggingTensor(torch.Tensor):
+    """A subclass that records the torch functions called on it."""
+    seen: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.seen.append(getattr(func, "__name__", str(func)))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("override", ["subclass", "mode"])
+def test_sdpa_route_keeps_torch_function_overrides(override):
+    """Inputs or modes that override __torch_function__ still see the SDPA call (the route leaves it to Python)."""
+    q = torch.randn(1, 2, 5, 8)
+    sdpa = int(attnsel.Backend.TORCH_SDPA)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    if override == "subclass":
+        _LoggingTensor.seen.clear()
+        qs = q.as_subclass(_LoggingTensor)
+        assert attnsel._C.route(qs, qs, qs, None, False, None, sdpa) == attnsel.ops.SDPA_FROM_PYTHON
+        out = attnsel.attention(qs, qs, qs, backend="torch_sdpa")
+        assert "scaled_dot_product_attention" in _LoggingTensor.seen
+    else:
+        class Recorder(torch.overrides.TorchFunctionMode):
+            seen: list = []
+
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                self.seen.append(getattr(func, "__name__", str(func)))
+                return func(*args, **(kwargs or {}))
+
+        with Recorder() as mode:
+            assert attnsel._C.route(q, q, q, None, False, None, sdpa) == attnsel.ops.SDPA_FROM_PYTHON
+            out = attnsel.attention(q, q, q, backend="torch_sdpa")
+        assert "scaled_dot_product_attention" in mode.seen
+    torch.testing.assert_close(out.as_subclass(torch.Tensor), expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("case", ["causal_with_mask", "mask_cast"])
 def test_torch_sdpa_calls_the_op_changes_go_through_the_op(case):
     """A mask with causal (folded into the mask) or in another dtype (cast) needs the op's changes: no direct route."""
@@ -301,7 +339,7 @@ def test_torch_sdpa_calls_the_op_changes_go_through_the_op(case):
     mask = torch.randn(2, 1, 1, 6) if case == "mask_cast" else torch.rand(2, 1, 6, 6) > 0.3
     causal = case == "causal_with_mask"
     sdpa = int(attnsel.Backend.TORCH_SDPA)
-    assert attnsel._C.plan_route(q, q, q, mask, causal, sdpa) == sdpa
+    assert attnsel._C.route(q, q, q, mask, causal, None, sdpa) == sdpa
     op = torch.ops.attnsel.attention(q, q, q, mask, causal, None, sdpa)[0]
     assert torch.equal(attnsel.attention(q, q, q, attn_mask=mask, is_causal=causal, backend="torch_sdpa"), op)
 
@@ -319,7 +357,7 @@ def test_sdpa_direct_leaves_refusals_to_the_op(case):
     q, k, v = (torch.randn(*s, dtype=dtype) for s in shapes)
     mask = torch.ones(1, 2, 4, 5, 5, dtype=torch.bool) if case == "mask_5d" else None
     with pytest.raises(ValueError, match="attnsel.attention"):
-        attnsel._C.plan_route(q, k, v, mask, False, int(attnsel.Backend.TORCH_SDPA))
+        attnsel._C.route(q, k, v, mask, False, None, int(attnsel.Backend.TORCH_SDPA))
     with pytest.raises(ValueError, match="attnsel.attention"):
         attnsel.attention(q, k, v, attn_mask=mask)
     with pytest.raises(ValueError, match="attnsel.attention"):
@@ -332,5 +370,7 @@ def test_non_tensor_inputs_are_type_errors_naming_the_argument():
         attnsel.attention("x", q, q)
     with pytest.raises(TypeError, match="attn_mask must be a tensor or None, got list"):
         attnsel.attention(q, q, q, attn_mask=[1])
-    with pytest.raises(TypeError, match=r"plan_route\(q, k, v, attn_mask, is_causal, backend, context=None\)"):
-        attnsel._C.plan_route(q, q, q)
+    with pytest.raises(TypeError, match=r"route\(q, k, v, attn_mask, is_causal, scale, backend, context=None\)"):
+        attnsel._C.route(q, q, q)
+    with pytest.raises(TypeError, match="must be real number"):
+        attnsel.attention(q, q, q, scale="x")
