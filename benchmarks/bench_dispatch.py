@@ -9,9 +9,10 @@ Compares, on the same tiny tensors ((1, 1, 1, 8) fp32 on CPU; (1, 1, 1, 64) bf16
   * torch.ops.attnsel.attention.default(..., id) the op's one overload with the backend id
   * attnsel.attention(..., backend="torch_sdpa") vs F.scaled_dot_product_attention: our route vs the backend direct
 Reports the median over several rounds of the mean time per call, in microseconds (CUDA: queued calls, one sync
-per round, so host cost is what is measured); the cases take turns within each round. From Python, a call whose
-plan is `torch_sdpa` (named, a layer's policy, or auto's plan) goes to SDPA directly when the op would pass it
-unchanged (one native plan call, _C.plan_route, then attnsel.ops.sdpa_direct); other calls go through the op.
+per round, so host cost is what is measured); the cases take turns within each round, and each comparison is the
+median over rounds of the difference within a round. From Python, a call whose
+plan is `torch_sdpa` (named, a layer's policy, or auto's plan) goes to ATen's SDPA within the one native call that
+plans it (_C.route) when the op would pass it unchanged; other calls go through the op.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ import attnsel
 
 
 def per_call_us(cases: dict, calls: int, rounds: int, sync) -> dict:
-    """{case: (median, best)} of the mean time per call over `rounds` rounds. The cases take turns within each round
-    (each round starting one case later), so drift in the machine's speed touches them alike. A case is
-    (fn, no_grad): no_grad cases run the whole loop inside torch.no_grad()."""
+    """{case: [mean time per call in each round]}. The cases take turns within each round (each round starting one
+    case later), so drift in the machine's speed touches them alike. A case is (fn, no_grad): no_grad cases run the
+    whole loop inside torch.no_grad()."""
     def timed(fn, no_grad):
         with torch.no_grad() if no_grad else contextlib.nullcontext():
             t0 = time.perf_counter()
@@ -52,18 +53,24 @@ def per_call_us(cases: dict, calls: int, rounds: int, sync) -> dict:
     for r in range(rounds):
         for name, (fn, no_grad) in order[r % len(order):] + order[:r % len(order)]:
             samples[name].append(timed(fn, no_grad))
-    return {name: (statistics.median(s), min(s)) for name, s in samples.items()}
+    return samples
+
+
+def paired_us(samples: dict, case: str, baseline: str) -> float:
+    """Median over rounds of case - baseline within the same round: a slow phase of the machine that spans a
+    round cancels out (a difference of the two medians would mix rounds)."""
+    return statistics.median(a - b for a, b in zip(samples[case], samples[baseline]))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--calls", type=int, default=None, help="calls per round (default 2000, quick 200)")
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
-    calls = args.calls or (200 if args.quick else 2000)
+    calls = args.calls or (200 if args.quick else 1000)
 
     cuda = args.device == "cuda"
     dtype, dim = (torch.bfloat16, 64) if cuda else (torch.float32, 8)
@@ -98,21 +105,20 @@ def main() -> None:
     timed_cases.update({case + " [no_grad]": (cases[case], True) for case in no_grad_cases})
     print(f"per-call time on (1,1,1,{dim}) {str(dtype).replace('torch.', '')} on {args.device} | "
           f"{torch.get_num_threads()} threads | ISA {attnsel._C.cpu_isa()} | {calls} calls x {args.rounds} rounds")
+    samples = per_call_us(timed_cases, calls, args.rounds, sync)
     results = {}
-    for case, (med, best) in per_call_us(timed_cases, calls, args.rounds, sync).items():
-        results[case] = {"median_us": med, "best_us": best}
-        print(f"  {case:<48} {med:8.2f} us  (best {best:.2f})")
-    explicit = results[f"attnsel.attention(backend='{name}')"]["median_us"]
-    auto = results["attnsel.attention() (auto)"]["median_us"]
-    route = results["attnsel.attention(backend='torch_sdpa')"]["median_us"]
-    direct = results["F.scaled_dot_product_attention"]["median_us"]
-    route_ng = results["attnsel.attention(backend='torch_sdpa') [no_grad]"]["median_us"]
-    direct_ng = results["F.scaled_dot_product_attention [no_grad]"]["median_us"]
-    summary = {"auto_minus_explicit_us": auto - explicit, "route_minus_direct_sdpa_us": route - direct,
-               "route_minus_direct_sdpa_no_grad_us": route_ng - direct_ng}
-    print(f"auto vs the same backend named: {auto - explicit:+.2f} us per call; "
-          f"our route to torch_sdpa vs SDPA direct: {route - direct:+.2f} us per call "
-          f"({route_ng - direct_ng:+.2f} us under torch.no_grad())")
+    for case, times in samples.items():
+        results[case] = {"median_us": statistics.median(times), "best_us": min(times)}
+        print(f"  {case:<48} {results[case]['median_us']:8.2f} us  (best {results[case]['best_us']:.2f})")
+    explicit = f"attnsel.attention(backend='{name}')"
+    route, direct = "attnsel.attention(backend='torch_sdpa')", "F.scaled_dot_product_attention"
+    summary = {"auto_minus_explicit_us": paired_us(samples, "attnsel.attention() (auto)", explicit),
+               "route_minus_direct_sdpa_us": paired_us(samples, route, direct),
+               "route_minus_direct_sdpa_no_grad_us": paired_us(samples, route + " [no_grad]", direct + " [no_grad]")}
+    print(f"medians of the per-round differences: auto vs the same backend named: "
+          f"{summary['auto_minus_explicit_us']:+.2f} us per call; our route to torch_sdpa vs SDPA direct: "
+          f"{summary['route_minus_direct_sdpa_us']:+.2f} us per call "
+          f"({summary['route_minus_direct_sdpa_no_grad_us']:+.2f} us under torch.no_grad())")
 
     host = socket.gethostname().split(".")[0] or "host"
     default = f"dispatch_{host}.json" if not cuda else "dispatch_cuda.json"
