@@ -245,47 +245,29 @@ __global__ void __launch_bounds__(128) combine_d512(const FwdArgs a, int splits,
 }
 
 // ---- Warp-specialised kernel (unmasked, non-causal) --------------------------------------------------------------
-// Warpgroup 0 is the producer: one thread streams Q (once) and then each 128-key tile as 8 chunks of 32 KB through a
-// 4-slot ring with TMA and mbarrier full/empty pairs: 4 K chunks (128 keys x 128 head columns), then 4 V chunks
-// (32 keys x 512 columns). Warpgroups 1-2 consume, 64 query rows per CTA as in the kernel above: consumer c computes
-// S for keys 64c..64c+63 of the tile (m64n64k16, Q and K from smem) and owns O columns 256c..256c+255
-// (m64n256k16, P and V from smem). A consumer keeps one chunk's wgmma queued behind the one running and frees a slot
-// as soon as the wgmma reading it has retired, so the tensor cores stream from S_j to P_j·V_j to S_j+1 and stop only
-// for the softmax (the two halves of a row meet through shared memory: two named barriers per tile).
-// Budget (227 KB): Q 64 KB + P 16 KB + ring 128 KB; a full K or V tile (128 KB each) cannot stay resident.
-// CL = 2: CTAs run in clusters of two neighbouring query tiles over the same keys; each producer copies half of every
-// chunk and multicasts it to both CTAs, so L2 serves each K/V byte once per 128 query rows, not per 64: at D=512
-// with 64-row tiles the K/V stream (64 FLOP per byte) is what an L2-bound kernel runs out of. A slot is refilled only
-// when the consumers of both CTAs have freed it (they arrive on both CTAs' empty barriers).
+// Warpgroup 0 is the producer: one thread streams Q (once) and then the keys as chunks of 32 KB through a 4-slot
+// ring with TMA and mbarrier full/empty pairs. A 128-key tile is 8 chunks: 4 of K (128 keys x 128 head columns) and
+// 4 of V (32 keys x 512 columns). Warpgroups 1-2 consume, 64 query rows per CTA as in the kernel above: consumer c
+// computes S for keys 64c..64c+63 of the tile (m64n64k16, Q and K from smem) and owns O columns 256c..256c+255
+// (m64n256k16, P and V from smem); the two halves of a row meet through shared memory (two named barriers a tile).
+// A consumer keeps one or two chunks' wgmma queued behind the one running and frees a slot as soon as the wgmma
+// reading it has retired, so the tensor cores stream chunk after chunk.
+// Shared memory (227 KB): Q 64 KB + P 16 KB (x2 with OVL) + the ring 128 KB; a whole K or V tile (128 KB each)
+// cannot stay resident next to Q, hence the chunks.
+// OVL = false: per tile P_{j-1}·V_{j-1}, then S_j; the tensor cores wait during the softmax of S_j.
+// OVL = true (FlashAttention-3's intra-warpgroup overlap): S_j first, then P_{j-1}·V_{j-1}, whose last two chunks
+// run during the softmax of S_j; P is double-buffered and the O rescale waits for P_{j-1}·V_{j-1} to retire. The
+// producer loads K_j before V_{j-1} to match.
 constexpr int kWsBC = 128, kWsSlots = 4, kWsSlotBytes = 32768;
 constexpr int kWsQBytes = kBR * kD * 2, kWsPBytes = kBR * kWsBC * 2;
 constexpr int kWsBarBytes = 8 * (1 + 2 * kWsSlots);
-constexpr int kWsSmem = kWsQBytes + kWsPBytes + kWsSlots * kWsSlotBytes + kWsBarBytes + 2 * kBR * 4 + 1024;
-static_assert(kWsSmem <= 227 * 1024, "shared memory per block");
+template <bool OVL>
+constexpr int ws_smem() {
+  return kWsQBytes + (OVL ? 2 : 1) * kWsPBytes + kWsSlots * kWsSlotBytes + kWsBarBytes + 2 * kBR * 4 + 1024;
+}
+static_assert(ws_smem<true>() <= 227 * 1024, "shared memory per block");
 
-__device__ __forceinline__ std::uint32_t peer_smem(std::uint32_t addr, std::uint32_t rank) {
-  std::uint32_t r;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
-  return r;
-}
-__device__ __forceinline__ void mbar_arrive_remote(std::uint32_t cluster_addr) {
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_addr) : "memory");
-}
-__device__ __forceinline__ void cluster_sync_all() {
-  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
-}
-// One box of a 4-D tensor map into the same shared-memory offset of every CTA in cta_mask; each CTA's barrier at
-// `bar`'s offset counts the bytes.
-__device__ __forceinline__ void tma_load_4d_multicast(std::uint32_t dst, const void* tmap, std::uint32_t bar, int c0,
-                                                      int c1, int c2, int c3, std::uint16_t cta_mask) {
-  asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%3, "
-      "%4, %5, %6}], [%2], %7;\n" ::"r"(dst),
-      "l"(reinterpret_cast<std::uint64_t>(tmap)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "h"(cta_mask)
-      : "memory");
-}
-
-template <typename T, int CL>
+template <typename T, bool OVL>
 __global__ void __launch_bounds__(384, 1)
     flash_fwd_d512_ws(const FwdArgs a, int splits, float* part_o, float* part_ml, const __grid_constant__ CUtensorMap tq,
                       const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv) {
@@ -293,17 +275,16 @@ __global__ void __launch_bounds__(384, 1)
   extern __shared__ unsigned char smem_raw[];
   const std::uint32_t raw = smem_u32(smem_raw);
   const std::uint32_t sQ = (raw + 1023) & ~1023u;  // swizzle atoms must be 1024-byte aligned
-  const std::uint32_t sP = sQ + kWsQBytes, sRing = sP + kWsPBytes, bars = sRing + kWsSlots * kWsSlotBytes;
+  const std::uint32_t sP = sQ + kWsQBytes, sRing = sP + (OVL ? 2 : 1) * kWsPBytes;
+  const std::uint32_t bars = sRing + kWsSlots * kWsSlotBytes;
   float* sRed = reinterpret_cast<float*>(smem_raw + (bars - raw) + kWsBarBytes);  // [2][64] per-consumer row stats
   const std::uint32_t q_full = bars;
   auto full = [&](int st) { return bars + 8 * (1 + st); };
   auto empty = [&](int st) { return bars + 8 * (1 + kWsSlots + st); };
   auto slot = [&](int st) { return sRing + st * kWsSlotBytes; };
 
-  // blockIdx.x = (query-tile group * splits + split) * CL + rank; a cluster is CL consecutive blocks.
-  const int rank = CL == 2 ? static_cast<int>(blockIdx.x & 1) : 0;
-  const int unit = blockIdx.x / CL;
-  const int split = unit % splits, m_block = (unit / splits) * CL + rank;
+  // blockIdx.x = query tile * splits + split.
+  const int split = blockIdx.x % splits, m_block = blockIdx.x / splits;
   const int h = blockIdx.y, b = blockIdx.z;
   const int m0 = m_block * kBR;
   const int n_all = (a.seq_kv + kWsBC - 1) / kWsBC;
@@ -316,12 +297,11 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
     for (int st = 0; st < kWsSlots; ++st) {
       mbar_init(full(st), 1);
-      mbar_init(empty(st), 8 * CL);  // one arrival per consumer warp of each CTA of the cluster
+      mbar_init(empty(st), 8);  // one arrival per consumer warp
     }
     mbar_init_fence();
   }
   __syncthreads();
-  if (CL > 1) cluster_sync_all();  // the peer's barriers are initialised before anything lands on them
 
   if (wg == 0) {
     regs_dealloc<24>();
@@ -330,33 +310,38 @@ __global__ void __launch_bounds__(384, 1)
       tma_prefetch_desc(&tk);
       tma_prefetch_desc(&tv);
       const int hk = h / a.group;
-      // The odd CTA past the last query tile (odd tile count) still feeds its peer; it loads a real Q tile and
-      // stores nothing.
-      const int q_row = min(m0, ((a.seq_q - 1) / kBR) * kBR);
       mbar_arrive_expect_tx(q_full, kWsQBytes);
 #pragma unroll
-      for (int c = 0; c < kD / 64; ++c) tma_load_4d(sQ + c * kBR * 128, &tq, q_full, c * 64, q_row, h, b);
-      auto copy = [&](std::uint32_t dst, const CUtensorMap* map, std::uint32_t bar, int c0, int c1) {
-        if (CL == 2) tma_load_4d_multicast(dst, map, bar, c0, c1, hk, b, 0x3);
-        else tma_load_4d(dst, map, bar, c0, c1, hk, b);
-      };
+      for (int c = 0; c < kD / 64; ++c) tma_load_4d(sQ + c * kBR * 128, &tq, q_full, c * 64, m0, h, b);
       int n = 0;  // chunks loaded: ring slot n % kWsSlots, barrier phase (n / kWsSlots) & 1
-      for (int jt = t_begin; jt < t_end; ++jt) {
-        for (int c = 0; c < 8; ++c, ++n) {
-          const int st = n % kWsSlots;
-          mbar_wait(empty(st), ((n / kWsSlots) & 1) ^ 1);
-          mbar_arrive_expect_tx(full(st), kWsSlotBytes);
-          if (c < 4) {  // K: two boxes of 64 columns x 128 keys; CTA r of a pair copies box r
+      auto next_slot = [&]() {
+        const int st = n % kWsSlots;
+        mbar_wait(empty(st), ((n / kWsSlots) & 1) ^ 1);
+        mbar_arrive_expect_tx(full(st), kWsSlotBytes);
+        ++n;
+        return st;
+      };
+      auto load_k = [&](int jt) {  // two boxes of 64 columns x 128 keys per chunk
+        for (int c = 0; c < 4; ++c) {
+          const int st = next_slot();
 #pragma unroll
-            for (int i = rank * 2 / CL; i < (rank + 1) * 2 / CL; ++i)
-              copy(slot(st) + i * (kWsBC * 128), &tk, full(st), c * 128 + i * 64, jt * kWsBC);
-          } else {  // V: eight boxes of 64 columns x 32 keys; CTA r of a pair copies boxes 4r..4r+3
-#pragma unroll
-            for (int i = rank * 8 / CL; i < (rank + 1) * 8 / CL; ++i)
-              copy(slot(st) + i * (32 * 128), &tv, full(st), i * 64, jt * kWsBC + (c - 4) * 32);
-          }
+          for (int i = 0; i < 2; ++i) tma_load_4d(slot(st) + i * (kWsBC * 128), &tk, full(st), c * 128 + i * 64, jt * kWsBC, hk, b);
         }
+      };
+      auto load_v = [&](int jt) {  // eight boxes of 64 columns x 32 keys per chunk
+        for (int c = 0; c < 4; ++c) {
+          const int st = next_slot();
+#pragma unroll
+          for (int i = 0; i < 8; ++i) tma_load_4d(slot(st) + i * (32 * 128), &tv, full(st), i * 64, jt * kWsBC + c * 32, hk, b);
+        }
+      };
+      // The consumers' order: OVL: K_0, K_1, V_0, K_2, V_1, ..., V_last; otherwise K_0, V_0, K_1, V_1, ...
+      for (int jt = t_begin; jt < t_end; ++jt) {
+        load_k(jt);
+        if (!OVL) load_v(jt);
+        else if (jt > t_begin) load_v(jt - 1);
       }
+      if (OVL && t_end > t_begin) load_v(t_end - 1);
     }
   } else {
     regs_alloc<240>();
@@ -364,30 +349,23 @@ __global__ void __launch_bounds__(384, 1)
     const int g = lane >> 2, t = lane & 3;
     const int row0 = (warp & 3) * 16 + g;  // this thread's rows: row0, row0 + 8
     const float sl2 = a.scale_log2;
-    unsigned char* pP = smem_raw + (sP - raw);
-    const std::uint32_t peer_empty0 = CL == 2 ? peer_smem(empty(0), rank ^ 1) : 0u;
-    auto release = [&](int st) {
+    auto release = [&](int chunk) {
       __syncwarp();
-      if (lane == 0) {
-        mbar_arrive(empty(st));
-        if (CL == 2) mbar_arrive_remote(peer_empty0 + 8 * st);
-      }
+      if (lane == 0) mbar_arrive(empty(chunk % kWsSlots));
     };
-    int n = 0;             // chunks consumed
-    bool pending = false;  // chunk n-1's wgmma may still be running (its slot not yet freed)
+    int n = 0, freed = 0;  // chunks consumed (issued) and freed
     auto wait_full = [&]() { mbar_wait(full(n % kWsSlots), (n / kWsSlots) & 1); };
-    // After issuing chunk n: wait for chunk n-1's wgmma (n's stays queued) and free its slot.
-    auto issued = [&]() {
+    // After issuing the wgmma of a chunk (`open` chunks in the newest group): commit, wait for the older groups,
+    // free their slots.
+    auto issued = [&](int open) {
       wg_commit();
-      wg_wait1();
-      if (pending) release((n - 1) % kWsSlots);
-      pending = true;
       ++n;
+      wg_wait1();
+      while (freed < n - open) release(freed++);
     };
     auto drain = [&]() {
       wg_wait0();
-      if (pending) release((n - 1) % kWsSlots);
-      pending = false;
+      while (freed < n) release(freed++);
     };
 
     float acc[128];
@@ -407,10 +385,12 @@ __global__ void __launch_bounds__(384, 1)
         for (int kk = 0; kk < 8; ++kk)
           Wg<T>::qk64(s, dq + (((2 * c + (kk >> 2)) * kBR * 128) >> 4) + ((kk & 3) << 1),
                       dk + ((((kk >> 2) * kWsBC * 128)) >> 4) + ((kk & 3) << 1), (c | kk) ? 1 : 0);
-        issued();
+        issued(1);
       }
     };
-    auto issue_pv = [&]() {
+    // O += P_j V_j from P buffer pb. OVL: the last two chunks form one wgmma group, left running for the softmax
+    // (waiting on a group further back made ptxas serialise the wgmma: C7515).
+    auto issue_pv = [&](int pb) {
 #pragma unroll
       for (int c = 0; c < 4; ++c) {  // O += P[:, 32c..32c+31] · V[32c..32c+31, 256cw..]
         wait_full();
@@ -419,14 +399,20 @@ __global__ void __launch_bounds__(384, 1)
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < 2; ++kk) {
-          const std::uint64_t dp = make_desc(sP + (c >> 1) * (kBR * 128) + (c & 1) * 64 + kk * 32, 16, 1024);
+          const std::uint64_t dp =
+              make_desc(sP + pb * kWsPBytes + (c >> 1) * (kBR * 128) + (c & 1) * 64 + kk * 32, 16, 1024);
           Wg<T>::pv(acc, dp, dv + ((kk * 16 * 128) >> 4), 1);
         }
-        issued();
+        if (OVL && c == 2) {
+          ++n;
+          continue;
+        }
+        issued(OVL && c == 3 ? 2 : 1);
       }
     };
-    // Softmax of S_jt (all wgmma retired): P_jt to shared memory, O rescaled.
-    auto softmax = [&](int jt) {
+    // Softmax of S_jt (its wgmma retired) into P buffer pb; returns the O rescale factors, applied by the caller
+    // once no P·V runs.
+    auto softmax = [&](int jt, int pb, float (&alpha)[2]) {
       const int n0 = jt * kWsBC;
       if (n0 + kWsBC > a.seq_kv) {
 #pragma unroll
@@ -442,13 +428,14 @@ __global__ void __launch_bounds__(384, 1)
         mx[r] = quad_max(x);
         if (t == 0) sRed[cw * kBR + row0 + r * 8] = mx[r];
       }
-      named_bar_sync(1, 256);  // both halves' row maxima visible; both consumers' P_{j-1}·V_{j-1} retired
+      named_bar_sync(1, 256);  // both halves' row maxima visible
+      unsigned char* pP = smem_raw + (sP - raw) + pb * kWsPBytes;
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int lrow = row0 + r * 8;
         const float mn = fmaxf(m_r[r], fmaxf(mx[r], sRed[(cw ^ 1) * kBR + lrow]));
         const float ms = (mn == -INFINITY) ? 0.f : mn * sl2;
-        const float alpha = exp2f(m_r[r] * sl2 - ms);
+        alpha[r] = exp2f(m_r[r] * sl2 - ms);
         m_r[r] = mn;
         float rs = 0.f;
 #pragma unroll
@@ -458,37 +445,55 @@ __global__ void __launch_bounds__(384, 1)
           rs += p0 + p1;
           *reinterpret_cast<std::uint32_t*>(pP + sw128<kBR>(lrow, cw * 64 + j * 8) + t * 4) = Op::pack(p0, p1);
         }
-        l_r[r] = l_r[r] * alpha + rs;
+        l_r[r] = l_r[r] * alpha[r] + rs;
+      }
+    };
+    auto rescale_and_publish = [&](const float (&alpha)[2]) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
 #pragma unroll
         for (int j = 0; j < 32; ++j) {
-          acc[4 * j + 2 * r] *= alpha;
-          acc[4 * j + 2 * r + 1] *= alpha;
+          acc[4 * j + 2 * r] *= alpha[r];
+          acc[4 * j + 2 * r + 1] *= alpha[r];
         }
-      }
       fence_async_smem();
-      named_bar_sync(1, 256);  // P visible to both consumers' wgmma
+      named_bar_sync(1, 256);  // P visible to both consumers' wgmma; both are past the other's row maxima
     };
 
-    // Software-pipelined so that no wgmma is in flight across the loop's back edge (ptxas would serialise them):
-    // each step queues P_{j-1}·V_{j-1} and S_j = Q·K_j^T back to back, then waits and runs the softmax of S_j.
+    // Software-pipelined so that no wgmma is in flight across the loop's back edge (ptxas would serialise them).
+    // P_{j-1} in buffer (j-1) & 1 (OVL) is read by wgmma while the softmax of S_j writes buffer j & 1. Before the
+    // softmax of S_j writes a buffer, both consumers have retired the P·V that last read it (barrier of tile j-1).
     mbar_wait(q_full, 0);
     if (t_begin < t_end) {
+      float alpha[2];
       issue_qk();
       drain();
       fence_regs(s);
       fence_regs(acc);
-      softmax(t_begin);
+      softmax(t_begin, OVL ? (t_begin & 1) : 0, alpha);
+      rescale_and_publish(alpha);
       for (int jt = t_begin + 1; jt < t_end; ++jt) {
+        const int pb = OVL ? (jt & 1) : 0, pb_prev = OVL ? ((jt - 1) & 1) : 0;
         fence_regs(acc);
-        issue_pv();
-        issue_qk();
-        drain();
-        fence_regs(s);  // S and O (the rescale in the softmax) are touched only after the wait
-        fence_regs(acc);
-        softmax(jt);
+        if (OVL) {
+          issue_qk();
+          issue_pv(pb_prev);  // leaves its last two chunks running; S_jt has retired
+          fence_regs(s);
+          softmax(jt, pb, alpha);
+          drain();
+          fence_regs(acc);
+        } else {
+          issue_pv(pb_prev);
+          issue_qk();
+          drain();
+          fence_regs(s);  // S and O (the rescale) are touched only after the wait
+          fence_regs(acc);
+          softmax(jt, pb, alpha);
+        }
+        rescale_and_publish(alpha);
       }
       fence_regs(acc);
-      issue_pv();
+      issue_pv(OVL ? ((t_end - 1) & 1) : 0);
       drain();
       fence_regs(acc);
     }
@@ -526,9 +531,6 @@ __global__ void __launch_bounds__(384, 1)
             Op::pack(acc[4 * j + 2 * r] * inv, acc[4 * j + 2 * r + 1] * inv);
     }
   }
-  // No CTA of a cluster leaves while its peer may still arrive on its barriers.
-  __syncwarp();
-  if (CL > 1) cluster_sync_all();
 }
 
 }  // namespace
@@ -607,14 +609,14 @@ cudaError_t launch_mm(const FwdArgs& a, int batch, int heads, int mask_mode, int
   return launch<T, CAUSAL, kNoMask>(a, batch, heads, force_splits, s);
 }
 
-// Key splits for the warp-specialised kernel: `units` clusters per split, `slots` of them resident at once, n key
+// Key splits for the warp-specialised kernel: m_blocks x heads x batch CTAs per split, one per SM at a time, n key
 // tiles. Minimises waves x (tiles per split + ~1 tile of start/end) plus the combine pass, which moves ~4 KB per row
-// and split (~15 MB per tile-time of one CTA, ~5 us: 3 TB/s).
-int choose_ws_splits(long long units, int slots, int n_tiles, long long rows) {
+// and split (~15 MB per tile-time of one CTA, ~5 us, at 3 TB/s).
+int choose_ws_splits(long long ctas, int sms, int n_tiles, long long rows) {
   int best = 1;
   double best_cost = 0.0;
   for (int sp = 1; sp <= std::min(8, n_tiles); ++sp) {
-    const long long waves = (units * sp + slots - 1) / slots;
+    const long long waves = (ctas * sp + sms - 1) / sms;
     double cost = static_cast<double>(waves) * ((n_tiles + sp - 1) / sp + 1);
     if (sp > 1) cost += static_cast<double>(rows) * sp * 4096.0 / 15e6;
     if (sp == 1 || cost < best_cost) best = sp, best_cost = cost;
@@ -622,7 +624,7 @@ int choose_ws_splits(long long units, int slots, int n_tiles, long long rows) {
   return best;
 }
 
-template <typename T, int CL>
+template <typename T, bool OVL>
 cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, int force_splits, cudaStream_t stream) {
   constexpr bool bf16 = std::is_same<T, __nv_bfloat16>::value;
   const int heads_kv = heads / a.group;
@@ -631,54 +633,36 @@ cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, int force_splits, 
       !make_map(&tk, a.k, bf16, kD, a.seq_kv, heads_kv, batch, a.k_ss, a.k_sh, a.k_sb, kWsBC, 64) ||
       !make_map(&tv, a.v, bf16, kD, a.seq_kv, heads_kv, batch, a.v_ss, a.v_sh, a.v_sb, 32, 64))
     return cudaErrorNotSupported;
-  auto kern = flash_fwd_d512_ws<T, CL>;
-  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, kWsSmem);
+  auto kern = flash_fwd_d512_ws<T, OVL>;
+  constexpr int smem = ws_smem<OVL>();
+  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;
   const int m_blocks = (a.seq_q + kBR - 1) / kBR;
-  const long long units = static_cast<long long>((m_blocks + CL - 1) / CL) * heads * batch;
-  if (units * 8 * CL > 0x7fffffffLL) return cudaErrorNotSupported;  // grid.x limit
   const int n_tiles = (a.seq_kv + kWsBC - 1) / kWsBC;
-  cudaLaunchConfig_t cfg = {};
-  cfg.blockDim = dim3(384);
-  cfg.dynamicSmemBytes = kWsSmem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = CL;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  // Clusters resident at once (a GPC with an odd number of free SMs leaves one idle): asked once per kernel.
-  static int resident = 0;
-  if (resident == 0) {
-    cfg.gridDim = dim3(CL * 1024, 1, 1);
-    int nc = 0;
-    resident = cudaOccupancyMaxActiveClusters(&nc, kern, &cfg) == cudaSuccess && nc > 0 ? nc : sm_count() / CL;
-  }
   const int splits = force_splits > 0 ? std::min(force_splits, n_tiles)
-                                      : choose_ws_splits(units, std::max(1, resident), n_tiles,
+                                      : choose_ws_splits(static_cast<long long>(m_blocks) * heads * batch, sm_count(), n_tiles,
                                                          static_cast<long long>(batch) * heads * a.seq_q);
+  if (static_cast<long long>(m_blocks) * splits > 0x7fffffffLL) return cudaErrorNotSupported;  // grid.x
   return with_splits<T>(a, batch, heads, splits, stream, [&](int sp, float* po, float* pml) {
-    cfg.gridDim = dim3(static_cast<unsigned>(units * sp * CL), heads, batch);
-    return cudaLaunchKernelEx(&cfg, kern, a, sp, po, pml, tq, tk, tv);
+    kern<<<dim3(m_blocks * sp, heads, batch), 384, smem, stream>>>(a, sp, po, pml, tq, tk, tv);
+    return cudaGetLastError();
   });
 }
 
 }  // namespace
 
-// variant 2..9 (dev): force that many key splits; 10: never split; 11: the warp-specialised kernel in clusters of
-// two (multicast K/V), 12: the same without clusters, 13: clusters of two, never split (11-13 unmasked and
-// non-causal; other calls, and any call when no tensor map can be made, take the kernel above); otherwise the
-// column-split kernel with the split chosen from the grid size.
+// Unmasked non-causal calls take the warp-specialised kernel (1.5-2x the column-split kernel, H200); masked and
+// causal calls, and any call when no tensor map can be made, the column-split kernel. Variants (dev harness):
+// 2..9 force that many key splits on the column-split kernel, 10 never splits it, 11 takes it with its own split
+// choice; 12 is the warp-specialised kernel never split, 13 without the overlapped schedule (OVL = false).
 cudaError_t run_hdim512_sm90(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int mask_mode,
                              int variant, cudaStream_t s) {
-  if (variant >= 11 && variant <= 13 && mask_mode == kNoMask && !causal) {
-    const int force = variant == 13 ? 1 : 0;
-    const cudaError_t e = variant == 12 ? (bf16 ? launch_ws<__nv_bfloat16, 1>(a, batch, heads, force, s)
-                                                : launch_ws<__half, 1>(a, batch, heads, force, s))
-                                        : (bf16 ? launch_ws<__nv_bfloat16, 2>(a, batch, heads, force, s)
-                                                : launch_ws<__half, 2>(a, batch, heads, force, s));
+  if (mask_mode == kNoMask && !causal && (variant < 2 || variant == 12 || variant == 13)) {
+    const int force = variant == 12 ? 1 : 0;
+    const cudaError_t e = variant == 13 ? (bf16 ? launch_ws<__nv_bfloat16, false>(a, batch, heads, force, s)
+                                                : launch_ws<__half, false>(a, batch, heads, force, s))
+                                        : (bf16 ? launch_ws<__nv_bfloat16, true>(a, batch, heads, force, s)
+                                                : launch_ws<__half, true>(a, batch, heads, force, s));
     if (e != cudaErrorNotSupported) return e;
   }
   const int force = (variant >= 2 && variant <= 9) ? variant : variant == 10 ? 1 : 0;
