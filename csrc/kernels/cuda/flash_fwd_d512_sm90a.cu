@@ -250,24 +250,18 @@ __global__ void __launch_bounds__(128) combine_d512(const FwdArgs a, int splits,
 // 4 of V (32 keys x 512 columns). Warpgroups 1-2 consume, 64 query rows per CTA as in the kernel above: consumer c
 // computes S for keys 64c..64c+63 of the tile (m64n64k16, Q and K from smem) and owns O columns 256c..256c+255
 // (m64n256k16, P and V from smem); the two halves of a row meet through shared memory (two named barriers a tile).
-// A consumer keeps one or two chunks' wgmma queued behind the one running and frees a slot as soon as the wgmma
-// reading it has retired, so the tensor cores stream chunk after chunk.
-// Shared memory (227 KB): Q 64 KB + P 16 KB (x2 with OVL) + the ring 128 KB; a whole K or V tile (128 KB each)
-// cannot stay resident next to Q, hence the chunks.
-// OVL = false: per tile P_{j-1}·V_{j-1}, then S_j; the tensor cores wait during the softmax of S_j.
-// OVL = true (FlashAttention-3's intra-warpgroup overlap): S_j first, then P_{j-1}·V_{j-1}, whose last two chunks
-// run during the softmax of S_j; P is double-buffered and the O rescale waits for P_{j-1}·V_{j-1} to retire. The
-// producer loads K_j before V_{j-1} to match.
+// A consumer keeps one chunk's wgmma queued behind the one running and frees a slot as soon as the wgmma reading it
+// has retired, so the tensor cores stream chunk after chunk: per tile P_{j-1}·V_{j-1}, then S_j; they wait only
+// during the softmax of S_j (docs/cuda-kernels.md: overlapping it with P·V, and clusters, measured slower).
+// Shared memory (227 KB): Q 64 KB + P 16 KB + the ring 128 KB; a whole K or V tile (128 KB each) cannot stay
+// resident next to Q, hence the chunks.
 constexpr int kWsBC = 128, kWsSlots = 4, kWsSlotBytes = 32768;
 constexpr int kWsQBytes = kBR * kD * 2, kWsPBytes = kBR * kWsBC * 2;
 constexpr int kWsBarBytes = 8 * (1 + 2 * kWsSlots);
-template <bool OVL>
-constexpr int ws_smem() {
-  return kWsQBytes + (OVL ? 2 : 1) * kWsPBytes + kWsSlots * kWsSlotBytes + kWsBarBytes + 2 * kBR * 4 + 1024;
-}
-static_assert(ws_smem<true>() <= 227 * 1024, "shared memory per block");
+constexpr int kWsSmem = kWsQBytes + kWsPBytes + kWsSlots * kWsSlotBytes + kWsBarBytes + 2 * kBR * 4 + 1024;
+static_assert(kWsSmem <= 227 * 1024, "shared memory per block");
 
-template <typename T, bool OVL>
+template <typename T>
 __global__ void __launch_bounds__(384, 1)
     flash_fwd_d512_ws(const FwdArgs a, int splits, float* part_o, float* part_ml, const __grid_constant__ CUtensorMap tq,
                       const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv) {
@@ -275,8 +269,7 @@ __global__ void __launch_bounds__(384, 1)
   extern __shared__ unsigned char smem_raw[];
   const std::uint32_t raw = smem_u32(smem_raw);
   const std::uint32_t sQ = (raw + 1023) & ~1023u;  // swizzle atoms must be 1024-byte aligned
-  const std::uint32_t sP = sQ + kWsQBytes, sRing = sP + (OVL ? 2 : 1) * kWsPBytes;
-  const std::uint32_t bars = sRing + kWsSlots * kWsSlotBytes;
+  const std::uint32_t sP = sQ + kWsQBytes, sRing = sP + kWsPBytes, bars = sRing + kWsSlots * kWsSlotBytes;
   float* sRed = reinterpret_cast<float*>(smem_raw + (bars - raw) + kWsBarBytes);  // [2][64] per-consumer row stats
   const std::uint32_t q_full = bars;
   auto full = [&](int st) { return bars + 8 * (1 + st); };
@@ -335,13 +328,10 @@ __global__ void __launch_bounds__(384, 1)
           for (int i = 0; i < 8; ++i) tma_load_4d(slot(st) + i * (32 * 128), &tv, full(st), i * 64, jt * kWsBC + c * 32, hk, b);
         }
       };
-      // The consumers' order: OVL: K_0, K_1, V_0, K_2, V_1, ..., V_last; otherwise K_0, V_0, K_1, V_1, ...
-      for (int jt = t_begin; jt < t_end; ++jt) {
+      for (int jt = t_begin; jt < t_end; ++jt) {  // the consumers' order
         load_k(jt);
-        if (!OVL) load_v(jt);
-        else if (jt > t_begin) load_v(jt - 1);
+        load_v(jt);
       }
-      if (OVL && t_end > t_begin) load_v(t_end - 1);
     }
   } else {
     regs_alloc<240>();
@@ -355,13 +345,12 @@ __global__ void __launch_bounds__(384, 1)
     };
     int n = 0, freed = 0;  // chunks consumed (issued) and freed
     auto wait_full = [&]() { mbar_wait(full(n % kWsSlots), (n / kWsSlots) & 1); };
-    // After issuing the wgmma of a chunk (`open` chunks in the newest group): commit, wait for the older groups,
-    // free their slots.
-    auto issued = [&](int open) {
+    // After issuing a chunk's wgmma: commit, wait for the older groups (all but this one), free their slots.
+    auto issued = [&]() {
       wg_commit();
       ++n;
       wg_wait1();
-      while (freed < n - open) release(freed++);
+      while (freed < n - 1) release(freed++);
     };
     auto drain = [&]() {
       wg_wait0();
@@ -385,12 +374,10 @@ __global__ void __launch_bounds__(384, 1)
         for (int kk = 0; kk < 8; ++kk)
           Wg<T>::qk64(s, dq + (((2 * c + (kk >> 2)) * kBR * 128) >> 4) + ((kk & 3) << 1),
                       dk + ((((kk >> 2) * kWsBC * 128)) >> 4) + ((kk & 3) << 1), (c | kk) ? 1 : 0);
-        issued(1);
+        issued();
       }
     };
-    // O += P_j V_j from P buffer pb. OVL: the last two chunks form one wgmma group, left running for the softmax
-    // (waiting on a group further back made ptxas serialise the wgmma: C7515).
-    auto issue_pv = [&](int pb) {
+    auto issue_pv = [&]() {
 #pragma unroll
       for (int c = 0; c < 4; ++c) {  // O += P[:, 32c..32c+31] · V[32c..32c+31, 256cw..]
         wait_full();
@@ -399,20 +386,14 @@ __global__ void __launch_bounds__(384, 1)
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < 2; ++kk) {
-          const std::uint64_t dp =
-              make_desc(sP + pb * kWsPBytes + (c >> 1) * (kBR * 128) + (c & 1) * 64 + kk * 32, 16, 1024);
+          const std::uint64_t dp = make_desc(sP + (c >> 1) * (kBR * 128) + (c & 1) * 64 + kk * 32, 16, 1024);
           Wg<T>::pv(acc, dp, dv + ((kk * 16 * 128) >> 4), 1);
         }
-        if (OVL && c == 2) {
-          ++n;
-          continue;
-        }
-        issued(OVL && c == 3 ? 2 : 1);
+        issued();
       }
     };
-    // Softmax of S_jt (its wgmma retired) into P buffer pb; returns the O rescale factors, applied by the caller
-    // once no P·V runs.
-    auto softmax = [&](int jt, int pb, float (&alpha)[2]) {
+    // Softmax of S_jt (every wgmma retired): P to shared memory, O rescaled.
+    auto softmax = [&](int jt) {
       const int n0 = jt * kWsBC;
       if (n0 + kWsBC > a.seq_kv) {
 #pragma unroll
@@ -428,14 +409,14 @@ __global__ void __launch_bounds__(384, 1)
         mx[r] = quad_max(x);
         if (t == 0) sRed[cw * kBR + row0 + r * 8] = mx[r];
       }
-      named_bar_sync(1, 256);  // both halves' row maxima visible
-      unsigned char* pP = smem_raw + (sP - raw) + pb * kWsPBytes;
+      named_bar_sync(1, 256);  // both halves' row maxima visible; both consumers' P_{j-1}·V_{j-1} retired
+      unsigned char* pP = smem_raw + (sP - raw);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int lrow = row0 + r * 8;
         const float mn = fmaxf(m_r[r], fmaxf(mx[r], sRed[(cw ^ 1) * kBR + lrow]));
         const float ms = (mn == -INFINITY) ? 0.f : mn * sl2;
-        alpha[r] = exp2f(m_r[r] * sl2 - ms);
+        const float alpha = exp2f(m_r[r] * sl2 - ms);
         m_r[r] = mn;
         float rs = 0.f;
 #pragma unroll
@@ -445,55 +426,37 @@ __global__ void __launch_bounds__(384, 1)
           rs += p0 + p1;
           *reinterpret_cast<std::uint32_t*>(pP + sw128<kBR>(lrow, cw * 64 + j * 8) + t * 4) = Op::pack(p0, p1);
         }
-        l_r[r] = l_r[r] * alpha[r] + rs;
-      }
-    };
-    auto rescale_and_publish = [&](const float (&alpha)[2]) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
+        l_r[r] = l_r[r] * alpha + rs;
 #pragma unroll
         for (int j = 0; j < 32; ++j) {
-          acc[4 * j + 2 * r] *= alpha[r];
-          acc[4 * j + 2 * r + 1] *= alpha[r];
+          acc[4 * j + 2 * r] *= alpha;
+          acc[4 * j + 2 * r + 1] *= alpha;
         }
+      }
       fence_async_smem();
       named_bar_sync(1, 256);  // P visible to both consumers' wgmma; both are past the other's row maxima
     };
 
-    // Software-pipelined so that no wgmma is in flight across the loop's back edge (ptxas would serialise them).
-    // P_{j-1} in buffer (j-1) & 1 (OVL) is read by wgmma while the softmax of S_j writes buffer j & 1. Before the
-    // softmax of S_j writes a buffer, both consumers have retired the P·V that last read it (barrier of tile j-1).
+    // Software-pipelined so that no wgmma is in flight across the loop's back edge: ptxas serialised every wgmma
+    // (C7514) when the loop ended with P·V still running.
     mbar_wait(q_full, 0);
     if (t_begin < t_end) {
-      float alpha[2];
       issue_qk();
       drain();
       fence_regs(s);
       fence_regs(acc);
-      softmax(t_begin, OVL ? (t_begin & 1) : 0, alpha);
-      rescale_and_publish(alpha);
+      softmax(t_begin);
       for (int jt = t_begin + 1; jt < t_end; ++jt) {
-        const int pb = OVL ? (jt & 1) : 0, pb_prev = OVL ? ((jt - 1) & 1) : 0;
+        fence_regs(acc);  // the rescale stays before the P·V wgmma
+        issue_pv();
+        issue_qk();
+        drain();
+        fence_regs(s);  // S and O (the rescale) are touched only after the wait
         fence_regs(acc);
-        if (OVL) {
-          issue_qk();
-          issue_pv(pb_prev);  // leaves its last two chunks running; S_jt has retired
-          fence_regs(s);
-          softmax(jt, pb, alpha);
-          drain();
-          fence_regs(acc);
-        } else {
-          issue_pv(pb_prev);
-          issue_qk();
-          drain();
-          fence_regs(s);  // S and O (the rescale) are touched only after the wait
-          fence_regs(acc);
-          softmax(jt, pb, alpha);
-        }
-        rescale_and_publish(alpha);
+        softmax(jt);
       }
       fence_regs(acc);
-      issue_pv(OVL ? ((t_end - 1) & 1) : 0);
+      issue_pv();
       drain();
       fence_regs(acc);
     }
@@ -624,7 +587,7 @@ int choose_ws_splits(long long ctas, int sms, int n_tiles, long long rows) {
   return best;
 }
 
-template <typename T, bool OVL>
+template <typename T>
 cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, int force_splits, cudaStream_t stream) {
   constexpr bool bf16 = std::is_same<T, __nv_bfloat16>::value;
   const int heads_kv = heads / a.group;
@@ -633,9 +596,8 @@ cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, int force_splits, 
       !make_map(&tk, a.k, bf16, kD, a.seq_kv, heads_kv, batch, a.k_ss, a.k_sh, a.k_sb, kWsBC, 64) ||
       !make_map(&tv, a.v, bf16, kD, a.seq_kv, heads_kv, batch, a.v_ss, a.v_sh, a.v_sb, 32, 64))
     return cudaErrorNotSupported;
-  auto kern = flash_fwd_d512_ws<T, OVL>;
-  constexpr int smem = ws_smem<OVL>();
-  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  auto kern = flash_fwd_d512_ws<T>;
+  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, kWsSmem);
   if (e != cudaSuccess) return e;
   const int m_blocks = (a.seq_q + kBR - 1) / kBR;
   const int n_tiles = (a.seq_kv + kWsBC - 1) / kWsBC;
@@ -644,7 +606,7 @@ cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, int force_splits, 
                                                          static_cast<long long>(batch) * heads * a.seq_q);
   if (static_cast<long long>(m_blocks) * splits > 0x7fffffffLL) return cudaErrorNotSupported;  // grid.x
   return with_splits<T>(a, batch, heads, splits, stream, [&](int sp, float* po, float* pml) {
-    kern<<<dim3(m_blocks * sp, heads, batch), 384, smem, stream>>>(a, sp, po, pml, tq, tk, tv);
+    kern<<<dim3(m_blocks * sp, heads, batch), 384, kWsSmem, stream>>>(a, sp, po, pml, tq, tk, tv);
     return cudaGetLastError();
   });
 }
@@ -654,15 +616,13 @@ cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, int force_splits, 
 // Unmasked non-causal calls take the warp-specialised kernel (1.5-2x the column-split kernel, H200); masked and
 // causal calls, and any call when no tensor map can be made, the column-split kernel. Variants (dev harness):
 // 2..9 force that many key splits on the column-split kernel, 10 never splits it, 11 takes it with its own split
-// choice; 12 is the warp-specialised kernel never split, 13 without the overlapped schedule (OVL = false).
+// choice; 12 is the warp-specialised kernel never split.
 cudaError_t run_hdim512_sm90(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int mask_mode,
                              int variant, cudaStream_t s) {
-  if (mask_mode == kNoMask && !causal && (variant < 2 || variant == 12 || variant == 13)) {
+  if (mask_mode == kNoMask && !causal && (variant < 2 || variant == 12)) {
     const int force = variant == 12 ? 1 : 0;
-    const cudaError_t e = variant == 13 ? (bf16 ? launch_ws<__nv_bfloat16, false>(a, batch, heads, force, s)
-                                                : launch_ws<__half, false>(a, batch, heads, force, s))
-                                        : (bf16 ? launch_ws<__nv_bfloat16, true>(a, batch, heads, force, s)
-                                                : launch_ws<__half, true>(a, batch, heads, force, s));
+    const cudaError_t e = bf16 ? launch_ws<__nv_bfloat16>(a, batch, heads, force, s)
+                               : launch_ws<__half>(a, batch, heads, force, s);
     if (e != cudaErrorNotSupported) return e;
   }
   const int force = (variant >= 2 && variant <= 9) ? variant : variant == 10 ? 1 : 0;
