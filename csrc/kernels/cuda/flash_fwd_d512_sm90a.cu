@@ -263,8 +263,9 @@ static_assert(kWsSmem <= 227 * 1024, "shared memory per block");
 
 template <typename T>
 __global__ void __launch_bounds__(384, 1)
-    flash_fwd_d512_ws(const FwdArgs a, int splits, float* part_o, float* part_ml, const __grid_constant__ CUtensorMap tq,
-                      const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv) {
+    flash_fwd_d512_ws(const FwdArgs a, int splits, float* part_o, float* part_ml,
+                      const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
+                      const __grid_constant__ CUtensorMap tv) {
   using Op = MmaOp<T>;
   extern __shared__ unsigned char smem_raw[];
   const std::uint32_t raw = smem_u32(smem_raw);
@@ -318,14 +319,16 @@ __global__ void __launch_bounds__(384, 1)
         for (int c = 0; c < 4; ++c) {
           const int st = next_slot();
 #pragma unroll
-          for (int i = 0; i < 2; ++i) tma_load_4d(slot(st) + i * (kWsBC * 128), &tk, full(st), c * 128 + i * 64, jt * kWsBC, hk, b);
+          for (int i = 0; i < 2; ++i)
+            tma_load_4d(slot(st) + i * (kWsBC * 128), &tk, full(st), c * 128 + i * 64, jt * kWsBC, hk, b);
         }
       };
       auto load_v = [&](int jt) {  // eight boxes of 64 columns x 32 keys per chunk
         for (int c = 0; c < 4; ++c) {
           const int st = next_slot();
 #pragma unroll
-          for (int i = 0; i < 8; ++i) tma_load_4d(slot(st) + i * (32 * 128), &tv, full(st), i * 64, jt * kWsBC + c * 32, hk, b);
+          for (int i = 0; i < 8; ++i)
+            tma_load_4d(slot(st) + i * (32 * 128), &tv, full(st), i * 64, jt * kWsBC + c * 32, hk, b);
         }
       };
       for (int jt = t_begin; jt < t_end; ++jt) {  // the consumers' order
@@ -601,9 +604,10 @@ cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, int force_splits, 
   if (e != cudaSuccess) return e;
   const int m_blocks = (a.seq_q + kBR - 1) / kBR;
   const int n_tiles = (a.seq_kv + kWsBC - 1) / kWsBC;
-  const int splits = force_splits > 0 ? std::min(force_splits, n_tiles)
-                                      : choose_ws_splits(static_cast<long long>(m_blocks) * heads * batch, sm_count(), n_tiles,
-                                                         static_cast<long long>(batch) * heads * a.seq_q);
+  const long long ctas = static_cast<long long>(m_blocks) * heads * batch;
+  const long long rows = static_cast<long long>(batch) * heads * a.seq_q;
+  const int splits =
+      force_splits > 0 ? std::min(force_splits, n_tiles) : choose_ws_splits(ctas, sm_count(), n_tiles, rows);
   if (static_cast<long long>(m_blocks) * splits > 0x7fffffffLL) return cudaErrorNotSupported;  // grid.x
   return with_splits<T>(a, batch, heads, splits, stream, [&](int sp, float* po, float* pml) {
     kern<<<dim3(m_blocks * sp, heads, batch), 384, kWsSmem, stream>>>(a, sp, po, pml, tq, tk, tv);
