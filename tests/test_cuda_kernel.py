@@ -302,6 +302,12 @@ def test_lse_split_kv():  # D=512 with few query blocks splits the keys; the LSE
     _check(1, 2, 1, 100, 4000, 512, False, torch.float16, seed=10, lse=True, mask=_bool((1, 1, 1, 4000), 0.3))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+def test_d512_key_splits(dtype):  # Hopper D=512 kernel: splits that start on odd key tiles, GQA, strided, LSE
+    _check(1, 1, 1, 65, 5000, 512, False, dtype, seed=11, lse=True)  # 40 key tiles of 128 in 8 splits of 5
+    _check(2, 4, 2, 200, 1100, 512, False, dtype, seed=12, lse=True, layout=("bshd", "bhsd", "padded"))
+
+
 # Hopper's persistent schedule serves short key loops (at most kPersistMaxKeyTiles key tiles, flash_fwd_wg_sm90a.cuh)
 # with more (batch, head, query tile) work items than SMs: these shapes have 300-640 items and <= 300 keys, so every
 # CTA walks several items (the K/V ring, the Q buffers and the key-padding rows carried across items).

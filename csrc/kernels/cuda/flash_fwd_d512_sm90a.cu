@@ -10,6 +10,7 @@
 
 #include "flash_fwd_launch.h"
 #include "flash_fwd_sm80.cuh"
+#include "flash_fwd_wg_sm90a.cuh"  // make_map, sm_count, named_bar_sync, wg_wait1
 #include "sm90_common.cuh"
 
 namespace attnsel::cuda::detail {
@@ -25,6 +26,9 @@ struct Wg<__nv_bfloat16> {
   static __device__ __forceinline__ void qk(float (&d)[16], std::uint64_t a, std::uint64_t b, int acc) {
     wgmma_m64n32k16_bf16_t0(d, a, b, acc);
   }
+  static __device__ __forceinline__ void qk64(float (&d)[32], std::uint64_t a, std::uint64_t b, int acc) {
+    wgmma_m64n64k16_bf16_t0(d, a, b, acc);
+  }
   static __device__ __forceinline__ void pv(float (&d)[128], std::uint64_t a, std::uint64_t b, int acc) {
     wgmma_m64n256k16_bf16_t1(d, a, b, acc);
   }
@@ -33,6 +37,9 @@ template <>
 struct Wg<__half> {
   static __device__ __forceinline__ void qk(float (&d)[16], std::uint64_t a, std::uint64_t b, int acc) {
     wgmma_m64n32k16_f16_t0(d, a, b, acc);
+  }
+  static __device__ __forceinline__ void qk64(float (&d)[32], std::uint64_t a, std::uint64_t b, int acc) {
+    wgmma_m64n64k16_f16_t0(d, a, b, acc);
   }
   static __device__ __forceinline__ void pv(float (&d)[128], std::uint64_t a, std::uint64_t b, int acc) {
     wgmma_m64n256k16_f16_t1(d, a, b, acc);
@@ -237,15 +244,259 @@ __global__ void __launch_bounds__(128) combine_d512(const FwdArgs a, int splits,
   reinterpret_cast<std::uint32_t*>(orow)[1] = MmaOp<T>::pack(accv.z * inv, accv.w * inv);
 }
 
-int sm_count() {
-  static int n = 0;
-  if (n == 0) {
-    int dev = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-    if (n <= 0) n = 132;
+// ---- Warp-specialised kernel (unmasked, non-causal) --------------------------------------------------------------
+// Warpgroup 0 is the producer: one thread streams Q (once) and then the keys as chunks of 32 KB through a 4-slot
+// ring with TMA and mbarrier full/empty pairs. A 128-key tile is 8 chunks: 4 of K (128 keys x 128 head columns) and
+// 4 of V (32 keys x 512 columns). Warpgroups 1-2 consume, 64 query rows per CTA as in the kernel above: consumer c
+// computes S for keys 64c..64c+63 of the tile (m64n64k16, Q and K from smem) and owns O columns 256c..256c+255
+// (m64n256k16, P and V from smem); the two halves of a row meet through shared memory (two named barriers a tile).
+// A consumer keeps one chunk's wgmma queued behind the one running and frees a slot as soon as the wgmma reading it
+// has retired, so the tensor cores stream chunk after chunk: per tile P_{j-1}·V_{j-1}, then S_j; they wait only
+// during the softmax of S_j (docs/cuda-kernels.md: overlapping it with P·V, and clusters, measured slower).
+// Shared memory (227 KB): Q 64 KB + P 16 KB + the ring 128 KB; a whole K or V tile (128 KB each) cannot stay
+// resident next to Q, hence the chunks.
+constexpr int kWsBC = 128, kWsSlots = 4, kWsSlotBytes = 32768;
+constexpr int kWsQBytes = kBR * kD * 2, kWsPBytes = kBR * kWsBC * 2;
+constexpr int kWsBarBytes = 8 * (1 + 2 * kWsSlots);
+constexpr int kWsSmem = kWsQBytes + kWsPBytes + kWsSlots * kWsSlotBytes + kWsBarBytes + 2 * kBR * 4 + 1024;
+static_assert(kWsSmem <= 227 * 1024, "shared memory per block");
+
+template <typename T>
+__global__ void __launch_bounds__(384, 1)
+    flash_fwd_d512_ws(const FwdArgs a, int splits, float* part_o, float* part_ml,
+                      const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
+                      const __grid_constant__ CUtensorMap tv) {
+  using Op = MmaOp<T>;
+  extern __shared__ unsigned char smem_raw[];
+  const std::uint32_t raw = smem_u32(smem_raw);
+  const std::uint32_t sQ = (raw + 1023) & ~1023u;  // swizzle atoms must be 1024-byte aligned
+  const std::uint32_t sP = sQ + kWsQBytes, sRing = sP + kWsPBytes, bars = sRing + kWsSlots * kWsSlotBytes;
+  float* sRed = reinterpret_cast<float*>(smem_raw + (bars - raw) + kWsBarBytes);  // [2][64] per-consumer row stats
+  const std::uint32_t q_full = bars;
+  auto full = [&](int st) { return bars + 8 * (1 + st); };
+  auto empty = [&](int st) { return bars + 8 * (1 + kWsSlots + st); };
+  auto slot = [&](int st) { return sRing + st * kWsSlotBytes; };
+
+  // blockIdx.x = query tile * splits + split.
+  const int split = blockIdx.x % splits, m_block = blockIdx.x / splits;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int m0 = m_block * kBR;
+  const int n_all = (a.seq_kv + kWsBC - 1) / kWsBC;
+  const int per = (n_all + splits - 1) / splits;
+  const int t_begin = min(n_all, split * per), t_end = min(n_all, t_begin + per);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, wg = warp >> 2;
+
+  if (tid == 0) {
+    mbar_init(q_full, 1);
+#pragma unroll
+    for (int st = 0; st < kWsSlots; ++st) {
+      mbar_init(full(st), 1);
+      mbar_init(empty(st), 8);  // one arrival per consumer warp
+    }
+    mbar_init_fence();
   }
-  return n;
+  __syncthreads();
+
+  if (wg == 0) {
+    regs_dealloc<24>();
+    if (warp == 0 && lane == 0) {
+      tma_prefetch_desc(&tq);
+      tma_prefetch_desc(&tk);
+      tma_prefetch_desc(&tv);
+      const int hk = h / a.group;
+      mbar_arrive_expect_tx(q_full, kWsQBytes);
+#pragma unroll
+      for (int c = 0; c < kD / 64; ++c) tma_load_4d(sQ + c * kBR * 128, &tq, q_full, c * 64, m0, h, b);
+      int n = 0;  // chunks loaded: ring slot n % kWsSlots, barrier phase (n / kWsSlots) & 1
+      auto next_slot = [&]() {
+        const int st = n % kWsSlots;
+        mbar_wait(empty(st), ((n / kWsSlots) & 1) ^ 1);
+        mbar_arrive_expect_tx(full(st), kWsSlotBytes);
+        ++n;
+        return st;
+      };
+      auto load_k = [&](int jt) {  // two boxes of 64 columns x 128 keys per chunk
+        for (int c = 0; c < 4; ++c) {
+          const int st = next_slot();
+#pragma unroll
+          for (int i = 0; i < 2; ++i)
+            tma_load_4d(slot(st) + i * (kWsBC * 128), &tk, full(st), c * 128 + i * 64, jt * kWsBC, hk, b);
+        }
+      };
+      auto load_v = [&](int jt) {  // eight boxes of 64 columns x 32 keys per chunk
+        for (int c = 0; c < 4; ++c) {
+          const int st = next_slot();
+#pragma unroll
+          for (int i = 0; i < 8; ++i)
+            tma_load_4d(slot(st) + i * (32 * 128), &tv, full(st), i * 64, jt * kWsBC + c * 32, hk, b);
+        }
+      };
+      for (int jt = t_begin; jt < t_end; ++jt) {  // the consumers' order
+        load_k(jt);
+        load_v(jt);
+      }
+    }
+  } else {
+    regs_alloc<240>();
+    const int cw = wg - 1;  // S columns 64cw.. of a key tile, O columns 256cw..
+    const int g = lane >> 2, t = lane & 3;
+    const int row0 = (warp & 3) * 16 + g;  // this thread's rows: row0, row0 + 8
+    const float sl2 = a.scale_log2;
+    auto release = [&](int chunk) {
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empty(chunk % kWsSlots));
+    };
+    int n = 0, freed = 0;  // chunks consumed (issued) and freed
+    auto wait_full = [&]() { mbar_wait(full(n % kWsSlots), (n / kWsSlots) & 1); };
+    // After issuing a chunk's wgmma: commit, wait for the older groups (all but this one), free their slots.
+    auto issued = [&]() {
+      wg_commit();
+      ++n;
+      wg_wait1();
+      while (freed < n - 1) release(freed++);
+    };
+    auto drain = [&]() {
+      wg_wait0();
+      while (freed < n) release(freed++);
+    };
+
+    float acc[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) acc[i] = 0.f;
+    float s[32];
+    float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
+    // K-major descriptors advance by (byte offset >> 4): a k16 step is 32 bytes inside a 64-column block.
+    const std::uint64_t dq = make_desc(sQ, 16, 1024);
+    auto issue_qk = [&]() {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {  // S over head columns 128c..128c+127
+        wait_full();
+        const std::uint64_t dk = make_desc(slot(n % kWsSlots) + cw * 64 * 128, 16, 1024);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < 8; ++kk)
+          Wg<T>::qk64(s, dq + (((2 * c + (kk >> 2)) * kBR * 128) >> 4) + ((kk & 3) << 1),
+                      dk + ((((kk >> 2) * kWsBC * 128)) >> 4) + ((kk & 3) << 1), (c | kk) ? 1 : 0);
+        issued();
+      }
+    };
+    auto issue_pv = [&]() {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {  // O += P[:, 32c..32c+31] · V[32c..32c+31, 256cw..]
+        wait_full();
+        // V MN-major: 64-column blocks 32 rows x 128 B apart (leading offset), 8-key groups 1024 B apart.
+        const std::uint64_t dv = make_desc(slot(n % kWsSlots) + cw * 4 * (32 * 128), 32 * 128, 1024);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < 2; ++kk) {
+          const std::uint64_t dp = make_desc(sP + (c >> 1) * (kBR * 128) + (c & 1) * 64 + kk * 32, 16, 1024);
+          Wg<T>::pv(acc, dp, dv + ((kk * 16 * 128) >> 4), 1);
+        }
+        issued();
+      }
+    };
+    // Softmax of S_jt (every wgmma retired): P to shared memory, O rescaled.
+    auto softmax = [&](int jt) {
+      const int n0 = jt * kWsBC;
+      if (n0 + kWsBC > a.seq_kv) {
+#pragma unroll
+        for (int e = 0; e < 32; ++e)
+          if (n0 + cw * 64 + (e >> 2) * 8 + t * 2 + (e & 1) >= a.seq_kv) s[e] = -INFINITY;
+      }
+      float mx[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float x = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) x = fmaxf(x, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
+        mx[r] = quad_max(x);
+        if (t == 0) sRed[cw * kBR + row0 + r * 8] = mx[r];
+      }
+      named_bar_sync(1, 256);  // both halves' row maxima visible; both consumers' P_{j-1}·V_{j-1} retired
+      unsigned char* pP = smem_raw + (sP - raw);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int lrow = row0 + r * 8;
+        const float mn = fmaxf(m_r[r], fmaxf(mx[r], sRed[(cw ^ 1) * kBR + lrow]));
+        const float ms = (mn == -INFINITY) ? 0.f : mn * sl2;
+        const float alpha = exp2f(m_r[r] * sl2 - ms);
+        m_r[r] = mn;
+        float rs = 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const float p0 = exp2f(fmaf(s[4 * j + 2 * r], sl2, -ms));
+          const float p1 = exp2f(fmaf(s[4 * j + 2 * r + 1], sl2, -ms));
+          rs += p0 + p1;
+          *reinterpret_cast<std::uint32_t*>(pP + sw128<kBR>(lrow, cw * 64 + j * 8) + t * 4) = Op::pack(p0, p1);
+        }
+        l_r[r] = l_r[r] * alpha + rs;
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+          acc[4 * j + 2 * r] *= alpha;
+          acc[4 * j + 2 * r + 1] *= alpha;
+        }
+      }
+      fence_async_smem();
+      named_bar_sync(1, 256);  // P visible to both consumers' wgmma; both are past the other's row maxima
+    };
+
+    // Software-pipelined so that no wgmma is in flight across the loop's back edge: ptxas serialised every wgmma
+    // (C7514) when the loop ended with P·V still running.
+    mbar_wait(q_full, 0);
+    if (t_begin < t_end) {
+      issue_qk();
+      drain();
+      fence_regs(s);
+      fence_regs(acc);
+      softmax(t_begin);
+      for (int jt = t_begin + 1; jt < t_end; ++jt) {
+        fence_regs(acc);  // the rescale stays before the P·V wgmma
+        issue_pv();
+        issue_qk();
+        drain();
+        fence_regs(s);  // S and O (the rescale) are touched only after the wait
+        fence_regs(acc);
+        softmax(jt);
+      }
+      fence_regs(acc);
+      issue_pv();
+      drain();
+      fence_regs(acc);
+    }
+
+    // Row sums: quad, then the other consumer's half through shared memory.
+    float lq[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      lq[r] = quad_sum(l_r[r]);
+      if (t == 0) sRed[cw * kBR + row0 + r * 8] = lq[r];
+    }
+    named_bar_sync(1, 256);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int lrow = row0 + r * 8;
+      const float l = lq[r] + sRed[(cw ^ 1) * kBR + lrow];
+      const int row = m0 + lrow;
+      if (row >= a.seq_q) continue;
+      if (splits > 1) {
+        const std::int64_t rid = ((static_cast<std::int64_t>(split) * gridDim.z + b) * gridDim.y + h) * a.seq_q + row;
+        float* po = part_o + rid * kD + cw * 256;
+#pragma unroll
+        for (int j = 0; j < 32; ++j)
+          *reinterpret_cast<float2*>(po + j * 8 + t * 2) = make_float2(acc[4 * j + 2 * r], acc[4 * j + 2 * r + 1]);
+        if (cw == 0 && t == 0) *reinterpret_cast<float2*>(part_ml + rid * 2) = make_float2(m_r[r], l);
+        continue;
+      }
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      if (a.lse != nullptr && cw == 0 && t == 0)
+        a.lse[(static_cast<std::int64_t>(b) * gridDim.y + h) * a.seq_q + row] = row_lse(m_r[r], l, sl2);
+      T* orow = HeadPtrs<T>(a, b, h).o + static_cast<std::int64_t>(row) * a.o_ss + cw * 256;
+#pragma unroll
+      for (int j = 0; j < 32; ++j)
+        *reinterpret_cast<std::uint32_t*>(orow + j * 8 + t * 2) =
+            Op::pack(acc[4 * j + 2 * r] * inv, acc[4 * j + 2 * r + 1] * inv);
+    }
+  }
 }
 
 }  // namespace
@@ -274,6 +525,27 @@ cudaError_t workspace_alloc(void** ptr, std::size_t bytes, cudaStream_t stream) 
 
 namespace {
 
+// Runs `kern_launch(splits, part_o, part_ml)`; with splits > 1 the keys are split, partial rows go to a pooled
+// workspace and combine_d512 merges them.
+template <typename T, typename KernLaunch>
+cudaError_t with_splits(const FwdArgs& a, int batch, int heads, int splits, cudaStream_t stream,
+                        KernLaunch&& kern_launch) {
+  if (splits <= 1) return kern_launch(1, nullptr, nullptr);
+  const std::size_t rows = static_cast<std::size_t>(splits) * batch * heads * a.seq_q;
+  void* ws = nullptr;
+  cudaError_t e = workspace_alloc(&ws, rows * (kD + 2) * sizeof(float), stream);
+  if (e != cudaSuccess) return e;
+  float* part_o = static_cast<float*>(ws);
+  float* part_ml = part_o + rows * kD;
+  e = kern_launch(splits, part_o, part_ml);
+  if (e == cudaSuccess) {
+    combine_d512<T><<<dim3(a.seq_q, heads, batch), 128, 0, stream>>>(a, splits, part_o, part_ml);
+    e = cudaGetLastError();
+  }
+  cudaError_t ef = cudaFreeAsync(ws, stream);
+  return e != cudaSuccess ? e : ef;
+}
+
 template <typename T, bool CAUSAL, int MM>
 cudaError_t launch(const FwdArgs& a, int batch, int heads, int force_splits, cudaStream_t stream) {
   auto kern = flash_fwd_d512_sm90<T, CAUSAL, MM>;
@@ -288,29 +560,12 @@ cudaError_t launch(const FwdArgs& a, int batch, int heads, int force_splits, cud
   else if (!CAUSAL && blocks * 2 <= sm_count()) splits = static_cast<int>(sm_count() / blocks);
   splits = std::max(1, std::min({splits, n_tiles / 8, 16}));
   if (force_splits > 0) splits = std::max(1, std::min(force_splits, n_tiles));
-  if (splits > 1) {
-    const std::size_t rows = static_cast<std::size_t>(splits) * batch * heads * a.seq_q;
-    void* ws = nullptr;
-    e = workspace_alloc(&ws, rows * (kD + 2) * sizeof(float), stream);
-    if (e != cudaSuccess) return e;
-    float* part_o = static_cast<float*>(ws);
-    float* part_ml = part_o + rows * kD;
-    dim3 grid(m_blocks * splits, heads, batch);
-    kern<<<grid, kNT, kSmem, stream>>>(a, kBC * 128, 1024, splits, part_o, part_ml);
-    e = cudaGetLastError();
-    if (e == cudaSuccess) {
-      combine_d512<T><<<dim3(a.seq_q, heads, batch), 128, 0, stream>>>(a, splits, part_o, part_ml);
-      e = cudaGetLastError();
-    }
-    cudaError_t ef = cudaFreeAsync(ws, stream);
-    return e != cudaSuccess ? e : ef;
-  }
   // V is read MN-major: LBO = stride between 64-column blocks, SBO = stride between 8-row groups
   // (checked on the device: the swapped reading gives wrong results).
-  const std::uint32_t lbo = kBC * 128, sbo = 1024;
-  dim3 grid(m_blocks, heads, batch);
-  kern<<<grid, kNT, kSmem, stream>>>(a, lbo, sbo, 1, nullptr, nullptr);
-  return cudaGetLastError();
+  return with_splits<T>(a, batch, heads, splits, stream, [&](int sp, float* po, float* pml) {
+    kern<<<dim3(m_blocks * sp, heads, batch), kNT, kSmem, stream>>>(a, kBC * 128, 1024, sp, po, pml);
+    return cudaGetLastError();
+  });
 }
 
 template <typename T, bool CAUSAL>
@@ -320,11 +575,60 @@ cudaError_t launch_mm(const FwdArgs& a, int batch, int heads, int mask_mode, int
   return launch<T, CAUSAL, kNoMask>(a, batch, heads, force_splits, s);
 }
 
+// Key splits for the warp-specialised kernel: m_blocks x heads x batch CTAs per split, one per SM at a time, n key
+// tiles. Minimises waves x (tiles per split + ~1 tile of start/end) plus the combine pass, which moves ~4 KB per row
+// and split (~15 MB per tile-time of one CTA, ~5 us, at 3 TB/s).
+int choose_ws_splits(long long ctas, int sms, int n_tiles, long long rows) {
+  int best = 1;
+  double best_cost = 0.0;
+  for (int sp = 1; sp <= std::min(8, n_tiles); ++sp) {
+    const long long waves = (ctas * sp + sms - 1) / sms;
+    double cost = static_cast<double>(waves) * ((n_tiles + sp - 1) / sp + 1);
+    if (sp > 1) cost += static_cast<double>(rows) * sp * 4096.0 / 15e6;
+    if (sp == 1 || cost < best_cost) best = sp, best_cost = cost;
+  }
+  return best;
+}
+
+template <typename T>
+cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, int force_splits, cudaStream_t stream) {
+  constexpr bool bf16 = std::is_same<T, __nv_bfloat16>::value;
+  const int heads_kv = heads / a.group;
+  CUtensorMap tq, tk, tv;
+  if (!make_map(&tq, a.q, bf16, kD, a.seq_q, heads, batch, a.q_ss, a.q_sh, a.q_sb, kBR, 64) ||
+      !make_map(&tk, a.k, bf16, kD, a.seq_kv, heads_kv, batch, a.k_ss, a.k_sh, a.k_sb, kWsBC, 64) ||
+      !make_map(&tv, a.v, bf16, kD, a.seq_kv, heads_kv, batch, a.v_ss, a.v_sh, a.v_sb, 32, 64))
+    return cudaErrorNotSupported;
+  auto kern = flash_fwd_d512_ws<T>;
+  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, kWsSmem);
+  if (e != cudaSuccess) return e;
+  const int m_blocks = (a.seq_q + kBR - 1) / kBR;
+  const int n_tiles = (a.seq_kv + kWsBC - 1) / kWsBC;
+  const long long ctas = static_cast<long long>(m_blocks) * heads * batch;
+  const long long rows = static_cast<long long>(batch) * heads * a.seq_q;
+  const int splits =
+      force_splits > 0 ? std::min(force_splits, n_tiles) : choose_ws_splits(ctas, sm_count(), n_tiles, rows);
+  if (static_cast<long long>(m_blocks) * splits > 0x7fffffffLL) return cudaErrorNotSupported;  // grid.x
+  return with_splits<T>(a, batch, heads, splits, stream, [&](int sp, float* po, float* pml) {
+    kern<<<dim3(m_blocks * sp, heads, batch), 384, kWsSmem, stream>>>(a, sp, po, pml, tq, tk, tv);
+    return cudaGetLastError();
+  });
+}
+
 }  // namespace
 
-// variant 2..9 (dev): force that many key splits; 10: never split; otherwise chosen from the grid size.
+// Unmasked non-causal calls take the warp-specialised kernel (1.5-2x the column-split kernel, H200); masked and
+// causal calls, and any call when no tensor map can be made, the column-split kernel. Variants (dev harness):
+// 2..9 force that many key splits on the column-split kernel, 10 never splits it, 11 takes it with its own split
+// choice; 12 is the warp-specialised kernel never split.
 cudaError_t run_hdim512_sm90(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int mask_mode,
                              int variant, cudaStream_t s) {
+  if (mask_mode == kNoMask && !causal && (variant < 2 || variant == 12)) {
+    const int force = variant == 12 ? 1 : 0;
+    const cudaError_t e = bf16 ? launch_ws<__nv_bfloat16>(a, batch, heads, force, s)
+                               : launch_ws<__half>(a, batch, heads, force, s);
+    if (e != cudaErrorNotSupported) return e;
+  }
   const int force = (variant >= 2 && variant <= 9) ? variant : variant == 10 ? 1 : 0;
   if (bf16) return causal ? launch_mm<__nv_bfloat16, true>(a, batch, heads, mask_mode, force, s)
                           : launch_mm<__nv_bfloat16, false>(a, batch, heads, mask_mode, force, s);
