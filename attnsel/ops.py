@@ -100,26 +100,23 @@ def attention(
     Returns the output (B, Hq, Sq, Dv); with return_lse=True, (output, lse) where lse is the natural-log
     log-sum-exp of each query row's scaled, masked scores, (B, Hq, Sq) float32 (-inf for a row that sees no key).
     """
-    if backend is not None:  # a name seen before: one dict lookup, no call
-        if backend.__class__ is not str or (bid := _NAME_IDS.get(backend)) is None:
-            bid = _backend_id(backend)
-        if bid != _SDPA_ID or CALL_HOOKS or return_lse or _is_compiling():
-            if CALL_HOOKS:
-                _call_hooks(q, k, v, attn_mask, is_causal, scale, bid, *CALLER.get())
-            if return_lse:
-                return _OP(q, k, v, attn_mask, is_causal, scale, bid, True)
-            return _OP(q, k, v, attn_mask, is_causal, scale, bid)[0]
-        route = _plan_route(q, k, v, attn_mask, is_causal, bid)
-    elif CALL_HOOKS or return_lse or _is_compiling():
-        bid = CONTEXT if _is_compiling() else _policy_id()  # compiled: the op resolves the thread's policy at run time
+    if backend is None:
+        bid = CONTEXT  # this task's policy
+    elif backend.__class__ is not str or (bid := _NAME_IDS.get(backend)) is None:  # seen before: one dict lookup
+        bid = _backend_id(backend)
+    if (bid != _SDPA_ID and bid != CONTEXT) or CALL_HOOKS or return_lse or _is_compiling():  # straight to the op
+        if bid == CONTEXT and not _is_compiling():  # compiled: the op resolves the thread's policy at run time
+            bid = _policy_id()
         if CALL_HOOKS:
             _call_hooks(q, k, v, attn_mask, is_causal, scale, bid, *CALLER.get())
         if return_lse:
             return _OP(q, k, v, attn_mask, is_causal, scale, bid, True)
         return _OP(q, k, v, attn_mask, is_causal, scale, bid)[0]
-    else:  # the task's policy and the call's plan in one native call
+    if bid == CONTEXT:  # the task's policy and the call's plan in one native call
         scope = _scope_get()
         route = _plan_route(q, k, v, attn_mask, is_causal, CONTEXT, None if scope is None else scope.view)
+    else:  # torch_sdpa named: checked, and whether SDPA can take the call directly
+        route = _plan_route(q, k, v, attn_mask, is_causal, bid)
     if route >= 0:
         return _OP(q, k, v, attn_mask, is_causal, scale, route)[0]
     if route == SDPA_DIRECT and attn_mask is None and scale is None and not is_causal:

@@ -14,11 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import socket
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +23,8 @@ import torch.nn.functional as F
 
 import attnsel
 from attnsel.tuning import cpu_model
+
+from _common import load_avg, run_environment, time_pair, wall_time
 
 # (B, H, S, D, causal); query and key length are both S.
 CPU_SHAPES = [
@@ -48,31 +47,18 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def timer(device: str):
-    if device == "cuda":
-        def run(fn):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) * 1e-3
-    else:
-        def run(fn):
-            t0 = time.perf_counter()
-            fn()
-            return time.perf_counter() - t0
+    """Seconds per call: CUDA events on the GPU, the host clock on the CPU."""
+    if device != "cuda":
+        return wall_time
+
+    def run(fn):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) * 1e-3
     return run
-
-
-def time_pair(fa, fb, warmup: int, repeats: int, measure) -> tuple[float, float]:
-    for _ in range(warmup):
-        fa()
-        fb()
-    ta, tb = [], []
-    for i in range(repeats):
-        for f in ((fa, fb) if i % 2 == 0 else (fb, fa)):  # alternate the order: load hits both alike
-            (ta if f is fa else tb).append(measure(f))
-    return statistics.median(ta), statistics.median(tb)
 
 
 def main() -> None:
@@ -94,23 +80,10 @@ def main() -> None:
     json_path = Path(args.json) if args.json else (
         Path(__file__).resolve().parent / "results" / f"backward_{device}_{host}.json")
     unit, unit_name = (1e-9, "GF/s") if device == "cpu" else (1e-12, "TF/s")
-    env = {
-        "device": device,
-        "device_name": torch.cuda.get_device_name() if device == "cuda" else cpu_model(),
-        "cpu_isa": attnsel._C.cpu_isa(),
-        "threads": torch.get_num_threads(),
-        "nproc": os.cpu_count(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "host": host,
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "repeats": repeats,
-        "warmup": args.warmup,
-        "statistic": "median",
-        "load_avg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "note": args.note,
-    }
+    env = {"device": device,
+           "device_name": torch.cuda.get_device_name() if device == "cuda" else cpu_model(),
+           "cpu_isa": attnsel._C.cpu_isa(), "cuda": torch.version.cuda,
+           **run_environment(host, repeats, args.warmup, args.note)}
     print(f"attnsel native vs SDPA, forward+backward | {env['device_name']} | {env['threads']} threads | "
           f"torch {env['torch']} | median of {repeats}")
     header = (f"{'shape (B,H,S,D)':<22}{'causal':>7}{'dtype':>6}{'fwd+bwd ms':>12}{'sdpa ms':>10}"
@@ -147,8 +120,8 @@ def main() -> None:
                 out = fn()
                 return lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True)
 
-            tn, ts = time_pair(step(native), step(sdpa), args.warmup, repeats, measure)
-            bn, bs = time_pair(bwd_only(native), bwd_only(sdpa), args.warmup, repeats, measure)
+            tn, ts = map(statistics.median, time_pair(step(native), step(sdpa), args.warmup, repeats, measure))
+            bn, bs = map(statistics.median, time_pair(bwd_only(native), bwd_only(sdpa), args.warmup, repeats, measure))
             flops = 3.5 * 4.0 * b * h * s * s * d * (0.5 if causal else 1.0)
             row = {
                 "shape": [b, h, s, s, d], "causal": causal, "dtype": dname,
@@ -174,7 +147,7 @@ def main() -> None:
     for dname, sm in summary.items():
         print(f"{dname}: geomean speed-up fwd+bwd {sm['geomean_speedup_fwd_bwd']:.2f}x "
               f"(bwd alone {sm['geomean_speedup_bwd']:.2f}x), worst {sm['min_speedup_fwd_bwd']:.2f}x")
-    env["load_avg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    env["load_avg_end"] = load_avg()
     json_path.parent.mkdir(parents=True, exist_ok=True)
     with open(json_path, "w") as f:
         json.dump({"environment": env, "results": rows, "summary": summary, "quick": args.quick}, f, indent=2)

@@ -12,11 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import socket
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -24,6 +21,8 @@ import torch.nn.functional as F
 
 import attnsel
 from attnsel.tuning import cpu_model
+
+from _common import load_avg, run_environment, time_pair
 
 # (B, H, S, D, causal): query and key length are both S.
 SHAPES = [
@@ -52,22 +51,6 @@ def cpu_flags() -> list[str]:
     return []
 
 
-def time_pair(fa, fb, warmup: int, repeats: int) -> tuple[list[float], list[float]]:
-    for _ in range(warmup):
-        fa()
-        fb()
-    ta, tb = [], []
-    for i in range(repeats):
-        # Alternate which goes first, so neither always runs right after the other.
-        order = (fa, fb) if i % 2 == 0 else (fb, fa)
-        for f in order:
-            t0 = time.perf_counter()
-            f()
-            dt = time.perf_counter() - t0
-            (ta if f is fa else tb).append(dt)
-    return ta, tb
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shapes, few repeats (smoke run)")
@@ -86,22 +69,8 @@ def main() -> None:
     host = socket.gethostname().split(".")[0] or "host"
     json_path = Path(args.json) if args.json else Path(__file__).resolve().parent / "results" / f"cpu_{host}.json"
 
-    env = {
-        "isa": attnsel._C.cpu_isa(),
-        "threads": torch.get_num_threads(),
-        "cpu_model": cpu_model(),
-        "cpu_flags": cpu_flags(),
-        "nproc": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "host": host,
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "repeats": repeats,
-        "warmup": args.warmup,
-        "statistic": "median",
-        "load_avg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "note": args.note,
-    }
+    env = {"isa": attnsel._C.cpu_isa(), "cpu_model": cpu_model(), "cpu_flags": cpu_flags(),
+           **run_environment(host, repeats, args.warmup, args.note)}
     print(f"attnsel native CPU vs SDPA | ISA {env['isa']} | {env['threads']} threads | {env['cpu_model']} | "
           f"torch {env['torch']} | median of {repeats}")
     header = (f"{'shape (B,H,S,D)':<22}{'causal':>7}{'dtype':>6}{'native ms':>11}{'sdpa ms':>10}"
@@ -147,7 +116,7 @@ def main() -> None:
     print("-" * len(header))
     for dname, sm in summary.items():
         print(f"{dname}: geomean speed-up {sm['geomean_speedup']:.2f}x, worst {sm['min_speedup']:.2f}x")
-    env["load_avg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    env["load_avg_end"] = load_avg()
 
     json_path.parent.mkdir(parents=True, exist_ok=True)
     with open(json_path, "w") as f:

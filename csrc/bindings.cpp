@@ -52,6 +52,20 @@ MaskKind parse_mask(const std::string& s) {
   throw std::invalid_argument("attnsel: mask kind must be one of none, bool, additive; got '" + s + "'");
 }
 
+// A component context crosses the boundary as (backend id or None, component, set_by_python, self id, cross id).
+using ScopeTuple = std::tuple<std::optional<int>, std::string, bool, std::optional<int>, std::optional<int>>;
+std::optional<ScopeTuple> context_to_py(const std::optional<ComponentContext>& c) {
+  if (!c) return std::nullopt;
+  return ScopeTuple{from_opt_id(c->backend), c->component, c->set_by_python, from_opt_id(c->role_backends[0]),
+                    from_opt_id(c->role_backends[1])};
+}
+std::optional<ComponentContext> from_py(const std::optional<ScopeTuple>& c) {
+  if (!c) return std::nullopt;
+  ComponentContext ctx{to_opt_id(std::get<0>(*c)), std::get<1>(*c), std::get<2>(*c), {}};
+  ctx.role_backends = {to_opt_id(std::get<3>(*c)), to_opt_id(std::get<4>(*c))};
+  return ctx;
+}
+
 // The policy of a Python task's view (None: no Python scope; a scope a C++ caller entered on this thread still
 // counts, a mirror of another task's Python scope does not): a named id, or nothing = auto.
 std::optional<BackendId> view_policy(const std::optional<ComponentContext>& view, bool has_view) {
@@ -81,8 +95,6 @@ int plan_route(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   return q.size(1) == k.size(1) ? kRouteSdpaDirect : kRouteSdpaDirectGqa;
 }
 
-std::optional<ComponentContext> from_py_view(PyObject* view);
-
 // _C.plan_route(q, k, v, attn_mask, is_causal, backend, context=None), on every eager attnsel.attention call: a
 // vectorcall function, since pybind11's argument conversion cost more than the plan itself (~0.3 of ~0.45 us).
 // backend: a named id, -2 = auto, or -1 = the policy of `context` (a task's scope view, as call_policy).
@@ -109,7 +121,9 @@ PyObject* plan_route_py(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     std::int64_t id = backend;
     if (id == -1) {
       const bool has_view = nargs == 7 && args[6] != Py_None;
-      const std::optional<BackendId> policy = view_policy(has_view ? from_py_view(args[6]) : std::nullopt, has_view);
+      const std::optional<ComponentContext> view =
+          has_view ? from_py(py::cast<ScopeTuple>(py::handle(args[6]))) : std::nullopt;
+      const std::optional<BackendId> policy = view_policy(view, has_view);
       id = policy ? static_cast<int>(*policy) : -2;
     }
     std::optional<at::Tensor> mask;
@@ -138,24 +152,6 @@ CallSignature signature_of_call(const at::Tensor& q, const at::Tensor& k, const 
   } catch (const c10::ValueError& e) {
     throw py::value_error(e.what_without_backtrace());
   }
-}
-
-// A component context crosses the boundary as (backend id or None, component, set_by_python, self id, cross id).
-using ScopeTuple = std::tuple<std::optional<int>, std::string, bool, std::optional<int>, std::optional<int>>;
-std::optional<ScopeTuple> context_to_py(const std::optional<ComponentContext>& c) {
-  if (!c) return std::nullopt;
-  return ScopeTuple{from_opt_id(c->backend), c->component, c->set_by_python, from_opt_id(c->role_backends[0]),
-                    from_opt_id(c->role_backends[1])};
-}
-std::optional<ComponentContext> from_py(const std::optional<ScopeTuple>& c) {
-  if (!c) return std::nullopt;
-  ComponentContext ctx{to_opt_id(std::get<0>(*c)), std::get<1>(*c), std::get<2>(*c), {}};
-  ctx.role_backends = {to_opt_id(std::get<3>(*c)), to_opt_id(std::get<4>(*c))};
-  return ctx;
-}
-
-std::optional<ComponentContext> from_py_view(PyObject* view) {
-  return from_py(py::cast<ScopeTuple>(py::handle(view)));
 }
 
 SelectionRequest make_request(int head_size, const std::string& dtype, const std::string& device,

@@ -187,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor> differentiable_attention(const at::Tensor& q,
                                                             const std::optional<at::Tensor>& attn_mask,
                                                             bool is_causal, std::optional<double> scale,
                                                             std::int64_t backend, bool return_lse) {
-  validate_inputs(q, k, v, attn_mask);
+  check_call_inputs(q, k, v, attn_mask);
   const BackendId chosen = plan_backend(q, k, v, attn_mask, is_causal, backend, /*needs_grad=*/true, return_lse);
   check_backward_implemented(chosen);
   // The choice is made once, here: the backward pass uses the same backend, whatever the context is by then.
@@ -259,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_me
     const at::Tensor&, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor&,
     const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>& attn_mask, bool,
     std::optional<double>, std::int64_t, bool mask_grad) {
-  validate_inputs(q, k, v, attn_mask);
+  check_call_inputs(q, k, v, attn_mask);
   at::Tensor grad_mask = mask_grad && attn_mask ? at::empty(attn_mask->sizes(), attn_mask->options())
                                                 : at::empty({0}, q.options());
   return {at::empty(q.sizes(), q.options()), at::empty(k.sizes(), k.options()), at::empty(v.sizes(), v.options()),

@@ -176,8 +176,7 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
 std::tuple<at::Tensor, at::Tensor> attention_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                   const std::optional<at::Tensor>& attn_mask, bool,
                                                   std::optional<double>, std::int64_t, bool return_lse) {
-  check_inputs(q, k, v);
-  if (attn_mask) broadcast_mask(*attn_mask, q, k);
+  check_call_inputs(q, k, v, attn_mask);
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   at::Tensor lse = return_lse ? at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat))
                               : at::empty({0}, q.options().dtype(at::kFloat));

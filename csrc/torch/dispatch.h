@@ -53,7 +53,7 @@ BackendId plan_backend(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                        const std::optional<at::Tensor>& attn_mask, bool is_causal, std::int64_t backend,
                        bool needs_grad, bool needs_lse = false);
 
-// The checks of validate_inputs without building the broadcast mask (for planning only).
+// The checks of validate_inputs without building the broadcast mask (for callers that do not index it).
 void check_call_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const std::optional<at::Tensor>& attn_mask);
 
