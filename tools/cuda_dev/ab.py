@@ -86,7 +86,7 @@ def main():
             _, (B, H, Sq, Sk, D), causal, mkind = known[name]
             q = torch.randn((B, H, Sq, D), generator=gen, device="cuda").to(dtype)
             k, v = (torch.randn((B, H, Sk, D), generator=gen, device="cuda").to(dtype) for _ in range(2))
-            mask = make_mask(mkind, B, H, Sq, Sk, gen)
+            mask = make_mask(mkind, B, H, Sq, Sk, gen, dtype)
             flops = 4 * B * H * Sq * Sk * D / (2 if causal else 1)
             ok = {}
             for bname, fn in fns.items():  # refusals are reported, not timed

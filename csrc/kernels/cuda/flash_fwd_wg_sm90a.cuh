@@ -771,9 +771,9 @@ cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, cudaStream_t strea
   constexpr bool PERSIST = S == Sched::kPersist;
   static_assert(PERSIST || QBUF == 1, "one Q buffer per CTA without the persistent loop");
   constexpr bool bf16 = std::is_same<T, __nv_bfloat16>::value;
-  const int heads_kv = heads / a.group, d = a.head_dim, dkv = a.kv_cols;
+  const int heads_kv = heads / a.group, dkv = a.kv_cols;
   CUtensorMap tq, tk, tv;
-  if (!make_map(&tq, a.q, bf16, d, a.seq_q, heads, batch, a.q_ss, a.q_sh, a.q_sb, C::BR, C::CW) ||
+  if (!make_map(&tq, a.q, bf16, a.q_cols, a.seq_q, heads, batch, a.q_ss, a.q_sh, a.q_sb, C::BR, C::CW) ||
       !make_map(&tk, a.k, bf16, dkv, a.seq_kv, heads_kv, batch, a.k_ss, a.k_sh, a.k_sb, BC, C::CW) ||
       !make_map(&tv, a.v, bf16, dkv, a.seq_kv, heads_kv, batch, a.v_ss, a.v_sh, a.v_sb, BC, C::CW))
     return cudaErrorNotSupported;
