@@ -65,7 +65,7 @@ detail::FwdArgs make_args(const kernels::AttentionParams& p) {
   a.seq_q = static_cast<int>(p.seq_q);
   a.seq_kv = static_cast<int>(p.seq_kv);
   a.head_dim = static_cast<int>(p.head_dim);
-  a.kv_cols = a.q_cols = a.head_dim;
+  a.kv_cols = a.head_dim;
   a.lse = p.lse;
   a.scale = p.scale;
   constexpr float kLog2e = 1.4426950408889634f;

@@ -25,7 +25,6 @@ struct FwdArgs {
   int seq_q, seq_kv;
   int head_dim;      // the real head size; kernels are built for the next size up (64/128/256) and zero-pad
   int kv_cols;       // Hopper kernels: columns of K/V rows (head_dim, or the padded size when K/V were repacked)
-  int q_cols;        // Hopper kernels: columns of Q rows (likewise, when Q was repacked)
   float scale_log2;  // log2(e) x the factor on a score: scale without a mask, 1 with one (scores pre-scaled)
   float scale;       // q·k multiplier, applied before the mask is added (masked kernels only)
   float* lse;        // [B, Hq, Sq] natural-log log-sum-exp, contiguous; null = not wanted

@@ -67,6 +67,52 @@ __device__ __forceinline__ void fence_frag(std::uint32_t (&r)[N][4]) {
     for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
 }
 
+// Full additive masks of 2-byte values with contiguous keys (the usual [B, H, Sq, Sk] tensor): each consumer thread
+// copies the mask values of its own score elements for the next key tile into shared memory with cp.async, issued
+// right after the softmax of the current tile, so the loads run under a whole key tile. (Read from global memory in
+// the softmax itself, a full additive mask ran at 50 TFLOP/s at D=64, a fifth of cuDNN's 265.) Per thread and key
+// tile: 2 rows x BC/8 groups of the two adjacent keys it holds, 4 bytes each; stored [pair][thread of the
+// warpgroup], so a warp's reads are contiguous words (no bank conflicts).
+template <typename T, int BC>
+struct AddMaskStage {
+  static constexpr int PAIRS = BC / 4;
+  static constexpr int BYTES = PAIRS * 128 * 4;  // per consumer warpgroup
+  const unsigned char* r0 = nullptr;  // mask rows row0 and row0 + 8 (clamped to the sequence), at key t * 2
+  const unsigned char* r1 = nullptr;
+  std::uint32_t dst = 0;  // this thread's word of pair 0
+  // Whether the item's mask takes this path: 2-byte values, keys contiguous, pairs 4-byte aligned.
+  static __device__ __forceinline__ bool usable(const MaskView<T, kAddMask>& m) {
+    return !m.f32 && m.sk == 1 && m.sq % 2 == 0 && (reinterpret_cast<std::uintptr_t>(m.base) & 3) == 0;
+  }
+  __device__ __forceinline__ void set_rows(const MaskView<T, kAddMask>& m, int row_a, int row_b, int t) {
+    r0 = reinterpret_cast<const unsigned char*>(m.base) + 2 * (row_a * m.sq + t * 2);
+    r1 = reinterpret_cast<const unsigned char*>(m.base) + 2 * (row_b * m.sq + t * 2);
+  }
+  // Copies of key tile n0 .. n0+BC-1; keys past seq_kv are zero-filled (the softmax cuts them).
+  __device__ __forceinline__ void issue(int n0, int seq_kv, int t) const {
+    const bool full = n0 + BC <= seq_kv;
+#pragma unroll
+    for (int p = 0; p < PAIRS; ++p) {
+      const int col = n0 + (p >> 1) * 8;
+      const unsigned char* src = ((p & 1) ? r1 : r0) + 2 * col;
+      const int left = seq_kv - (col + t * 2);
+      const int n = full ? 4 : left >= 2 ? 4 : left == 1 ? 2 : 0;
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst + p * 512),
+                   "l"(n > 0 ? src : r0), "r"(n) : "memory");
+    }
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+  }
+  static __device__ __forceinline__ void wait() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+  __device__ __forceinline__ float2 pair(int p) const {
+    std::uint32_t w;
+    asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(w) : "r"(dst + p * 512) : "memory");
+    if constexpr (std::is_same<T, __nv_bfloat16>::value)
+      return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w));
+    else
+      return __half22float2(*reinterpret_cast<const __half2*>(&w));
+  }
+};
+
 // Warp-specialised kernel (FA3's structure). Warpgroup 0 is the producer: one thread streams Q and a
 // STAGES-deep ring of K and V tiles in with the bulk tensor copy engine (TMA, 128-byte swizzle = the layout
 // wgmma reads), completion counted on mbarriers. Warpgroups 1..NC consume, 64 query rows each, with no
@@ -78,8 +124,8 @@ __device__ __forceinline__ void fence_frag(std::uint32_t (&r)[N][4]) {
 // blockIdx.x + gridDim.x, ...; the K/V ring and its barrier phases run on across items, so the producer loads the
 // next item's Q and first K/V tiles while the consumers finish this item's last P·V and store O. Q has QBUF
 // buffers (2 where shared memory allows): with one, the consumers free it when the item's last Q·K^T has retired.
-// Without PERSIST there is one CTA per work item (the grid is (query tiles, heads, batch)): the default for masked
-// calls that do not run persistent, and variant 23 (unmasked calls take flash_fwd_ws_tile, see run_t).
+// Without PERSIST there is one CTA per work item (the grid is (query tiles, heads, batch)): built only for full
+// boolean masks, where it ran faster than flash_fwd_ws_tile at D=64 (see run_t).
 template <int D, int BC, int NC, int STAGES, int QBUF = 1>
 struct WsCfg {
   static constexpr int BR = 64 * NC, NT = 128 * (NC + 1);
@@ -93,6 +139,11 @@ struct WsCfg {
   // Masked kernels: a key-padding bias row per consumer, double-buffered by key tile (after the barriers).
   static constexpr int BIAS_OFFSET = (TILES + 8 * N_BARS + 15) / 16 * 16;
   static constexpr int SMEM_MASKED = SMEM + 16 + NC * 2 * BC * 4;
+  // Full additive masks: the cp.async staging of AddMaskStage per consumer, after the bias rows, where it fits
+  // (not at D=256, nor with two Q buffers at D=128).
+  static constexpr int ADD_OFFSET = BIAS_OFFSET + NC * 2 * BC * 4;
+  static constexpr int SMEM_ADD = SMEM_MASKED + NC * (BC / 4) * 128 * 4;
+  static constexpr bool ADD_STAGE = SMEM_ADD <= 227 * 1024;
   // Register split of the 64K-register file: the producer needs few, the consumers hold S, P and O.
   static constexpr int PRODUCER_REGS = NC == 2 ? 24 : 32;
   static constexpr int CONSUMER_REGS = NC == 2 ? 240 : 160;
@@ -100,9 +151,9 @@ struct WsCfg {
 
 // One CTA per work item (b, h, 128-query tile), the grid is (query tiles, heads, batch): the kernel body as it was
 // before the persistent schedule (commit ba36df9; its D=64 build gives the same SASS), with the column chunks of the
-// 80/96 kernels. Everything about the item is fixed at the start and nothing is carried across items. Unmasked,
-// ba36df9's build ran 8.5% faster at D=64 (SD-UNet) and 2% at D=128 (Flux) than the persistent kernel's body with
-// its loop compiled out (flash_fwd_ws without PERSIST, variant 23), side by side on an H200 (docs/cuda-kernels.md).
+// 80/96 kernels. Everything about the item is fixed at the start and nothing is carried across items. Unmasked it
+// ran 11% faster at D=64 (SD-UNet) and 2% at D=128 (Flux) than the persistent kernel's body with its loop compiled
+// out (flash_fwd_ws without PERSIST), side by side on an H200 (docs/cuda-kernels.md); run_t says where each runs.
 template <typename T, int D, int BC, int NC, int STAGES, bool CAUSAL, int MM>
 __global__ void __launch_bounds__((NC + 1) * 128, 1)
     flash_fwd_ws_tile(const FwdArgs a, const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
@@ -178,6 +229,19 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
     // Key-padding masks: the bias row of flash_fwd_ws, its two buffers alternating by key tile jt.
     const bool kp = MM != kNoMask && mask.key_padding();
     const int tw = (warp & 3) * 32 + lane;  // thread index within the warpgroup
+    // Full additive masks: the next key tile's values staged in shared memory (AddMaskStage) where they fit.
+    constexpr bool kStageable = MM == kAddMask && C::ADD_STAGE;
+    using AddStage = AddMaskStage<T, BC>;
+    AddStage add;
+    add.dst = sQ + C::ADD_OFFSET + cw * AddStage::BYTES + tw * 4;
+    bool staged = false;
+    if constexpr (kStageable) {
+      staged = !kp && AddStage::usable(mask);
+      if (staged) {
+        add.set_rows(mask, min(m0 + row0, a.seq_q - 1), min(m0 + row0 + 8, a.seq_q - 1), t);
+        add.issue(0, a.seq_kv, t);
+      }
+    }
     float* s_bias = reinterpret_cast<float*>(smem_raw + (sQ - smem_u32(smem_raw)) + C::BIAS_OFFSET) + cw * 2 * BC;
     auto kp_fetch = [&](int jt) -> float {
       const int col = jt * BC + tw;
@@ -266,11 +330,35 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
           s[e] = keep ? s[e] * a.scale : -INFINITY;
         }
       } else if (MM == kAddMask) {  // every tile: scale, add the mask, cut at the sequence end / causal diagonal
+        bool done = false;
+        if constexpr (kStageable) {
+          if (staged) {  // this tile's values from shared memory, then the next tile's copies
+            AddStage::wait();
 #pragma unroll
-        for (int e = 0; e < BC / 2; ++e) {
-          const int row = m0 + row0 + ((e >> 1) & 1) * 8;
-          const int col = n0 + (e >> 2) * 8 + t * 2 + (e & 1);
-          s[e] = mask.template apply<CAUSAL>(s[e], a.scale, row, col, a.seq_q, a.seq_kv);
+            for (int p = 0; p < BC / 4; ++p) {
+              const float2 mv = add.pair(p);
+              s[2 * p] = fmaf(s[2 * p], a.scale, mv.x);
+              s[2 * p + 1] = fmaf(s[2 * p + 1], a.scale, mv.y);
+            }
+            if (n0 + BC > a.seq_kv || (CAUSAL && n0 + BC - 1 > m0 + cw * 64)) {
+#pragma unroll
+              for (int e = 0; e < BC / 2; ++e) {
+                const int row = m0 + row0 + ((e >> 1) & 1) * 8;
+                const int col = n0 + (e >> 2) * 8 + t * 2 + (e & 1);
+                if (col >= a.seq_kv || (CAUSAL && col > row)) s[e] = -INFINITY;
+              }
+            }
+            if (jt + 1 < n_tiles) add.issue(n0 + BC, a.seq_kv, t);
+            done = true;
+          }
+        }
+        if (!done) {
+#pragma unroll
+          for (int e = 0; e < BC / 2; ++e) {
+            const int row = m0 + row0 + ((e >> 1) & 1) * 8;
+            const int col = n0 + (e >> 2) * 8 + t * 2 + (e & 1);
+            s[e] = mask.template apply<CAUSAL>(s[e], a.scale, row, col, a.seq_q, a.seq_kv);
+          }
         }
       } else if (n0 + BC > a.seq_kv || (CAUSAL && n0 + BC - 1 > m0 + cw * 64)) {
 #pragma unroll
@@ -511,6 +599,12 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
       n_tiles = key_tiles<BR, BC, CAUSAL>(m0, a.seq_kv);
     };
     MaskView<T, MM> mask(a, 0, 0);
+    // Full additive masks: the next key tile's values staged in shared memory (AddMaskStage) where they fit.
+    constexpr bool kStageable = MM == kAddMask && C::ADD_STAGE;
+    using AddStage = AddMaskStage<T, BC>;
+    AddStage add;
+    add.dst = sQ + C::ADD_OFFSET + cw * AddStage::BYTES + tw * 4;
+    bool staged = false;
     // Key-padding masks (one row of keys per batch and head): each thread of the warpgroup loads one key's value
     // of the next tile while this one computes and publishes it as a float bias row in shared memory (0 or -inf
     // for bool masks), so the softmax adds it with one shared load per two keys. The two row buffers alternate
@@ -615,11 +709,35 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
           s[e] = keep ? s[e] * a.scale : -INFINITY;
         }
       } else if (MM == kAddMask) {  // every tile: scale, add the mask, cut at the sequence end / causal diagonal
+        bool done = false;
+        if constexpr (kStageable) {
+          if (staged) {  // this tile's values from shared memory, then the next tile's copies
+            AddStage::wait();
 #pragma unroll
-        for (int e = 0; e < BC / 2; ++e) {
-          const int row = m0 + row0 + ((e >> 1) & 1) * 8;
-          const int col = n0 + (e >> 2) * 8 + t * 2 + (e & 1);
-          s[e] = mask.template apply<CAUSAL>(s[e], a.scale, row, col, a.seq_q, a.seq_kv);
+            for (int p = 0; p < BC / 4; ++p) {
+              const float2 mv = add.pair(p);
+              s[2 * p] = fmaf(s[2 * p], a.scale, mv.x);
+              s[2 * p + 1] = fmaf(s[2 * p + 1], a.scale, mv.y);
+            }
+            if (n0 + BC > a.seq_kv || (CAUSAL && n0 + BC - 1 > m0 + cw * 64)) {
+#pragma unroll
+              for (int e = 0; e < BC / 2; ++e) {
+                const int row = m0 + row0 + ((e >> 1) & 1) * 8;
+                const int col = n0 + (e >> 2) * 8 + t * 2 + (e & 1);
+                if (col >= a.seq_kv || (CAUSAL && col > row)) s[e] = -INFINITY;
+              }
+            }
+            if (jt + 1 < n_tiles) add.issue(n0 + BC, a.seq_kv, t);
+            done = true;
+          }
+        }
+        if (!done) {
+#pragma unroll
+          for (int e = 0; e < BC / 2; ++e) {
+            const int row = m0 + row0 + ((e >> 1) & 1) * 8;
+            const int col = n0 + (e >> 2) * 8 + t * 2 + (e & 1);
+            s[e] = mask.template apply<CAUSAL>(s[e], a.scale, row, col, a.seq_q, a.seq_kv);
+          }
         }
       } else if (n0 + BC > a.seq_kv || (CAUSAL && n0 + BC - 1 > m0 + cw * 64)) {
 #pragma unroll
@@ -665,6 +783,13 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
       mask = MaskView<T, MM>(a, b, h);
       issue_first_qk(it, kc);
       kp = MM != kNoMask && mask.key_padding();
+      if constexpr (kStageable) {
+        staged = !kp && AddStage::usable(mask);
+        if (staged) {
+          add.set_rows(mask, min(m0 + row0, a.seq_q - 1), min(m0 + row0 + 8, a.seq_q - 1), t);
+          add.issue(0, a.seq_kv, t);
+        }
+      }
 #pragma unroll
       for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
       m_r[0] = m_r[1] = -INFINITY;
@@ -773,11 +898,11 @@ cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, cudaStream_t strea
   constexpr bool bf16 = std::is_same<T, __nv_bfloat16>::value;
   const int heads_kv = heads / a.group, dkv = a.kv_cols;
   CUtensorMap tq, tk, tv;
-  if (!make_map(&tq, a.q, bf16, a.q_cols, a.seq_q, heads, batch, a.q_ss, a.q_sh, a.q_sb, C::BR, C::CW) ||
+  if (!make_map(&tq, a.q, bf16, a.head_dim, a.seq_q, heads, batch, a.q_ss, a.q_sh, a.q_sb, C::BR, C::CW) ||
       !make_map(&tk, a.k, bf16, dkv, a.seq_kv, heads_kv, batch, a.k_ss, a.k_sh, a.k_sb, BC, C::CW) ||
       !make_map(&tv, a.v, bf16, dkv, a.seq_kv, heads_kv, batch, a.v_ss, a.v_sh, a.v_sb, BC, C::CW))
     return cudaErrorNotSupported;
-  constexpr int smem = MM == kNoMask ? C::SMEM : C::SMEM_MASKED;
+  constexpr int smem = MM == kNoMask ? C::SMEM : (MM == kAddMask && C::ADD_STAGE) ? C::SMEM_ADD : C::SMEM_MASKED;
   static_assert(smem <= 227 * 1024, "shared memory per block");
   const int m_blocks = (a.seq_q + C::BR - 1) / C::BR;
   cudaError_t e = cudaSuccess;
@@ -817,30 +942,33 @@ inline bool use_persistent(const FwdArgs& a, int key_tile, bool causal, int batc
 }
 
 // Default tiles per padded head size; variants 16.. are alternatives kept for tuning (docs/cuda-kernels.md): 19
-// forces the persistent schedule (non-causal); 20 one CTA per item with flash_fwd_ws_tile and 23 with the
-// persistent kernel's body (any mask, for comparing the two); 16-18 are unmasked, one CTA per item.
-// Calls that do not run persistent take flash_fwd_ws_tile when unmasked. Masked ones keep the persistent kernel's
-// body until the two are timed side by side: across two H200 sessions a full bool mask at D=64 ran 34% faster in it
-// (162 vs 121 TFLOP/s), key-padding masks 5% slower (Flux 478 vs 504), bool at D=128 4% slower.
+// forces the persistent schedule (non-causal), 20 one CTA per item with flash_fwd_ws_tile for every mask; 16-18 are
+// unmasked, one CTA per item.
+// Calls that do not run persistent take flash_fwd_ws_tile, except full boolean masks (not key padding): those take
+// the persistent kernel's body with its loop compiled out. Side by side on an H200 (bf16, docs/cuda-kernels.md) the
+// tile body ran unmasked 1-11% faster (SD-UNet D=64 441 vs 398 TFLOP/s), with key padding 5% (Flux 486 vs 462) and
+// with additive masks alike, while with a full boolean mask it ran 26% slower at D=64 (123 vs 165) and 4% faster at
+// D=128 (259 vs 249).
 template <typename T, bool C, int D>
 cudaError_t run_t(const FwdArgs& a, int batch, int heads, int mask_mode, int variant, cudaStream_t s) {
   constexpr int BC = D == 256 ? 80 : 128;  // 256: 80-key tiles, 3-7% over 64 (H200); two K/V stages fill 225 KB
   // Two Q buffers where they fit (D=64/128); D=256 has room for one.
   constexpr int QB = WsCfg<D, BC, 2, 2, 2>::SMEM_MASKED <= 227 * 1024 ? 2 : 1;
+  // Full additive masks: one Q buffer where two would leave no room for the mask staging (D=128).
+  constexpr int QBA = !WsCfg<D, BC, 2, 2, 2>::ADD_STAGE && WsCfg<D, BC, 2, 2, 1>::ADD_STAGE ? 1 : QB;
   constexpr Sched kP = Sched::kPersist, kT = Sched::kTile, kL = Sched::kLoopBody;
   if constexpr (!C) {  // the persistent kernels are built for non-causal calls only (use_persistent)
-    if (variant == 19 || (variant != 20 && variant != 23 && use_persistent(a, BC, C, batch, heads, 128))) {
+    if (variant == 19 || (variant != 20 && use_persistent(a, BC, C, batch, heads, 128))) {
       if (mask_mode == kBoolMask) return launch_ws<T, D, BC, 2, 2, QB, kP, C, kBoolMask>(a, batch, heads, s);
-      if (mask_mode == kAddMask) return launch_ws<T, D, BC, 2, 2, QB, kP, C, kAddMask>(a, batch, heads, s);
+      if (mask_mode == kAddMask) return launch_ws<T, D, BC, 2, 2, QBA, kP, C, kAddMask>(a, batch, heads, s);
       return launch_ws<T, D, BC, 2, 2, QB, kP, C>(a, batch, heads, s);
     }
   }
-  if (variant == 23 || (variant != 20 && mask_mode != kNoMask)) {
-    if (mask_mode == kBoolMask) return launch_ws<T, D, BC, 2, 2, 1, kL, C, kBoolMask>(a, batch, heads, s);
-    if (mask_mode == kAddMask) return launch_ws<T, D, BC, 2, 2, 1, kL, C, kAddMask>(a, batch, heads, s);
-    return launch_ws<T, D, BC, 2, 2, 1, kL, C>(a, batch, heads, s);
+  if (mask_mode == kBoolMask) {
+    if (variant != 20 && a.mask_sq != 0)  // a full mask (a.mask_sq == 0 is a key-padding row)
+      return launch_ws<T, D, BC, 2, 2, 1, kL, C, kBoolMask>(a, batch, heads, s);
+    return launch_ws<T, D, BC, 2, 2, 1, kT, C, kBoolMask>(a, batch, heads, s);
   }
-  if (mask_mode == kBoolMask) return launch_ws<T, D, BC, 2, 2, 1, kT, C, kBoolMask>(a, batch, heads, s);
   if (mask_mode == kAddMask) return launch_ws<T, D, BC, 2, 2, 1, kT, C, kAddMask>(a, batch, heads, s);
   if constexpr (D == 64)
     if (variant == 17) return launch_ws<T, 64, 128, 3, 2, 1, kT, C>(a, batch, heads, s);
