@@ -609,7 +609,8 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
     // of the next tile while this one computes and publishes it as a float bias row in shared memory (0 or -inf
     // for bool masks), so the softmax adds it with one shared load per two keys. The two row buffers alternate
     // by the running key-tile count kc + jt, across work items too. Full bool masks are loaded as bits before S
-    // is ready (bit e of this thread's S fragment); full additive masks are read in the softmax.
+    // is ready (bit e of this thread's S fragment); full additive masks are staged (AddMaskStage) or read in the
+    // softmax.
     bool kp = false;
     auto kp_fetch = [&](int jt) -> float {
       const int col = jt * BC + tw;
