@@ -8,7 +8,8 @@ Timing: per shape, every backend warmed up (>= 200 ms), then timed in --reps (>=
 events around each call, calls queued back to back (host launch work overlaps the GPU); the median per backend.
 TFLOP/s = 4*B*H*Sq*Sk*D / time, halved for causal; masked shapes count the dense work too.
 Masks: "keypad" is a boolean (B, 1, 1, Sk) key-padding mask (batch b keeps its first lengths[b] keys, the rest
-padding, as text encoders and cross-attention send); "bool" a full (B, H, Sq, Sk) boolean mask (random, 80% kept).
+padding, as text encoders and cross-attention send); "bool" a full (B, H, Sq, Sk) boolean mask (random, 80% kept);
+"additive" a full (B, H, Sq, Sk) float bias in q's dtype (standard normal).
 --gemm also measures the dense bf16 GEMM ceiling (torch.matmul 8192^3), recorded as "gemm_bf16_tflops".
 """
 import argparse
@@ -49,6 +50,8 @@ SHAPES = [  # name, (B, H, Sq, Sk, D), causal, mask
     ("flux-keypad", (2, 24, 4608, 4608, 128), False, "keypad"),
     ("bool-2k-128", (2, 16, 2048, 2048, 128), False, "bool"),
     ("bool-4k-64", (1, 24, 4096, 4096, 64), False, "bool"),
+    ("additive-2k-128", (2, 16, 2048, 2048, 128), False, "additive"),
+    ("additive-4k-64", (1, 24, 4096, 4096, 64), False, "additive"),
 ]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MATH_MAX_BYTES = 12 << 30  # the math path materialises fp32 scores (and their softmax)
@@ -126,7 +129,7 @@ def time_interleaved(fns, args, reps, warmup_ms):
     return {name: statistics.median(a.elapsed_time(b) for a, b in ev) for name, ev in events.items()}
 
 
-def make_mask(kind, B, H, Sq, Sk, gen):
+def make_mask(kind, B, H, Sq, Sk, gen, dtype=torch.bfloat16):
     if kind is None:
         return None
     if kind == "keypad":  # batch b keeps its first lengths[b] keys (full length, then shorter prompts)
@@ -134,6 +137,8 @@ def make_mask(kind, B, H, Sq, Sk, gen):
         return (torch.arange(Sk, device="cuda")[None, :] < lengths[:, None])[:, None, None, :]
     if kind == "bool":
         return torch.rand((B, H, Sq, Sk), generator=gen, device="cuda") < 0.8
+    if kind == "additive":  # a float bias in q's dtype (e.g. relative-position terms)
+        return torch.randn((B, H, Sq, Sk), generator=gen, device="cuda").to(dtype)
     raise ValueError(kind)
 
 
@@ -202,7 +207,7 @@ def main():
         for name, (B, H, Sq, Sk, D), causal, mkind in shapes:
             q = torch.randn((B, H, Sq, D), generator=gen, device="cuda").to(dtype)
             k, v = (torch.randn((B, H, Sk, D), generator=gen, device="cuda").to(dtype) for _ in range(2))
-            mask = make_mask(mkind, B, H, Sq, Sk, gen)
+            mask = make_mask(mkind, B, H, Sq, Sk, gen, dtype)
             flops = 4 * B * H * Sq * Sk * D / (2 if causal else 1)
             shape = [B, H, Sq, Sk, D]
             ref, ok, diffs = None, {}, {}

@@ -1,8 +1,10 @@
 """ctypes front for the dev build of the native CUDA attention (tools/cuda_dev/build.sh).
 
-attention(q, k, v, attn_mask=None, is_causal=False, scale=None, variant=-1, out=None) mirrors
+attention(q, k, v, attn_mask=None, is_causal=False, scale=None, variant=None, out=None) mirrors
 attnsel.attention(..., backend="native") for [B, H, S, D] CUDA tensors, without the extension. attn_mask: bool
 (True = attend) or additive (float32 or q's dtype), broadcastable to [B, Hq, Sq, Sk]; a 2-D mask is (B, Sk).
+variant None takes ATTNSEL_DEV_VARIANT (default -1, the kernels' default), so tests/test_cuda_kernel.py run with
+ATTNSEL_TEST_DEV_HARNESS=1 can check a variant.
 """
 import ctypes
 import math
@@ -38,7 +40,9 @@ class Refused(RuntimeError):
     pass
 
 
-def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, variant=-1, out=None):
+def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, variant=None, out=None):
+    if variant is None:
+        variant = int(os.environ.get("ATTNSEL_DEV_VARIANT", "-1"))
     B, Hq, Sq, D = q.shape
     _, Hkv, Sk, _ = k.shape
     mask, mask_kind, mask_dtype, mask_strides = None, 0, 0, [0, 0, 0, 0]

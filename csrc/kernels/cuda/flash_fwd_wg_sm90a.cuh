@@ -67,6 +67,52 @@ __device__ __forceinline__ void fence_frag(std::uint32_t (&r)[N][4]) {
     for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
 }
 
+// Full additive masks of 2-byte values with contiguous keys (the usual [B, H, Sq, Sk] tensor): each consumer thread
+// copies the mask values of its own score elements for the next key tile into shared memory with cp.async, issued
+// right after the softmax of the current tile, so the loads run under a whole key tile. (Read from global memory in
+// the softmax itself, a full additive mask ran at 50 TFLOP/s at D=64, a fifth of cuDNN's 265.) Per thread and key
+// tile: 2 rows x BC/8 groups of the two adjacent keys it holds, 4 bytes each; stored [pair][thread of the
+// warpgroup], so a warp's reads are contiguous words (no bank conflicts).
+template <typename T, int BC>
+struct AddMaskStage {
+  static constexpr int PAIRS = BC / 4;
+  static constexpr int BYTES = PAIRS * 128 * 4;  // per consumer warpgroup
+  const unsigned char* r0 = nullptr;  // mask rows row0 and row0 + 8 (clamped to the sequence), at key t * 2
+  const unsigned char* r1 = nullptr;
+  std::uint32_t dst = 0;  // this thread's word of pair 0
+  // Whether the item's mask takes this path: 2-byte values, keys contiguous, pairs 4-byte aligned.
+  static __device__ __forceinline__ bool usable(const MaskView<T, kAddMask>& m) {
+    return !m.f32 && m.sk == 1 && m.sq % 2 == 0 && (reinterpret_cast<std::uintptr_t>(m.base) & 3) == 0;
+  }
+  __device__ __forceinline__ void set_rows(const MaskView<T, kAddMask>& m, int row_a, int row_b, int t) {
+    r0 = reinterpret_cast<const unsigned char*>(m.base) + 2 * (row_a * m.sq + t * 2);
+    r1 = reinterpret_cast<const unsigned char*>(m.base) + 2 * (row_b * m.sq + t * 2);
+  }
+  // Copies of key tile n0 .. n0+BC-1; keys past seq_kv are zero-filled (the softmax cuts them).
+  __device__ __forceinline__ void issue(int n0, int seq_kv, int t) const {
+    const bool full = n0 + BC <= seq_kv;
+#pragma unroll
+    for (int p = 0; p < PAIRS; ++p) {
+      const int col = n0 + (p >> 1) * 8;
+      const unsigned char* src = ((p & 1) ? r1 : r0) + 2 * col;
+      const int left = seq_kv - (col + t * 2);
+      const int n = full ? 4 : left >= 2 ? 4 : left == 1 ? 2 : 0;
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst + p * 512),
+                   "l"(n > 0 ? src : r0), "r"(n) : "memory");
+    }
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+  }
+  static __device__ __forceinline__ void wait() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+  __device__ __forceinline__ float2 pair(int p) const {
+    std::uint32_t w;
+    asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(w) : "r"(dst + p * 512) : "memory");
+    if constexpr (std::is_same<T, __nv_bfloat16>::value)
+      return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w));
+    else
+      return __half22float2(*reinterpret_cast<const __half2*>(&w));
+  }
+};
+
 // Warp-specialised kernel (FA3's structure). Warpgroup 0 is the producer: one thread streams Q and a
 // STAGES-deep ring of K and V tiles in with the bulk tensor copy engine (TMA, 128-byte swizzle = the layout
 // wgmma reads), completion counted on mbarriers. Warpgroups 1..NC consume, 64 query rows each, with no
@@ -78,7 +124,8 @@ __device__ __forceinline__ void fence_frag(std::uint32_t (&r)[N][4]) {
 // blockIdx.x + gridDim.x, ...; the K/V ring and its barrier phases run on across items, so the producer loads the
 // next item's Q and first K/V tiles while the consumers finish this item's last P·V and store O. Q has QBUF
 // buffers (2 where shared memory allows): with one, the consumers free it when the item's last Q·K^T has retired.
-// Without PERSIST there is one CTA per work item (the grid is (query tiles, heads, batch)).
+// Without PERSIST there is one CTA per work item (the grid is (query tiles, heads, batch)): built only for full
+// boolean masks, where it ran faster than flash_fwd_ws_tile at D=64 (see run_t).
 template <int D, int BC, int NC, int STAGES, int QBUF = 1>
 struct WsCfg {
   static constexpr int BR = 64 * NC, NT = 128 * (NC + 1);
@@ -92,10 +139,345 @@ struct WsCfg {
   // Masked kernels: a key-padding bias row per consumer, double-buffered by key tile (after the barriers).
   static constexpr int BIAS_OFFSET = (TILES + 8 * N_BARS + 15) / 16 * 16;
   static constexpr int SMEM_MASKED = SMEM + 16 + NC * 2 * BC * 4;
+  // Full additive masks: the cp.async staging of AddMaskStage per consumer, after the bias rows, where it fits
+  // (not at D=256, nor with two Q buffers at D=128).
+  static constexpr int ADD_OFFSET = BIAS_OFFSET + NC * 2 * BC * 4;
+  static constexpr int SMEM_ADD = SMEM_MASKED + NC * (BC / 4) * 128 * 4;
+  static constexpr bool ADD_STAGE = SMEM_ADD <= 227 * 1024;
   // Register split of the 64K-register file: the producer needs few, the consumers hold S, P and O.
   static constexpr int PRODUCER_REGS = NC == 2 ? 24 : 32;
   static constexpr int CONSUMER_REGS = NC == 2 ? 240 : 160;
 };
+
+// One CTA per work item (b, h, 128-query tile), the grid is (query tiles, heads, batch): the kernel body as it was
+// before the persistent schedule (commit ba36df9; its D=64 build gives the same SASS), with the column chunks of the
+// 80/96 kernels. Everything about the item is fixed at the start and nothing is carried across items. Unmasked it
+// ran 11% faster at D=64 (SD-UNet) and 2% at D=128 (Flux) than the persistent kernel's body with its loop compiled
+// out (flash_fwd_ws without PERSIST), side by side on an H200 (docs/cuda-kernels.md); run_t says where each runs.
+template <typename T, int D, int BC, int NC, int STAGES, bool CAUSAL, int MM>
+__global__ void __launch_bounds__((NC + 1) * 128, 1)
+    flash_fwd_ws_tile(const FwdArgs a, const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
+                      const __grid_constant__ CUtensorMap tv) {
+  using C = WsCfg<D, BC, NC, STAGES, 1>;
+  using Ops = WgOps<T, BC, D>;
+  using Op = MmaOp<T>;
+  constexpr int BR = C::BR;
+  constexpr std::uint32_t KV_BYTES = C::KV_BYTES;
+  constexpr int CW = C::CW, ROWB = C::ROWB;
+
+  extern __shared__ unsigned char smem_raw[];
+  const std::uint32_t sQ = (smem_u32(smem_raw) + 1023) & ~1023u;  // the swizzle pattern repeats every 1024 bytes
+  const std::uint32_t sK = sQ + C::Q_BYTES, sV = sK + STAGES * KV_BYTES;
+  const std::uint32_t q_full = sV + STAGES * KV_BYTES;  // WsCfg's layout with QBUF = 1 (q_empty unused)
+  auto k_full = [&](int st) { return q_full + 8 * (2 + st); };
+  auto k_empty = [&](int st) { return q_full + 8 * (2 + STAGES + st); };
+  auto v_full = [&](int st) { return q_full + 8 * (2 + 2 * STAGES + st); };
+  auto v_empty = [&](int st) { return q_full + 8 * (2 + 3 * STAGES + st); };
+
+  const int m_block = CAUSAL ? (gridDim.x - 1 - blockIdx.x) : blockIdx.x;  // causal: longest key loops first
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / a.group;  // K/V tensor-map coordinate
+  const int m0 = m_block * BR;
+  const int n_tiles = key_tiles<BR, BC, CAUSAL>(m0, a.seq_kv);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int wg = warp >> 2;
+
+  if (tid == 0) {
+    mbar_init(q_full, 1);
+#pragma unroll
+    for (int st = 0; st < STAGES; ++st) {
+      mbar_init(k_full(st), 1);
+      mbar_init(v_full(st), 1);
+      mbar_init(k_empty(st), 4 * NC);  // one arrival per consumer warp
+      mbar_init(v_empty(st), 4 * NC);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    regs_dealloc<C::PRODUCER_REGS>();
+    if (warp == 0 && lane == 0) {
+      tma_prefetch_desc(&tq);
+      tma_prefetch_desc(&tk);
+      tma_prefetch_desc(&tv);
+      mbar_arrive_expect_tx(q_full, C::Q_BYTES);
+#pragma unroll
+      for (int c = 0; c < D / CW; ++c) tma_load_4d(sQ + c * BR * ROWB, &tq, q_full, c * CW, m0, h, b);
+      for (int jt = 0; jt < n_tiles; ++jt) {
+        const int st = jt % STAGES;
+        const std::uint32_t ph = (jt / STAGES) & 1;
+        mbar_wait(k_empty(st), ph ^ 1);
+        mbar_arrive_expect_tx(k_full(st), KV_BYTES);
+#pragma unroll
+        for (int c = 0; c < D / CW; ++c)
+          tma_load_4d(sK + st * KV_BYTES + c * BC * ROWB, &tk, k_full(st), c * CW, jt * BC, hk, b);
+        mbar_wait(v_empty(st), ph ^ 1);
+        mbar_arrive_expect_tx(v_full(st), KV_BYTES);
+#pragma unroll
+        for (int c = 0; c < D / CW; ++c)
+          tma_load_4d(sV + st * KV_BYTES + c * BC * ROWB, &tv, v_full(st), c * CW, jt * BC, hk, b);
+      }
+    }
+  } else {
+    regs_alloc<C::CONSUMER_REGS>();
+    const int cw = wg - 1;  // consumer index: rows cw*64 .. cw*64+63 of the block
+    const int g = lane >> 2, t = lane & 3;
+    const int row0 = cw * 64 + (warp & 3) * 16 + g;
+    T* o = HeadPtrs<T>(a, b, h).o;
+    const MaskView<T, MM> mask(a, b, h);
+    // Key-padding masks: the bias row of flash_fwd_ws, its two buffers alternating by key tile jt.
+    const bool kp = MM != kNoMask && mask.key_padding();
+    const int tw = (warp & 3) * 32 + lane;  // thread index within the warpgroup
+    // Full additive masks: the next key tile's values staged in shared memory (AddMaskStage) where they fit.
+    constexpr bool kStageable = MM == kAddMask && C::ADD_STAGE;
+    using AddStage = AddMaskStage<T, BC>;
+    AddStage add;
+    add.dst = sQ + C::ADD_OFFSET + cw * AddStage::BYTES + tw * 4;
+    bool staged = false;
+    if constexpr (kStageable) {
+      staged = !kp && AddStage::usable(mask);
+      if (staged) {
+        add.set_rows(mask, min(m0 + row0, a.seq_q - 1), min(m0 + row0 + 8, a.seq_q - 1), t);
+        add.issue(0, a.seq_kv, t);
+      }
+    }
+    float* s_bias = reinterpret_cast<float*>(smem_raw + (sQ - smem_u32(smem_raw)) + C::BIAS_OFFSET) + cw * 2 * BC;
+    auto kp_fetch = [&](int jt) -> float {
+      const int col = jt * BC + tw;
+      return (tw < BC && col < a.seq_kv) ? mask.at(0, col) : -INFINITY;
+    };
+    auto kp_publish = [&](int jt, float v) {  // buffer jt&1 was last read in softmax(jt-2): every thread is past it
+      if (tw < BC) s_bias[(jt & 1) * BC + tw] = v;
+      named_bar_sync(1 + cw, 128);
+    };
+    static_assert(BC / 2 <= 64, "bool mask bits");
+    std::uint32_t mb[2] = {0u, 0u};
+    float kp_next = 0.f;
+
+    float acc[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
+    float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
+    const float sl2 = a.scale_log2;
+    // K-major descriptors as in flash_fwd_ws.
+    const std::uint64_t dq0 = make_desc(sQ + cw * 64 * ROWB, 16, 8 * ROWB, ROWB);
+    std::uint32_t pa[BC / 16][4];
+    float s[BC / 2];
+
+    auto issue_qk = [&](int st) {
+      const std::uint64_t dk0 = make_desc(sK + st * KV_BYTES, 16, 8 * ROWB, ROWB);
+      constexpr int KPC = CW / 16;  // k16 steps per chunk
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const std::uint32_t koff = (kk % KPC) << 1;
+        Ops::qk(s, dq0 + (kk / KPC) * ((BR * ROWB) >> 4) + koff, dk0 + (kk / KPC) * ((BC * ROWB) >> 4) + koff,
+                kk > 0 ? 1 : 0);
+      }
+    };
+    auto issue_pv = [&](int st) {
+      const std::uint64_t dv0 = make_desc(sV + st * KV_BYTES, BC * ROWB, 8 * ROWB, ROWB);
+#pragma unroll
+      for (int kk = 0; kk < BC / 16; ++kk) Ops::pv(acc, pa[kk], dv0 + ((kk * 16 * ROWB) >> 4));
+    };
+    auto load_mask = [&](int jt) {  // issued before S_jt is ready
+      const int n0 = jt * BC;
+      if (MM != kNoMask && kp) {
+        if (jt + 1 < n_tiles) kp_next = kp_fetch(jt + 1);
+      } else if (MM == kBoolMask) {
+        std::uint32_t bits[2] = {0u, 0u};
+        if (mask.sk == 1 && n0 + BC <= a.seq_kv) {  // contiguous keys inside the sequence: one base per row
+          const unsigned char* r0 = mask.row_bytes(min(m0 + row0, a.seq_q - 1)) + n0 + t * 2;
+          const unsigned char* r1 = mask.row_bytes(min(m0 + row0 + 8, a.seq_q - 1)) + n0 + t * 2;
+#pragma unroll
+          for (int e = 0; e < BC / 2; ++e) {
+            const unsigned char* r = ((e >> 1) & 1) ? r1 : r0;
+            if (__ldg(r + (e >> 2) * 8 + (e & 1)) != 0) bits[e >> 5] |= 1u << (e & 31);
+          }
+        } else {
+#pragma unroll
+          for (int e = 0; e < BC / 2; ++e) {
+            const int row = min(m0 + row0 + ((e >> 1) & 1) * 8, a.seq_q - 1);
+            const int col = n0 + (e >> 2) * 8 + t * 2 + (e & 1);
+            if (col < a.seq_kv && mask.keep(row, col)) bits[e >> 5] |= 1u << (e & 31);
+          }
+        }
+        mb[0] = bits[0];
+        mb[1] = bits[1];
+      }
+    };
+    auto softmax = [&](int jt, float (&al)[2]) {
+      const int n0 = jt * BC;
+      if (MM != kNoMask && kp) {  // bias row of this tile (sequence end included), causal diagonal
+        const float* bias = s_bias + (jt & 1) * BC;
+#pragma unroll
+        for (int j = 0; j < BC / 8; ++j) {
+          const float2 bb = *reinterpret_cast<const float2*>(bias + j * 8 + t * 2);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int e = 4 * j + i;
+            const int row = m0 + row0 + ((e >> 1) & 1) * 8;
+            const int col = n0 + (e >> 2) * 8 + t * 2 + (e & 1);
+            s[e] = (CAUSAL && col > row) ? -INFINITY : fmaf(s[e], a.scale, (e & 1) ? bb.y : bb.x);
+          }
+        }
+      } else if (MM == kBoolMask) {  // every tile: bits from load_mask (sequence end included), causal diagonal
+#pragma unroll
+        for (int e = 0; e < BC / 2; ++e) {
+          const int row = m0 + row0 + ((e >> 1) & 1) * 8;
+          const int col = n0 + (e >> 2) * 8 + t * 2 + (e & 1);
+          const bool keep = ((mb[e >> 5] >> (e & 31)) & 1u) != 0u && !(CAUSAL && col > row);
+          s[e] = keep ? s[e] * a.scale : -INFINITY;
+        }
+      } else if (MM == kAddMask) {  // every tile: scale, add the mask, cut at the sequence end / causal diagonal
+        bool done = false;
+        if constexpr (kStageable) {
+          if (staged) {  // this tile's values from shared memory, then the next tile's copies
+            AddStage::wait();
+#pragma unroll
+            for (int p = 0; p < BC / 4; ++p) {
+              const float2 mv = add.pair(p);
+              s[2 * p] = fmaf(s[2 * p], a.scale, mv.x);
+              s[2 * p + 1] = fmaf(s[2 * p + 1], a.scale, mv.y);
+            }
+            if (n0 + BC > a.seq_kv || (CAUSAL && n0 + BC - 1 > m0 + cw * 64)) {
+#pragma unroll
+              for (int e = 0; e < BC / 2; ++e) {
+                const int row = m0 + row0 + ((e >> 1) & 1) * 8;
+                const int col = n0 + (e >> 2) * 8 + t * 2 + (e & 1);
+                if (col >= a.seq_kv || (CAUSAL && col > row)) s[e] = -INFINITY;
+              }
+            }
+            if (jt + 1 < n_tiles) add.issue(n0 + BC, a.seq_kv, t);
+            done = true;
+          }
+        }
+        if (!done) {
+#pragma unroll
+          for (int e = 0; e < BC / 2; ++e) {
+            const int row = m0 + row0 + ((e >> 1) & 1) * 8;
+            const int col = n0 + (e >> 2) * 8 + t * 2 + (e & 1);
+            s[e] = mask.template apply<CAUSAL>(s[e], a.scale, row, col, a.seq_q, a.seq_kv);
+          }
+        }
+      } else if (n0 + BC > a.seq_kv || (CAUSAL && n0 + BC - 1 > m0 + cw * 64)) {
+#pragma unroll
+        for (int e = 0; e < BC / 2; ++e) {
+          const int row = m0 + row0 + ((e >> 1) & 1) * 8;
+          const int col = n0 + (e >> 2) * 8 + t * 2 + (e & 1);
+          if (col >= a.seq_kv || (CAUSAL && col > row)) s[e] = -INFINITY;
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = m_r[r];
+#pragma unroll
+        for (int j = 0; j < BC / 8; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
+        mx = quad_max(mx);
+        const float ms = (mx == -INFINITY) ? 0.f : mx * sl2;
+        al[r] = exp2f(m_r[r] * sl2 - ms);
+        m_r[r] = mx;
+        float rs = 0.f;
+#pragma unroll
+        for (int j = 0; j < BC / 8; ++j) {
+          const float p0 = exp2f(fmaf(s[4 * j + 2 * r], sl2, -ms));
+          const float p1 = exp2f(fmaf(s[4 * j + 2 * r + 1], sl2, -ms));
+          s[4 * j + 2 * r] = p0;
+          s[4 * j + 2 * r + 1] = p1;
+          rs += p0 + p1;
+        }
+        l_r[r] = l_r[r] * al[r] + rs;
+      }
+    };
+    auto pack_p = [&]() {
+#pragma unroll
+      for (int kk = 0; kk < BC / 16; ++kk) {
+        pa[kk][0] = Op::pack(s[8 * kk], s[8 * kk + 1]);
+        pa[kk][1] = Op::pack(s[8 * kk + 2], s[8 * kk + 3]);
+        pa[kk][2] = Op::pack(s[8 * kk + 4], s[8 * kk + 5]);
+        pa[kk][3] = Op::pack(s[8 * kk + 6], s[8 * kk + 7]);
+      }
+    };
+    // A consumer warp is done with a K/V buffer once its wgmma reads have retired.
+    auto release = [&](std::uint32_t bar) {
+      __syncwarp();
+      if (lane == 0) mbar_arrive(bar);
+    };
+    if (MM != kNoMask && kp) kp_publish(0, kp_fetch(0));
+    mbar_wait(q_full, 0);
+    mbar_wait(k_full(0), 0);
+    wg_fence();
+    issue_qk(0);
+    wg_commit();
+    load_mask(0);
+    wg_wait0();
+    fence_regs(s);
+    release(k_empty(0));
+    {
+      float al[2];
+      softmax(0, al);  // O is zero: no rescale needed
+    }
+    pack_p();
+    if (MM != kNoMask && kp && n_tiles > 1) kp_publish(1, kp_next);
+
+    for (int jt = 1; jt < n_tiles; ++jt) {
+      const int st = jt % STAGES, ps = (jt - 1) % STAGES;
+      mbar_wait(k_full(st), (jt / STAGES) & 1);
+      wg_fence();
+      fence_regs(acc);
+      issue_qk(st);
+      wg_commit();
+      mbar_wait(v_full(ps), ((jt - 1) / STAGES) & 1);
+      issue_pv(ps);
+      wg_commit();
+      load_mask(jt);
+      wg_wait1();  // S_jt ready; P·V_{jt-1} may still run
+      fence_regs(s);
+      release(k_empty(st));
+      float al[2];
+      softmax(jt, al);
+      wg_wait0();
+      fence_regs(acc);
+      fence_frag(pa);
+      release(v_empty(ps));
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) {
+          acc[4 * j + 2 * r] *= al[r];
+          acc[4 * j + 2 * r + 1] *= al[r];
+        }
+      pack_p();
+      if (MM != kNoMask && kp && jt + 1 < n_tiles) kp_publish(jt + 1, kp_next);
+    }
+    const int ls = (n_tiles - 1) % STAGES;
+    mbar_wait(v_full(ls), ((n_tiles - 1) / STAGES) & 1);
+    wg_fence();
+    fence_regs(acc);
+    issue_pv(ls);
+    wg_commit();
+    wg_wait0();
+    fence_regs(acc);
+    fence_frag(pa);
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float l = quad_sum(l_r[r]);
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const int row = m0 + row0 + r * 8;
+      if (row < a.seq_q) {
+        T* orow = o + static_cast<std::int64_t>(row) * a.o_ss;
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j)
+          if (j * 8 < a.head_dim)  // padded columns are not stored
+            *reinterpret_cast<std::uint32_t*>(orow + j * 8 + t * 2) =
+                Op::pack(acc[4 * j + 2 * r] * inv, acc[4 * j + 2 * r + 1] * inv);
+        if (a.lse != nullptr && t == 0)
+          a.lse[(static_cast<std::int64_t>(b) * gridDim.y + h) * a.seq_q + row] = row_lse(m_r[r], l, sl2);
+      }
+    }
+  }
+}
 
 // The work items of one launch: query tiles x heads x batch, the query tile fastest (neighbouring CTAs share K/V
 // in L2). Causal kernels take the query tiles last-first, the longest key loops first.
@@ -217,11 +599,18 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
       n_tiles = key_tiles<BR, BC, CAUSAL>(m0, a.seq_kv);
     };
     MaskView<T, MM> mask(a, 0, 0);
+    // Full additive masks: the next key tile's values staged in shared memory (AddMaskStage) where they fit.
+    constexpr bool kStageable = MM == kAddMask && C::ADD_STAGE;
+    using AddStage = AddMaskStage<T, BC>;
+    AddStage add;
+    add.dst = sQ + C::ADD_OFFSET + cw * AddStage::BYTES + tw * 4;
+    bool staged = false;
     // Key-padding masks (one row of keys per batch and head): each thread of the warpgroup loads one key's value
     // of the next tile while this one computes and publishes it as a float bias row in shared memory (0 or -inf
     // for bool masks), so the softmax adds it with one shared load per two keys. The two row buffers alternate
     // by the running key-tile count kc + jt, across work items too. Full bool masks are loaded as bits before S
-    // is ready (bit e of this thread's S fragment); full additive masks are read in the softmax.
+    // is ready (bit e of this thread's S fragment); full additive masks are staged (AddMaskStage) or read in the
+    // softmax.
     bool kp = false;
     auto kp_fetch = [&](int jt) -> float {
       const int col = jt * BC + tw;
@@ -321,11 +710,35 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
           s[e] = keep ? s[e] * a.scale : -INFINITY;
         }
       } else if (MM == kAddMask) {  // every tile: scale, add the mask, cut at the sequence end / causal diagonal
+        bool done = false;
+        if constexpr (kStageable) {
+          if (staged) {  // this tile's values from shared memory, then the next tile's copies
+            AddStage::wait();
 #pragma unroll
-        for (int e = 0; e < BC / 2; ++e) {
-          const int row = m0 + row0 + ((e >> 1) & 1) * 8;
-          const int col = n0 + (e >> 2) * 8 + t * 2 + (e & 1);
-          s[e] = mask.template apply<CAUSAL>(s[e], a.scale, row, col, a.seq_q, a.seq_kv);
+            for (int p = 0; p < BC / 4; ++p) {
+              const float2 mv = add.pair(p);
+              s[2 * p] = fmaf(s[2 * p], a.scale, mv.x);
+              s[2 * p + 1] = fmaf(s[2 * p + 1], a.scale, mv.y);
+            }
+            if (n0 + BC > a.seq_kv || (CAUSAL && n0 + BC - 1 > m0 + cw * 64)) {
+#pragma unroll
+              for (int e = 0; e < BC / 2; ++e) {
+                const int row = m0 + row0 + ((e >> 1) & 1) * 8;
+                const int col = n0 + (e >> 2) * 8 + t * 2 + (e & 1);
+                if (col >= a.seq_kv || (CAUSAL && col > row)) s[e] = -INFINITY;
+              }
+            }
+            if (jt + 1 < n_tiles) add.issue(n0 + BC, a.seq_kv, t);
+            done = true;
+          }
+        }
+        if (!done) {
+#pragma unroll
+          for (int e = 0; e < BC / 2; ++e) {
+            const int row = m0 + row0 + ((e >> 1) & 1) * 8;
+            const int col = n0 + (e >> 2) * 8 + t * 2 + (e & 1);
+            s[e] = mask.template apply<CAUSAL>(s[e], a.scale, row, col, a.seq_q, a.seq_kv);
+          }
         }
       } else if (n0 + BC > a.seq_kv || (CAUSAL && n0 + BC - 1 > m0 + cw * 64)) {
 #pragma unroll
@@ -371,6 +784,13 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
       mask = MaskView<T, MM>(a, b, h);
       issue_first_qk(it, kc);
       kp = MM != kNoMask && mask.key_padding();
+      if constexpr (kStageable) {
+        staged = !kp && AddStage::usable(mask);
+        if (staged) {
+          add.set_rows(mask, min(m0 + row0, a.seq_q - 1), min(m0 + row0 + 8, a.seq_q - 1), t);
+          add.issue(0, a.seq_kv, t);
+        }
+      }
 #pragma unroll
       for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
       m_r[0] = m_r[1] = -INFINITY;
@@ -467,29 +887,43 @@ inline int sm_count() {
   return cached[dev];
 }
 
-template <typename T, int D, int BC, int NC, int STAGES, int QBUF, bool PERSIST, bool CAUSAL, int MM = kNoMask>
+// How a launch runs its work items: one CTA each (flash_fwd_ws_tile), persistent (flash_fwd_ws), or one CTA each
+// through the persistent kernel's body with its loop compiled out (flash_fwd_ws without PERSIST).
+enum class Sched { kTile, kPersist, kLoopBody };
+
+template <typename T, int D, int BC, int NC, int STAGES, int QBUF, Sched S, bool CAUSAL, int MM = kNoMask>
 cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, cudaStream_t stream) {
   using C = WsCfg<D, BC, NC, STAGES, QBUF>;
+  constexpr bool PERSIST = S == Sched::kPersist;
+  static_assert(PERSIST || QBUF == 1, "one Q buffer per CTA without the persistent loop");
   constexpr bool bf16 = std::is_same<T, __nv_bfloat16>::value;
-  const int heads_kv = heads / a.group, d = a.head_dim, dkv = a.kv_cols;
+  const int heads_kv = heads / a.group, dkv = a.kv_cols;
   CUtensorMap tq, tk, tv;
-  if (!make_map(&tq, a.q, bf16, d, a.seq_q, heads, batch, a.q_ss, a.q_sh, a.q_sb, C::BR, C::CW) ||
+  if (!make_map(&tq, a.q, bf16, a.head_dim, a.seq_q, heads, batch, a.q_ss, a.q_sh, a.q_sb, C::BR, C::CW) ||
       !make_map(&tk, a.k, bf16, dkv, a.seq_kv, heads_kv, batch, a.k_ss, a.k_sh, a.k_sb, BC, C::CW) ||
       !make_map(&tv, a.v, bf16, dkv, a.seq_kv, heads_kv, batch, a.v_ss, a.v_sh, a.v_sb, BC, C::CW))
     return cudaErrorNotSupported;
-  auto kern = flash_fwd_ws<T, D, BC, NC, STAGES, QBUF, PERSIST, CAUSAL, MM>;
-  constexpr int smem = MM == kNoMask ? C::SMEM : C::SMEM_MASKED;
+  constexpr int smem = MM == kNoMask ? C::SMEM : (MM == kAddMask && C::ADD_STAGE) ? C::SMEM_ADD : C::SMEM_MASKED;
   static_assert(smem <= 227 * 1024, "shared memory per block");
-  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (e != cudaSuccess) return e;
   const int m_blocks = (a.seq_q + C::BR - 1) / C::BR;
-  const std::int64_t total = static_cast<std::int64_t>(m_blocks) * heads * batch;
-  if (PERSIST && total > 0x7fffffff) return cudaErrorInvalidValue;  // use_persistent never asks for it
-  const WorkItems work{m_blocks, heads, static_cast<int>(std::min<std::int64_t>(total, 0x7fffffff))};
-  if (PERSIST) {
-    kern<<<static_cast<int>(std::min<std::int64_t>(total, sm_count())), C::NT, smem, stream>>>(a, work, tq, tk, tv);
+  cudaError_t e = cudaSuccess;
+  if constexpr (S == Sched::kTile) {
+    auto kern = flash_fwd_ws_tile<T, D, BC, NC, STAGES, CAUSAL, MM>;
+    e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e != cudaSuccess) return e;
+    kern<<<dim3(m_blocks, heads, batch), C::NT, smem, stream>>>(a, tq, tk, tv);
   } else {
-    kern<<<dim3(m_blocks, heads, batch), C::NT, smem, stream>>>(a, work, tq, tk, tv);
+    auto kern = flash_fwd_ws<T, D, BC, NC, STAGES, QBUF, PERSIST, CAUSAL, MM>;
+    e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e != cudaSuccess) return e;
+    const std::int64_t total = static_cast<std::int64_t>(m_blocks) * heads * batch;
+    if (PERSIST && total > 0x7fffffff) return cudaErrorInvalidValue;  // use_persistent never asks for it
+    const WorkItems work{m_blocks, heads, static_cast<int>(std::min<std::int64_t>(total, 0x7fffffff))};
+    if (PERSIST) {
+      kern<<<static_cast<int>(std::min<std::int64_t>(total, sm_count())), C::NT, smem, stream>>>(a, work, tq, tk, tv);
+    } else {
+      kern<<<dim3(m_blocks, heads, batch), C::NT, smem, stream>>>(a, work, tq, tk, tv);
+    }
   }
   return cudaGetLastError();
 }
@@ -509,29 +943,41 @@ inline bool use_persistent(const FwdArgs& a, int key_tile, bool causal, int batc
 }
 
 // Default tiles per padded head size; variants 16.. are alternatives kept for tuning (docs/cuda-kernels.md): 19
-// forces the persistent schedule (non-causal) and 20 one CTA per work item (any mask); 16-18 are unmasked, one CTA
-// per item.
+// forces the persistent schedule (non-causal), 20 one CTA per item with flash_fwd_ws_tile for every mask; 16-18 are
+// unmasked, one CTA per item.
+// Calls that do not run persistent take flash_fwd_ws_tile, except full boolean masks (not key padding): those take
+// the persistent kernel's body with its loop compiled out. Side by side on an H200 (bf16, docs/cuda-kernels.md) the
+// tile body ran unmasked 1-11% faster (SD-UNet D=64 441 vs 398 TFLOP/s), with key padding 5% (Flux 486 vs 462) and
+// with additive masks alike, while with a full boolean mask it ran 26% slower at D=64 (123 vs 165) and 4% faster at
+// D=128 (259 vs 249).
 template <typename T, bool C, int D>
 cudaError_t run_t(const FwdArgs& a, int batch, int heads, int mask_mode, int variant, cudaStream_t s) {
   constexpr int BC = D == 256 ? 80 : 128;  // 256: 80-key tiles, 3-7% over 64 (H200); two K/V stages fill 225 KB
   // Two Q buffers where they fit (D=64/128); D=256 has room for one.
   constexpr int QB = WsCfg<D, BC, 2, 2, 2>::SMEM_MASKED <= 227 * 1024 ? 2 : 1;
+  // Full additive masks: one Q buffer where two would leave no room for the mask staging (D=128).
+  constexpr int QBA = !WsCfg<D, BC, 2, 2, 2>::ADD_STAGE && WsCfg<D, BC, 2, 2, 1>::ADD_STAGE ? 1 : QB;
+  constexpr Sched kP = Sched::kPersist, kT = Sched::kTile, kL = Sched::kLoopBody;
   if constexpr (!C) {  // the persistent kernels are built for non-causal calls only (use_persistent)
     if (variant == 19 || (variant != 20 && use_persistent(a, BC, C, batch, heads, 128))) {
-      if (mask_mode == kBoolMask) return launch_ws<T, D, BC, 2, 2, QB, true, C, kBoolMask>(a, batch, heads, s);
-      if (mask_mode == kAddMask) return launch_ws<T, D, BC, 2, 2, QB, true, C, kAddMask>(a, batch, heads, s);
-      return launch_ws<T, D, BC, 2, 2, QB, true, C>(a, batch, heads, s);
+      if (mask_mode == kBoolMask) return launch_ws<T, D, BC, 2, 2, QB, kP, C, kBoolMask>(a, batch, heads, s);
+      if (mask_mode == kAddMask) return launch_ws<T, D, BC, 2, 2, QBA, kP, C, kAddMask>(a, batch, heads, s);
+      return launch_ws<T, D, BC, 2, 2, QB, kP, C>(a, batch, heads, s);
     }
   }
-  if (mask_mode == kBoolMask) return launch_ws<T, D, BC, 2, 2, 1, false, C, kBoolMask>(a, batch, heads, s);
-  if (mask_mode == kAddMask) return launch_ws<T, D, BC, 2, 2, 1, false, C, kAddMask>(a, batch, heads, s);
+  if (mask_mode == kBoolMask) {
+    if (variant != 20 && a.mask_sq != 0)  // a full mask (a.mask_sq == 0 is a key-padding row)
+      return launch_ws<T, D, BC, 2, 2, 1, kL, C, kBoolMask>(a, batch, heads, s);
+    return launch_ws<T, D, BC, 2, 2, 1, kT, C, kBoolMask>(a, batch, heads, s);
+  }
+  if (mask_mode == kAddMask) return launch_ws<T, D, BC, 2, 2, 1, kT, C, kAddMask>(a, batch, heads, s);
   if constexpr (D == 64)
-    if (variant == 17) return launch_ws<T, 64, 128, 3, 2, 1, false, C>(a, batch, heads, s);
+    if (variant == 17) return launch_ws<T, 64, 128, 3, 2, 1, kT, C>(a, batch, heads, s);
   if constexpr (D == 64 || D == 128)
-    if (variant == 18) return launch_ws<T, D, 128, 2, 3, 1, false, C>(a, batch, heads, s);
+    if (variant == 18) return launch_ws<T, D, 128, 2, 3, 1, kT, C>(a, batch, heads, s);
   if constexpr (D == 256)
-    if (variant == 16) return launch_ws<T, 256, 64, 2, 2, 1, false, C>(a, batch, heads, s);
-  return launch_ws<T, D, BC, 2, 2, 1, false, C>(a, batch, heads, s);
+    if (variant == 16) return launch_ws<T, 256, 64, 2, 2, 1, kT, C>(a, batch, heads, s);
+  return launch_ws<T, D, BC, 2, 2, 1, kT, C>(a, batch, heads, s);
 }
 
 template <int D>
