@@ -49,6 +49,51 @@ struct Wg<__half> {
 constexpr int kD = 512, kBR = 64, kBC = 64, kNT = 256;
 constexpr int kSmem = (kBR * kD + 2 * kBC * kD + kBR * kBC) * 2 + 2 * kBR * 4 + 1024;  // +1024: manual alignment
 
+// The softmax of rows whose scores are split between two warpgroups, NJ 8-column groups of S each (both D=512
+// kernels). half_row_max: this half's row maxima, published to its row of sRed (read after a barrier).
+template <int NJ>
+__device__ __forceinline__ void half_row_max(const float (&s)[4 * NJ], float (&mx)[2], float* sRed_mine, int row0,
+                                             int t) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float x = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) x = fmaxf(x, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
+    mx[r] = quad_max(x);
+    if (t == 0) sRed_mine[row0 + r * 8] = mx[r];
+  }
+}
+
+// With the other half's maxima: P of this half's columns (col0..) to shared memory (swizzled, for both halves'
+// P·V), this warpgroup's O columns rescaled, the running max and sum updated.
+template <typename Op, int NJ>
+__device__ __forceinline__ void split_softmax(const float (&s)[4 * NJ], const float (&mx)[2], const float* sRed_other,
+                                              unsigned char* pP, int row0, int col0, int t, float sl2,
+                                              float (&m_r)[2], float (&l_r)[2], float (&acc)[128]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int lrow = row0 + r * 8;
+    const float mn = fmaxf(m_r[r], fmaxf(mx[r], sRed_other[lrow]));
+    const float ms = (mn == -INFINITY) ? 0.f : mn * sl2;
+    const float alpha = exp2f(m_r[r] * sl2 - ms);
+    m_r[r] = mn;
+    float rs = 0.f;
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+      const float p0 = exp2f(fmaf(s[4 * j + 2 * r], sl2, -ms));
+      const float p1 = exp2f(fmaf(s[4 * j + 2 * r + 1], sl2, -ms));
+      rs += p0 + p1;
+      *reinterpret_cast<std::uint32_t*>(pP + sw128<kBR>(lrow, col0 + j * 8) + t * 4) = Op::pack(p0, p1);
+    }
+    l_r[r] = l_r[r] * alpha + rs;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      acc[4 * j + 2 * r] *= alpha;
+      acc[4 * j + 2 * r + 1] *= alpha;
+    }
+  }
+}
+
 template <typename T, bool CAUSAL, int MM>
 // Split-KV (splits > 1, for grids that leave SMs idle): block (m_block, split) walks one share of the key
 // tiles and writes unnormalised fp32 O plus its row max / sum to part_o / part_ml; combine_d512 merges them.
@@ -125,14 +170,7 @@ __global__ void __launch_bounds__(256, 1) flash_fwd_d512_sm90(const FwdArgs a, s
       }
     }
     float mx[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float x = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) x = fmaxf(x, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
-      mx[r] = quad_max(x);
-      if (t == 0) sRed[wg * kBR + row0 + r * 8] = mx[r];
-    }
+    half_row_max<4>(s, mx, sRed + wg * kBR, row0, t);
 
     cp_async_wait<0>();
     fence_async_smem();
@@ -140,28 +178,7 @@ __global__ void __launch_bounds__(256, 1) flash_fwd_d512_sm90(const FwdArgs a, s
     if (jt + 1 < t_end) load_tile_sw128<kBC, kD, kNT>(sK, k, a.k_ss, n0 + kBC, a.seq_kv, tid);
     cp_async_commit();
 
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int lrow = row0 + r * 8;
-      const float mn = fmaxf(m_r[r], fmaxf(mx[r], sRed[(wg ^ 1) * kBR + lrow]));
-      const float ms = (mn == -INFINITY) ? 0.f : mn * sl2;
-      const float alpha = exp2f(m_r[r] * sl2 - ms);
-      m_r[r] = mn;
-      float rs = 0.f;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float p0 = exp2f(fmaf(s[4 * j + 2 * r], sl2, -ms));
-        const float p1 = exp2f(fmaf(s[4 * j + 2 * r + 1], sl2, -ms));
-        rs += p0 + p1;
-        *reinterpret_cast<std::uint32_t*>(pP + sw128<kBR>(lrow, wg * 32 + j * 8) + t * 4) = Op::pack(p0, p1);
-      }
-      l_r[r] = l_r[r] * alpha + rs;
-#pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        acc[4 * j + 2 * r] *= alpha;
-        acc[4 * j + 2 * r + 1] *= alpha;
-      }
-    }
+    split_softmax<Op, 4>(s, mx, sRed + (wg ^ 1) * kBR, pP, row0, wg * 32, t, sl2, m_r, l_r, acc);
     fence_async_smem();
     __syncthreads();  // P visible to both warpgroups' wgmma
 
@@ -404,38 +421,10 @@ __global__ void __launch_bounds__(384, 1)
           if (n0 + cw * 64 + (e >> 2) * 8 + t * 2 + (e & 1) >= a.seq_kv) s[e] = -INFINITY;
       }
       float mx[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float x = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) x = fmaxf(x, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
-        mx[r] = quad_max(x);
-        if (t == 0) sRed[cw * kBR + row0 + r * 8] = mx[r];
-      }
+      half_row_max<8>(s, mx, sRed + cw * kBR, row0, t);
       named_bar_sync(1, 256);  // both halves' row maxima visible; both consumers' P_{j-1}·V_{j-1} retired
       unsigned char* pP = smem_raw + (sP - raw);
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int lrow = row0 + r * 8;
-        const float mn = fmaxf(m_r[r], fmaxf(mx[r], sRed[(cw ^ 1) * kBR + lrow]));
-        const float ms = (mn == -INFINITY) ? 0.f : mn * sl2;
-        const float alpha = exp2f(m_r[r] * sl2 - ms);
-        m_r[r] = mn;
-        float rs = 0.f;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const float p0 = exp2f(fmaf(s[4 * j + 2 * r], sl2, -ms));
-          const float p1 = exp2f(fmaf(s[4 * j + 2 * r + 1], sl2, -ms));
-          rs += p0 + p1;
-          *reinterpret_cast<std::uint32_t*>(pP + sw128<kBR>(lrow, cw * 64 + j * 8) + t * 4) = Op::pack(p0, p1);
-        }
-        l_r[r] = l_r[r] * alpha + rs;
-#pragma unroll
-        for (int j = 0; j < 32; ++j) {
-          acc[4 * j + 2 * r] *= alpha;
-          acc[4 * j + 2 * r + 1] *= alpha;
-        }
-      }
+      split_softmax<Op, 8>(s, mx, sRed + (cw ^ 1) * kBR, pP, row0, cw * 64, t, sl2, m_r, l_r, acc);
       fence_async_smem();
       named_bar_sync(1, 256);  // P visible to both consumers' wgmma; both are past the other's row maxima
     };
