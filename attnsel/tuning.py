@@ -46,7 +46,7 @@ try:  # POSIX; elsewhere the merge is still atomic per writer, only not serialis
 except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: CUDA buckets tell key lengths off a multiple of 64 apart
 ENV_CACHE_DIR = "ATTNSEL_CACHE_DIR"
 ENV_AUTOTUNE = "ATTNSEL_AUTOTUNE"
 PRESETS = ("diffusion",)

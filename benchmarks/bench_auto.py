@@ -1,5 +1,6 @@
-"""Is `auto` the fastest? Tune a preset, then time `auto` against every runnable backend on each preset shape and on
-an untuned neighbour of each (lengths changed, same tuning bucket), in one run.
+"""Is `auto` the fastest? Tune a preset, then time `auto` against every runnable backend on each preset shape, on
+an untuned neighbour of each (lengths changed, same tuning bucket), and on its lengths x0.9 where those fall in
+another bucket (auto's static rank, unless another shape tuned that bucket), in one run.
 
   python benchmarks/bench_auto.py --out benchmarks/results/auto_h200.json            # diffusion preset on the GPU
   python benchmarks/bench_auto.py --device cpu --out /tmp/auto_cpu.json               # the small CPU preset
@@ -57,11 +58,24 @@ from attnsel.backends import Backend, backend_names  # noqa: E402
 from attnsel.selection import explain_call  # noqa: E402
 
 
+def nearby_lengths(shape):
+    """The same call with lengths scaled by 0.9: in another bucket when that moves a CUDA key length off a multiple
+    of 64 (or across a bucket edge), so auto runs it by the static rank; None when it stays in the bucket (then
+    neighbour() covers it)."""
+    q_len = max(1, round(shape.q_len * 0.9))
+    kv_len = shape.kv_len if shape.kv_len != shape.q_len else q_len
+    other = tuning.Shape(**{**shape.__dict__, "q_len": q_len, "kv_len": kv_len, "name": f"{shape.name} (0.9x)"})
+    return None if other.signature().bucket() == shape.signature().bucket() else other
+
+
 def neighbour(shape):
     """The same call with lengths moved inside their tuning bucket (None when no nearby length stays in it)."""
     bucket = shape.signature().bucket()
+    # A CUDA bucket keeps key lengths that are a multiple of 64 apart from the rest: such a shape's neighbours are
+    # multiples of 64 too.
+    step = 64 if shape.device.startswith("cuda") and shape.kv_len % 64 == 0 else 1
     for factor in (0.9, 1.1, 0.95, 1.05, 0.85, 1.2, 0.8, 0.75, 0.7):
-        q_len = max(1, round(shape.q_len * factor))
+        q_len = max(step, round(shape.q_len * factor / step) * step)
         kv_len = shape.kv_len if shape.kv_len != shape.q_len else q_len
         if (q_len, kv_len) == (shape.q_len, shape.kv_len):
             continue
@@ -113,7 +127,8 @@ def time_candidates(fns, device, reps, budget):
 def bench_shape(shape, tuned):
     sig = shape.signature()
     q, k, v, mask = tuning.make_inputs(shape)
-    row = dict(name=shape.name, shape=shape.label(), call=shape.to_json(), bucket=sig.bucket(), tuned=tuned)
+    row = dict(name=shape.name, shape=shape.label(), call=shape.to_json(), bucket=sig.bucket(), tuned=tuned,
+               tuned_bucket=_C.tuning_entry(sig.bucket()) is not None)
     try:
         plan = explain_call(q, k, v, attn_mask=mask, is_causal=shape.causal)
     except ValueError as err:
@@ -194,6 +209,7 @@ def main():
         print(f"\ntuned {len(shapes)} shapes in {time.perf_counter() - start:.0f}s "
               f"({os.environ['ATTNSEL_CACHE_DIR']})", file=sys.stderr)
     todo = [(s, True) for s in shapes] + [(n, False) for n in map(neighbour, shapes) if n is not None]
+    todo += [(n, False) for n in map(nearby_lengths, shapes) if n is not None]
     rows = []
     for i, (shape, tuned) in enumerate(todo):
         print(f"\rbenchmark {i + 1}/{len(todo)} {shape.label()}\033[K", end="", file=sys.stderr, flush=True)
@@ -201,16 +217,20 @@ def main():
     print(file=sys.stderr)
     width = max(len(r["shape"]) for r in rows)
     print(f"{'shape':<{width}}  tuned  {'auto backend':<14} {'auto ms':>9} {'fastest':<14} {'ms':>9}  auto/fastest")
+    print(f"{'':<{width}}  (yes: this shape; bucket: a shape of its bucket; no: static rank)")
     for r in rows:
         if "error" in r:
             print(f"{r['shape']:<{width}}  {r['error']}")
             continue
-        print(f"{r['shape']:<{width}}  {'yes' if r['tuned'] else 'no':<5}  {r['auto_backend']:<14} "
+        tuned = "yes" if r["tuned"] else "bucket" if r["tuned_bucket"] else "no"
+        print(f"{r['shape']:<{width}}  {tuned:<6} {r['auto_backend']:<14} "
               f"{r['pair_ms']['auto']:>9.4g} {r['fastest']:<14} {r['pair_ms'][r['fastest']]:>9.4g}  "
               f"{r['auto_over_fastest']:.3f}")
     summary = {}
-    for label, tuned in (("tuned", True), ("untuned_in_tuned_bucket", False)):
-        ratios = [r["auto_over_fastest"] for r in rows if r["tuned"] == tuned and "error" not in r]
+    kinds = {"tuned": lambda r: r["tuned"], "untuned_in_tuned_bucket": lambda r: not r["tuned"] and r["tuned_bucket"],
+             "untuned_static_rank": lambda r: not r["tuned_bucket"]}
+    for label, kind in kinds.items():
+        ratios = [r["auto_over_fastest"] for r in rows if kind(r) and "error" not in r]
         if ratios:
             summary[label] = dict(shapes=len(ratios), min_auto_over_fastest=min(ratios),
                                   geomean=round(statistics.geometric_mean(ratios), 4),

@@ -55,14 +55,35 @@ def test_sage_attn_bridge_runs_when_installed():
 def test_auto_choice_on_cuda_and_refusals():
     e = attnsel.explain_attn_backend(512, torch.bfloat16, "cuda")
     assert e.backend == Backend.NATIVE and e.source == "auto"
+    # A layer's policy shows auto's choice for a one-token call: SDPA leads on short key loops.
     e = attnsel.explain_attn_backend(128, torch.bfloat16, "cuda")
-    fa = runnable("fa", 128)
-    if torch.cuda.get_device_capability() == (9, 0):  # default build has 9.0a: our Hopper kernel beats SDPA at 128
-        assert e.backend == (Backend.FA if fa else Backend.NATIVE), e.reasons
-    else:
-        assert e.backend == (Backend.FA if fa else Backend.TORCH_SDPA), e.reasons
-    e = attnsel.explain_attn_backend(64, torch.bfloat16, "cuda")  # cuDNN stays ahead at 64 on long rows
+    assert e.backend == (Backend.FA if runnable("fa", 128) else Backend.TORCH_SDPA), e.reasons
+    e = attnsel.explain_attn_backend(64, torch.bfloat16, "cuda")
     assert e.backend == (Backend.FA if runnable("fa", 64) else Backend.TORCH_SDPA), e.reasons
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0)
+                    or runnable("fa", 128), reason="the static rank measured on an H200 without flash-attn")
+@pytest.mark.parametrize("head_dim, keys, expected", [
+    (128, 4096, "native"), (128, 1024, "torch_sdpa"), (96, 4096, "native"), (72, 4096, "native"),
+    (256, 2048, "native"), (64, 4096, "torch_sdpa"), (64, 4100, "native"), (64, 1000, "torch_sdpa"),
+    (112, 4096, "torch_sdpa")])
+def test_untuned_auto_on_hopper_follows_the_measured_rank(head_dim, keys, expected, tmp_path, monkeypatch):
+    """Without a tuning entry auto runs native where it measured faster than SDPA on the H200 (from 2048 keys; at
+    head_dim 64 only off a multiple of 64 keys) and SDPA elsewhere."""
+    from attnsel import _C
+
+    q = torch.randn(1, 2, 64, head_dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 2, keys, head_dim, device="cuda", dtype=torch.bfloat16)
+    sig = attnsel.selection.call_signature(q, k, k)
+    saved = _C.tuning_entry(sig.bucket())
+    _C.set_tuning_entry(sig.bucket(), [])  # no measurement: the static rank decides
+    try:
+        plan = attnsel.explain_call(q, k, k)
+        assert plan.backend == Backend[expected.upper()] and plan.measured is None, plan.reasons
+    finally:
+        if saved:
+            _C.set_tuning_entry(sig.bucket(), saved)
     with pytest.raises(ValueError, match="float32"):
         attnsel.get_attn_backend(128, torch.float32, "cuda", selected="native")
     # Refusals name the limit hit: multiples of 8 from 8 to 256, and 512.

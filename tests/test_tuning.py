@@ -144,6 +144,7 @@ def test_corrupt_file_warns_once_and_is_ignored():
     ("torch", "1.0.0", "torch '1.0.0'"),
     ("model", "Some Other CPU", "model 'Some Other CPU'"),
     ("schema", 99, "schema version is 99"),
+    ("schema", 1, "schema version is 1"),  # before CUDA buckets split key lengths off a multiple of 64
 ])
 def test_foreign_file_warns_and_is_ignored(field, value, message):
     bucket = TINY.signature().bucket()
@@ -157,6 +158,19 @@ def test_foreign_file_warns_and_is_ignored(field, value, message):
     with pytest.warns(RuntimeWarning, match=message):
         assert tuning.load(["cpu"]) == 0
     assert _C.tuning_entry(bucket) is None
+
+
+def test_cuda_buckets_keep_key_lengths_off_a_multiple_of_64_apart():
+    """SDPA's CUDA kernels slow down on such key lengths far more than ours: a winner measured at 4096 keys must not
+    decide for 3686. Lengths on the same side share a bucket; CPU buckets do not split."""
+    def bucket(q_len, kv_len, device="cuda"):
+        return tuning.Shape(2, 10, q_len, kv_len, 64, "bfloat16", device=device).signature().bucket()
+
+    assert bucket(4096, 4096) != bucket(3686, 3686)
+    assert bucket(4096, 4096) == bucket(3712, 3712)  # both multiples of 64, same half-octave
+    assert bucket(4250, 4250) == bucket(4429, 4429) == bucket(4675, 4675)
+    assert bucket(4096, 77) == bucket(3686, 77)  # the key length decides, not the query length
+    assert bucket(4096, 4096, "cpu") == bucket(3686, 3686, "cpu")
 
 
 def test_unwritable_cache_dir_warns_and_keeps_results_in_memory(tmp_path, monkeypatch):

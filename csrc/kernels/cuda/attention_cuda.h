@@ -13,7 +13,7 @@ using kernels::AttentionParams;
 std::string refusal(const AttentionParams& params, int sm_major, int sm_minor);
 
 // Whether this kernel was measured faster than PyTorch SDPA's best for `params` on the current GPU
-// (feeds the automatic choice; only head size, dtype and the GPU matter).
+// (feeds the automatic choice without a tuning entry: head size, key length, dtype and the GPU).
 bool faster_than_sdpa(const AttentionParams& params);
 
 // Launches on `stream` (a cudaStream_t); the caller has set the device.
