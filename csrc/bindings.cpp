@@ -97,10 +97,10 @@ int plan_route(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   using namespace attnsel::torch_glue;
   check_call_inputs(q, k, v, mask);
   const BackendId chosen = plan_backend(q, k, v, mask, is_causal, backend, inputs_need_grad(q, k, v));
-  // The op hands torch_sdpa calls to SDPA unchanged except a mask in another dtype (cast) or a mask with causal
-  // (folded in): only those need the op.
-  const bool unchanged = !mask || (!is_causal && (mask->scalar_type() == at::kBool ||
-                                                  mask->scalar_type() == q.scalar_type()));
+  // The op hands torch_sdpa calls to SDPA unchanged except a mask in another dtype (cast), a mask with causal
+  // (folded in) or a 1-d mask (given a leading dim): only those need the op.
+  const bool unchanged = !mask || (!is_causal && mask->dim() >= 2 &&
+                                   (mask->scalar_type() == at::kBool || mask->scalar_type() == q.scalar_type()));
   return chosen == BackendId::TORCH_SDPA && unchanged ? kRouteSdpa : static_cast<int>(chosen);
 }
 

@@ -332,16 +332,39 @@ def test_sdpa_route_keeps_torch_function_overrides(override):
     torch.testing.assert_close(out.as_subclass(torch.Tensor), expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case", ["causal_with_mask", "mask_cast"])
+@pytest.mark.parametrize("case", ["causal_with_mask", "mask_cast", "mask_1d"])
 def test_torch_sdpa_calls_the_op_changes_go_through_the_op(case):
-    """A mask with causal (folded into the mask) or in another dtype (cast) needs the op's changes: no direct route."""
+    """A mask with causal (folded into the mask), in another dtype (cast) or 1-d (given a leading dim: SDPA itself
+    raises IndexError on one) needs the op's changes: no direct route."""
     q = torch.randn(2, 4, 6, 8, dtype=torch.bfloat16)
-    mask = torch.randn(2, 1, 1, 6) if case == "mask_cast" else torch.rand(2, 1, 6, 6) > 0.3
+    mask = {"mask_cast": torch.randn(2, 1, 1, 6), "mask_1d": torch.rand(6) > 0.3}.get(case, torch.rand(2, 1, 6, 6) > 0.3)
     causal = case == "causal_with_mask"
     sdpa = int(attnsel.Backend.TORCH_SDPA)
     assert attnsel._C.route(q, q, q, mask, causal, None, sdpa) == sdpa
     op = torch.ops.attnsel.attention(q, q, q, mask, causal, None, sdpa)[0]
     assert torch.equal(attnsel.attention(q, q, q, attn_mask=mask, is_causal=causal, backend="torch_sdpa"), op)
+
+
+@pytest.mark.parametrize("backend", ["torch_sdpa", "native", None])
+@pytest.mark.parametrize("mask_shape", [(7,), (1, 7), (5, 7), (2, 1, 1, 7), (1, 3, 1, 7), (2, 3, 5, 7), (3, 5, 7)])
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_every_documented_mask_form_runs_on_every_backend(backend, mask_shape, kind):
+    """Masks broadcast like SDPA's, including a 1-d key mask (which PyTorch's own SDPA rejects), on each backend and
+    auto, against an fp64 reference."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 3, 5, 8, generator=g)
+    k, v = torch.randn(2, 3, 7, 8, generator=g), torch.randn(2, 3, 7, 8, generator=g)
+    if kind == "bool":
+        mask = torch.rand(mask_shape, generator=g) > 0.3
+        mask[..., 0] = True  # every row sees a key
+        bias = torch.zeros(mask_shape, dtype=torch.float64).masked_fill(~mask, float("-inf"))
+    else:
+        mask = torch.randn(mask_shape, generator=g)
+        bias = mask.double()
+    scores = q.double() @ k.double().transpose(-1, -2) / 8 ** 0.5 + bias
+    ref = scores.softmax(-1) @ v.double()
+    out = attnsel.attention(q, k, v, attn_mask=mask, backend=backend)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["batch_broadcast", "heads_broadcast", "kv_heads_differ", "3d", "float64", "mask_5d",

@@ -25,6 +25,7 @@ at::Tensor compact(const at::Tensor& mask) {
 at::Tensor run_sdpa(const AttentionCall& call) {
   std::optional<at::Tensor> mask;
   if (call.mask) mask = compact(*call.mask);
+  if (mask && mask->dim() == 1) mask = mask->unsqueeze(0);  // SDPA reads dim -2: a 1-d key mask raised IndexError
   // SDPA takes bool masks or masks of the query's dtype.
   if (mask && mask->scalar_type() != at::kBool && mask->scalar_type() != call.q.scalar_type())
     mask = mask->to(call.q.scalar_type());
