@@ -1,6 +1,6 @@
 """Side-by-side timing of dev-harness variants (tools/cuda_dev/build.sh), for differences of a few percent.
 
-  python tools/cuda_dev/ab.py --variants=-1,23 --shapes sd-unet,sd3-joint,flux,dit-8x1k [--cudnn] [--out x.json]
+  python tools/cuda_dev/ab.py --variants=-1,20 --shapes sd-unet,sd3-joint,flux,dit-8x1k [--cudnn] [--out x.json]
 
 Shapes are benchmarks/bench_cuda_attention.py's by name. Per shape and dtype, every variant is warmed up, then timed
 in --rounds rounds; in each round every variant runs --calls calls back to back between two CUDA events (the mean of
@@ -62,7 +62,7 @@ def time_rounds(fns, args, rounds, calls):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", default="-1,23", help="comma list of dev-harness variants (-1 = default)")
+    ap.add_argument("--variants", default="-1,20", help="comma list of dev-harness variants (-1 = default)")
     ap.add_argument("--shapes", default="sd-unet,sd3-joint,flux,dit-8x1k")
     ap.add_argument("--dtypes", default="bf16,fp16")
     ap.add_argument("--rounds", type=int, default=6)
