@@ -86,7 +86,7 @@ std::optional<BackendId> view_policy(const std::optional<ComponentContext>& view
 constexpr int kRouteSdpa = -3;
 constexpr double kReleaseGilWork = 1 << 24;
 
-// The bare CPython pair (pybind11's guard looks up its internals on every call).
+// Releases the GIL for its scope.
 struct GilRelease {
   PyThreadState* state = PyEval_SaveThread();
   ~GilRelease() { PyEval_RestoreThread(state); }
@@ -97,10 +97,13 @@ int plan_route(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   using namespace attnsel::torch_glue;
   check_call_inputs(q, k, v, mask);
   const BackendId chosen = plan_backend(q, k, v, mask, is_causal, backend, inputs_need_grad(q, k, v));
-  // The op hands torch_sdpa calls to SDPA unchanged except a mask in another dtype (cast), a mask with causal
-  // (folded in) or a 1-d mask (given a leading dim): only those need the op.
-  const bool unchanged = !mask || (!is_causal && mask->dim() >= 2 &&
-                                   (mask->scalar_type() == at::kBool || mask->scalar_type() == q.scalar_type()));
+  // The op hands torch_sdpa calls to SDPA unchanged except a mask in another dtype (cast), with causal (folded in),
+  // 1-d (given a leading dim) or expanded by the caller (stride 0 over a dim of size > 1: given back as size 1, so
+  // that SDPA does not build the whole mask): only those need the op.
+  bool unchanged = !mask || (!is_causal && mask->dim() >= 2 &&
+                             (mask->scalar_type() == at::kBool || mask->scalar_type() == q.scalar_type()));
+  for (std::int64_t i = 0; unchanged && mask && i < mask->dim(); ++i)
+    unchanged = !(mask->stride(i) == 0 && mask->size(i) > 1);
   return chosen == BackendId::TORCH_SDPA && unchanged ? kRouteSdpa : static_cast<int>(chosen);
 }
 

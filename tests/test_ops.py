@@ -332,12 +332,13 @@ def test_sdpa_route_keeps_torch_function_overrides(override):
     torch.testing.assert_close(out.as_subclass(torch.Tensor), expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case", ["causal_with_mask", "mask_cast", "mask_1d"])
+@pytest.mark.parametrize("case", ["causal_with_mask", "mask_cast", "mask_1d", "mask_expanded"])
 def test_torch_sdpa_calls_the_op_changes_go_through_the_op(case):
-    """A mask with causal (folded into the mask), in another dtype (cast) or 1-d (given a leading dim: SDPA itself
-    raises IndexError on one) needs the op's changes: no direct route."""
+    """A mask with causal (folded into the mask), in another dtype (cast), 1-d (given a leading dim: SDPA itself
+    raises IndexError on one) or expanded (given back compact) needs the op's changes: no direct route."""
     q = torch.randn(2, 4, 6, 8, dtype=torch.bfloat16)
-    mask = {"mask_cast": torch.randn(2, 1, 1, 6), "mask_1d": torch.rand(6) > 0.3}.get(case, torch.rand(2, 1, 6, 6) > 0.3)
+    mask = {"mask_cast": torch.randn(2, 1, 1, 6), "mask_1d": torch.rand(6) > 0.3,
+            "mask_expanded": (torch.rand(2, 1, 1, 6) > 0.3).expand(2, 4, 6, 6)}.get(case, torch.rand(2, 1, 6, 6) > 0.3)
     causal = case == "causal_with_mask"
     sdpa = int(attnsel.Backend.TORCH_SDPA)
     assert attnsel._C.route(q, q, q, mask, causal, None, sdpa) == sdpa
