@@ -30,7 +30,7 @@ _sdpa = torch.nn.functional.scaled_dot_product_attention
 _route = _C.route
 # _C.route's answer besides SDPA's output or a backend id for the op: the plan is torch_sdpa, the op would pass the
 # call to PyTorch's SDPA unchanged, and an input or a mode overrides __torch_function__, so SDPA runs from Python.
-SDPA_FROM_PYTHON = -3
+SDPA_FROM_PYTHON = _C.ROUTE_SDPA_FROM_PYTHON
 
 
 def sdpa_direct(q, k, v, attn_mask, is_causal, scale):

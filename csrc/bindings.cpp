@@ -97,14 +97,8 @@ int plan_route(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   using namespace attnsel::torch_glue;
   check_call_inputs(q, k, v, mask);
   const BackendId chosen = plan_backend(q, k, v, mask, is_causal, backend, inputs_need_grad(q, k, v));
-  // The op hands torch_sdpa calls to SDPA unchanged except a mask in another dtype (cast), with causal (folded in),
-  // 1-d (given a leading dim) or expanded by the caller (stride 0 over a dim of size > 1: given back as size 1, so
-  // that SDPA does not build the whole mask): only those need the op.
-  bool unchanged = !mask || (!is_causal && mask->dim() >= 2 &&
-                             (mask->scalar_type() == at::kBool || mask->scalar_type() == q.scalar_type()));
-  for (std::int64_t i = 0; unchanged && mask && i < mask->dim(); ++i)
-    unchanged = !(mask->stride(i) == 0 && mask->size(i) > 1);
-  return chosen == BackendId::TORCH_SDPA && unchanged ? kRouteSdpa : static_cast<int>(chosen);
+  if (chosen == BackendId::TORCH_SDPA && sdpa_takes_call_unchanged(q, mask, is_causal)) return kRouteSdpa;
+  return static_cast<int>(chosen);
 }
 
 // _C.route(q, k, v, attn_mask, is_causal, scale, backend, context=None), on every eager attnsel.attention call and
@@ -401,6 +395,7 @@ PYBIND11_MODULE(_C, m) {
   static PyMethodDef route_def = {"route", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&route_py)),
                                   METH_FASTCALL, "route(q, k, v, attn_mask, is_causal, scale, backend, context=None)"};
   m.add_object("route", py::reinterpret_steal<py::object>(PyCFunction_New(&route_def, nullptr)));
+  m.attr("ROUTE_SDPA_FROM_PYTHON") = kRouteSdpa;
   m.def("call_signature", &signature_of_call, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("attn_mask"),
         py::arg("is_causal"), py::arg("return_lse"),
         "The planner's view of a call (ValueError, with the op's message, for a call the op refuses).");

@@ -61,6 +61,11 @@ void check_call_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 CallSignature call_signature(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const std::optional<at::Tensor>& mask, bool is_causal, bool needs_grad, bool needs_lse);
 
+// Whether the torch_sdpa backend hands this call to PyTorch's SDPA unchanged (it casts a mask of another dtype,
+// folds causal into a mask, gives a 1-d mask a leading dim and an expanded mask back compact): then a caller may call
+// SDPA itself for the same result (the eager route does). sdpa.cpp, beside the changes it describes.
+bool sdpa_takes_call_unchanged(const at::Tensor& q, const std::optional<at::Tensor>& mask, bool is_causal);
+
 // Whether autograd will differentiate this call's output (grad mode on and an input requires grad).
 bool inputs_need_grad(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
 

@@ -12,14 +12,21 @@
 namespace attnsel::torch_glue {
 namespace {
 
+// Expanded by the caller: stride 0 over a dim of size > 1.
+bool expanded(const at::Tensor& mask) {
+  for (int64_t i = 0; i < mask.dim(); ++i)
+    if (mask.stride(i) == 0 && mask.size(i) > 1) return true;
+  return false;
+}
+
 // A mask expanded by the caller (stride 0 where it repeats): give SDPA those dims back as size 1, since some of its
 // kernels (and a dtype cast) would otherwise materialise the whole [B, Hq, Sq, Sk] mask.
 at::Tensor compact(const at::Tensor& mask) {
+  if (!expanded(mask)) return mask;
   std::vector<int64_t> sizes(mask.sizes().begin(), mask.sizes().end());
-  bool expanded = false;
   for (int64_t i = 0; i < mask.dim(); ++i)
-    if (mask.stride(i) == 0 && sizes[i] > 1) sizes[i] = 1, expanded = true;
-  return expanded ? mask.as_strided(sizes, mask.strides(), mask.storage_offset()) : mask;
+    if (mask.stride(i) == 0 && sizes[i] > 1) sizes[i] = 1;
+  return mask.as_strided(sizes, mask.strides(), mask.storage_offset());
 }
 
 at::Tensor run_sdpa(const AttentionCall& call) {
@@ -134,6 +141,12 @@ BackendDescriptor sdpa_descriptor(BackendId id, DeviceType device) {
 }
 
 }  // namespace
+
+bool sdpa_takes_call_unchanged(const at::Tensor& q, const std::optional<at::Tensor>& mask, bool is_causal) {
+  if (!mask) return true;  // run_sdpa changes only masks
+  const bool castless = mask->scalar_type() == at::kBool || mask->scalar_type() == q.scalar_type();
+  return castless && !is_causal && mask->dim() >= 2 && !expanded(*mask);
+}
 
 void register_sdpa() {
   for (DeviceType device : {DeviceType::CPU, DeviceType::CUDA}) {
