@@ -58,13 +58,19 @@ from attnsel.backends import Backend, backend_names  # noqa: E402
 from attnsel.selection import explain_call  # noqa: E402
 
 
+def scaled(shape, factor, step, label):
+    """The same call with its query length (and the key length, when equal) times factor, rounded to a multiple of
+    step; the key length of cross-attention stays."""
+    q_len = max(step, round(shape.q_len * factor / step) * step)
+    kv_len = shape.kv_len if shape.kv_len != shape.q_len else q_len
+    return tuning.Shape(**{**shape.__dict__, "q_len": q_len, "kv_len": kv_len, "name": f"{shape.name} ({label})"})
+
+
 def nearby_lengths(shape):
     """The same call with lengths scaled by 0.9: in another bucket when that moves a CUDA key length off a multiple
     of 64 (or across a bucket edge), so auto runs it by the static rank; None when it stays in the bucket (then
     neighbour() covers it)."""
-    q_len = max(1, round(shape.q_len * 0.9))
-    kv_len = shape.kv_len if shape.kv_len != shape.q_len else q_len
-    other = tuning.Shape(**{**shape.__dict__, "q_len": q_len, "kv_len": kv_len, "name": f"{shape.name} (0.9x)"})
+    other = scaled(shape, 0.9, 1, "0.9x")
     return None if other.signature().bucket() == shape.signature().bucket() else other
 
 
@@ -75,13 +81,8 @@ def neighbour(shape):
     # multiples of 64 too.
     step = 64 if shape.device.startswith("cuda") and shape.kv_len % 64 == 0 else 1
     for factor in (0.9, 1.1, 0.95, 1.05, 0.85, 1.2, 0.8, 0.75, 0.7):
-        q_len = max(step, round(shape.q_len * factor / step) * step)
-        kv_len = shape.kv_len if shape.kv_len != shape.q_len else q_len
-        if (q_len, kv_len) == (shape.q_len, shape.kv_len):
-            continue
-        other = tuning.Shape(**{**shape.__dict__, "q_len": q_len, "kv_len": kv_len,
-                                "name": f"{shape.name} (untuned)"})
-        if other.signature().bucket() == bucket:
+        other = scaled(shape, factor, step, "untuned")
+        if (other.q_len, other.kv_len) != (shape.q_len, shape.kv_len) and other.signature().bucket() == bucket:
             return other
     return None
 
