@@ -11,7 +11,9 @@ communication alone (the same exchange, no attention) and the local compute alon
 already-exchanged data; the ring: its block attentions and their merge, one stream); `comm_share` = communication
 alone / total, `exposed_ms` = total - compute alone (what overlapping did not hide), both the slowest rank's.
 Diagnostic references: the copy-engine Ulysses' attention alone in its default chunks on its two streams (no copies,
-no barriers), on ordinary memory and reading the symmetric buffer.
+no barriers), on ordinary memory and reading the symmetric buffer, and on ordinary memory with the whole exchange
+running beside it, neither waiting for the other (`..._beside_exchange`: what the exchange's traffic costs the
+compute even when it hides nothing; a floor for any overlapped schedule moving the same bytes).
 Timing: warm-up, then --reps calls back to back, CUDA events around each call, median per rank; `max_rank_ms` is the
 slowest rank's median. That is one round; --rounds rounds run one after another, each timing the one-GPU call and
 the compute-alone references, then every variant. A round's speedup is rank 0's one-GPU median over the slowest
@@ -172,6 +174,17 @@ def ulysses_chunked_compute(q, k, v, group, lens, chunks, backend, heads=None):
     current.wait_stream(mem.compute_stream)
 
 
+def ulysses_compute_beside_exchange(q, k, v, group, lens, chunks, backend, heads):
+    """The copy-engine Ulysses' attention (its head chunks on ordinary memory) with its whole exchange running beside
+    it on a side stream, neither waiting for the other: what the exchange's traffic alone costs the compute."""
+    current, side = torch.cuda.current_stream(), torch.cuda.Stream(q.device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        ulysses_ce_comm(q, k, v, group, lens, chunks)
+    ulysses_chunked_compute(q, k, v, group, lens, chunks, backend, heads)
+    current.wait_stream(side)
+
+
 def ring_compute(q, blocks, backend):
     """The ring's local work alone: one attention with LSE per block, merged in fp32."""
     acc = lse_acc = None
@@ -307,6 +320,8 @@ def main():
                 qs, ks, vs, group, lens, default, backend, (qh, kh, vh))
             refs[f"ulysses_compute_{default}_chunks_on_buffer"] = lambda: ulysses_chunked_compute(
                 qs, ks, vs, group, lens, default, backend)
+            refs[f"ulysses_compute_{default}_chunks_beside_exchange"] = lambda: ulysses_compute_beside_exchange(
+                qs, ks, vs, group, lens, default, backend, (qh, kh, vh))
             for chunks in _ints(args.ce_chunks):
                 count = chunks or default
                 ce_ms, _ = timed(lambda: ulysses_ce_comm(qs, ks, vs, group, lens, count), reps, warmup,  # noqa
