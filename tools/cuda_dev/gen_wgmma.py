@@ -22,13 +22,14 @@ def gen_rs(n, dt, tn):
     outs = ", ".join(f"%{i}" for i in range(nreg))
     a0, b = nreg, nreg + 4
     cons = ", ".join(f'"+f"(d[{i}])' for i in range(nreg))
-    return f'''// A from registers (the m16n8k16 A fragment of this warp's 16 rows); always accumulates.
-__device__ __forceinline__ void wgmma_rs_m64n{n}k16_{dt}_t{tn}(float (&d)[{nreg}], const std::uint32_t (&a)[4], std::uint64_t db) {{
+    return f'''// A from registers (the m16n8k16 A fragment of this warp's 16 rows); scale_d 0 overwrites d instead of adding.
+__device__ __forceinline__ void wgmma_rs_m64n{n}k16_{dt}_t{tn}(float (&d)[{nreg}], const std::uint32_t (&a)[4], std::uint64_t db,
+                                                           int scale_d = 1) {{
   asm volatile(
-      "{{\\n.reg .pred p;\\nsetp.ne.b32 p, 1, 0;\\n"
+      "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{b + 1}, 0;\\n"
       "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{dt}.{dt} {{{outs}}}, {{%{a0}, %{a0 + 1}, %{a0 + 2}, %{a0 + 3}}}, %{b}, p, 1, 1, {tn};\\n}}\\n"
       : {cons}
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));
 }}
 '''
 

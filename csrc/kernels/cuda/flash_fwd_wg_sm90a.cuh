@@ -37,8 +37,9 @@ struct WgOps;
     static __device__ __forceinline__ void qk(float (&s)[BC / 2], std::uint64_t a, std::uint64_t b, int acc) { \
       wgmma_m64n##BC##k16_##SUF##_t0(s, a, b, acc);                                                        \
     }                                                                                                      \
-    static __device__ __forceinline__ void pv(float (&o)[D / 2], const std::uint32_t (&p)[4], std::uint64_t b) { \
-      wgmma_rs_m64n##D##k16_##SUF##_t1(o, p, b);                                                           \
+    static __device__ __forceinline__ void pv(float (&o)[D / 2], const std::uint32_t (&p)[4], std::uint64_t b, \
+                                              int acc = 1) {                                               \
+      wgmma_rs_m64n##D##k16_##SUF##_t1(o, p, b, acc);                                                      \
     }                                                                                                      \
   };
 ATTNSEL_WG_OPS(__nv_bfloat16, bf16, 128, 64)
@@ -124,6 +125,8 @@ struct AddMaskStage {
 // blockIdx.x + gridDim.x, ...; the K/V ring and its barrier phases run on across items, so the producer loads the
 // next item's Q and first K/V tiles while the consumers finish this item's last P·V and store O. Q has QBUF
 // buffers (2 where shared memory allows): with one, the consumers free it when the item's last Q·K^T has retired.
+// AHEAD (persistent, two Q buffers): each item's S_0 = Q·K_0^T is issued right after the previous item's last P·V,
+// so the tensor cores run it while the consumers wait for that P·V and store O (short key loops: +6-8%).
 // Without PERSIST there is one CTA per work item (the grid is (query tiles, heads, batch)): built only for full
 // boolean masks, where it ran faster than flash_fwd_ws_tile at D=64 (see run_t).
 template <int D, int BC, int NC, int STAGES, int QBUF = 1>
@@ -485,7 +488,8 @@ struct WorkItems {
   int m_blocks, heads, total;
 };
 
-template <typename T, int D, int BC, int NC, int STAGES, int QBUF, bool PERSIST, bool CAUSAL, int MM>
+template <typename T, int D, int BC, int NC, int STAGES, int QBUF, bool PERSIST, bool CAUSAL, int MM,
+          bool AHEAD = false>
 __global__ void __launch_bounds__((NC + 1) * 128, 1)
     flash_fwd_ws(const FwdArgs a, const WorkItems work, const __grid_constant__ CUtensorMap tq,
                  const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv) {
@@ -496,6 +500,7 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
   constexpr std::uint32_t KV_BYTES = C::KV_BYTES;
   constexpr int CW = C::CW, ROWB = C::ROWB;
   static_assert(PERSIST || QBUF == 1, "one Q buffer per CTA without the persistent loop");
+  static_assert(!AHEAD || (PERSIST && QBUF == 2), "the next item's S_0 needs its Q in the other buffer");
 
   extern __shared__ unsigned char smem_raw[];
   const std::uint32_t sQ = (smem_u32(smem_raw) + 1023) & ~1023u;  // the swizzle pattern repeats every 1024 bytes
@@ -577,6 +582,21 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
             tma_load_4d(sV + st * KV_BYTES + c * BC * ROWB, &tv, v_full(st), c * CW, jt * BC, hk, b);
         }
       }
+      if constexpr (AHEAD) {  // a Q and K_0 past the last item: the consumers' S_0 of "the next item" reads them
+        int m0, h, b;
+        item(w0, m0, h, b);
+        const int qb = it % QBUF, st = kc % STAGES;
+        mbar_wait(q_empty(qb), ((it / QBUF) & 1) ^ 1);
+        mbar_arrive_expect_tx(q_full(qb), C::Q_BYTES);
+#pragma unroll
+        for (int c = 0; c < D / CW; ++c)
+          tma_load_4d(sQ + qb * C::Q_BYTES + c * BR * ROWB, &tq, q_full(qb), c * CW, m0, h, b);
+        mbar_wait(k_empty(st), ((kc / STAGES) & 1) ^ 1);
+        mbar_arrive_expect_tx(k_full(st), KV_BYTES);
+#pragma unroll
+        for (int c = 0; c < D / CW; ++c)
+          tma_load_4d(sK + st * KV_BYTES + c * BC * ROWB, &tk, k_full(st), c * CW, 0, h / a.group, b);
+      }
     }
   } else {
     regs_alloc<C::CONSUMER_REGS>();
@@ -655,10 +675,13 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
       wg_commit();
     };
     // V MN-major: column chunks BC * ROWB bytes apart (leading offset), 8-key groups 8 * ROWB apart.
-    auto issue_pv = [&](int st) {
+    // With AHEAD, O is not zeroed at an item's start (that would write O's registers while the next item's S_0 is
+    // in flight, and ptxas then serialises every wgmma): the item's first P·V overwrites O instead.
+    auto issue_pv = [&](int st, bool first) {
       const std::uint64_t dv0 = make_desc(sV + st * KV_BYTES, BC * ROWB, 8 * ROWB, ROWB);
 #pragma unroll
-      for (int kk = 0; kk < BC / 16; ++kk) Ops::pv(acc, pa[kk], dv0 + ((kk * 16 * ROWB) >> 4));
+      for (int kk = 0; kk < BC / 16; ++kk)
+        Ops::pv(acc, pa[kk], dv0 + ((kk * 16 * ROWB) >> 4), AHEAD && first && kk == 0 ? 0 : 1);
     };
     auto load_mask = [&](int jt) {  // issued before S_jt is ready
       const int n0 = jt * BC;
@@ -779,10 +802,18 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
       }
     };
 
+    // AHEAD: each item's S_0 is issued under the previous item's last P·V and O store (the first item's here, and
+    // one past the last item on a Q and K_0 the producer loads for it), with no branch around the issue: ptxas
+    // serialises every wgmma of a kernel where the in-flight S may or may not exist at a join.
+    if constexpr (AHEAD) {
+#pragma unroll
+      for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;  // never read (the first P·V overwrites it), defined once
+      issue_first_qk(it, kc);
+    }
     for (int w = w0; w < w_end; w += w_step, ++it) {
       set_item(w);
       mask = MaskView<T, MM>(a, b, h);
-      issue_first_qk(it, kc);
+      if constexpr (!AHEAD) issue_first_qk(it, kc);
       kp = MM != kNoMask && mask.key_padding();
       if constexpr (kStageable) {
         staged = !kp && AddStage::usable(mask);
@@ -791,8 +822,10 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
           add.issue(0, a.seq_kv, t);
         }
       }
+      if constexpr (!AHEAD) {
 #pragma unroll
-      for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
+        for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
+      }
       m_r[0] = m_r[1] = -INFINITY;
       l_r[0] = l_r[1] = 0.f;
       load_mask(0);
@@ -817,7 +850,7 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
         issue_qk(st, q_desc(it));
         wg_commit();
         mbar_wait(v_full(ps), ((kj - 1) / STAGES) & 1);
-        issue_pv(ps);
+        issue_pv(ps, jt == 1);
         wg_commit();
         load_mask(jt);
         wg_wait1();  // S_jt ready; P·V_{jt-1} may still run
@@ -844,9 +877,14 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
       mbar_wait(v_full(ls), (kl / STAGES) & 1);
       wg_fence();
       fence_regs(acc);
-      issue_pv(ls);
+      issue_pv(ls, n_tiles == 1);
       wg_commit();
-      wg_wait0();
+      if constexpr (AHEAD) {  // the next item's S_0 runs under this P·V and the O store below
+        issue_first_qk(it + 1, kc + n_tiles);
+        wg_wait1();
+      } else {
+        wg_wait0();
+      }
       fence_regs(acc);
       fence_frag(pa);
       if (PERSIST) release(v_empty(ls));  // the next work item reuses the slot
@@ -870,6 +908,7 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
       }
       kc += n_tiles;
     }
+    if constexpr (AHEAD) wg_wait0();  // the S_0 past the last item
   }
 }
 
@@ -891,7 +930,8 @@ inline int sm_count() {
 // through the persistent kernel's body with its loop compiled out (flash_fwd_ws without PERSIST).
 enum class Sched { kTile, kPersist, kLoopBody };
 
-template <typename T, int D, int BC, int NC, int STAGES, int QBUF, Sched S, bool CAUSAL, int MM = kNoMask>
+template <typename T, int D, int BC, int NC, int STAGES, int QBUF, Sched S, bool CAUSAL, int MM = kNoMask,
+          bool AHEAD = false>
 cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, cudaStream_t stream) {
   using C = WsCfg<D, BC, NC, STAGES, QBUF>;
   constexpr bool PERSIST = S == Sched::kPersist;
@@ -913,7 +953,7 @@ cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, cudaStream_t strea
     if (e != cudaSuccess) return e;
     kern<<<dim3(m_blocks, heads, batch), C::NT, smem, stream>>>(a, tq, tk, tv);
   } else {
-    auto kern = flash_fwd_ws<T, D, BC, NC, STAGES, QBUF, PERSIST, CAUSAL, MM>;
+    auto kern = flash_fwd_ws<T, D, BC, NC, STAGES, QBUF, PERSIST, CAUSAL, MM, AHEAD>;
     e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return e;
     const std::int64_t total = static_cast<std::int64_t>(m_blocks) * heads * batch;
@@ -959,10 +999,14 @@ cudaError_t run_t(const FwdArgs& a, int batch, int heads, int mask_mode, int var
   constexpr int QBA = !WsCfg<D, BC, 2, 2, 2>::ADD_STAGE && WsCfg<D, BC, 2, 2, 1>::ADD_STAGE ? 1 : QB;
   constexpr Sched kP = Sched::kPersist, kT = Sched::kTile, kL = Sched::kLoopBody;
   if constexpr (!C) {  // the persistent kernels are built for non-causal calls only (use_persistent)
+    // AHEAD (the next item's S_0 under this item's last P·V and O store) where the next item's Q has its own buffer:
+    // +6% at Wan cross-attention, +7.6% at 8x24x1024² (H200, bf16, docs/cuda-kernels.md).
     if (variant == 19 || (variant != 20 && use_persistent(a, BC, C, batch, heads, 128))) {
-      if (mask_mode == kBoolMask) return launch_ws<T, D, BC, 2, 2, QB, kP, C, kBoolMask>(a, batch, heads, s);
-      if (mask_mode == kAddMask) return launch_ws<T, D, BC, 2, 2, QBA, kP, C, kAddMask>(a, batch, heads, s);
-      return launch_ws<T, D, BC, 2, 2, QB, kP, C>(a, batch, heads, s);
+      if (mask_mode == kBoolMask)
+        return launch_ws<T, D, BC, 2, 2, QB, kP, C, kBoolMask, QB == 2>(a, batch, heads, s);
+      if (mask_mode == kAddMask)
+        return launch_ws<T, D, BC, 2, 2, QBA, kP, C, kAddMask, QBA == 2>(a, batch, heads, s);
+      return launch_ws<T, D, BC, 2, 2, QB, kP, C, kNoMask, QB == 2>(a, batch, heads, s);
     }
   }
   if (mask_mode == kBoolMask) {
