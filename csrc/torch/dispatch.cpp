@@ -42,6 +42,13 @@ void check_mask(const at::Tensor& mask, const at::Tensor& q, const at::Tensor& k
   }
 }
 
+// Stride of a mask given with 1 to 4 dims (right-aligned) along dim of [B, Hq, Sq, Sk]: 0 where it broadcasts
+// (a missing leading dim or size 1), else its own stride (itself 0 where the caller expanded it).
+int64_t broadcast_stride(const at::Tensor& mask, int64_t dim) {
+  const int64_t own = dim - (4 - mask.dim());
+  return own < 0 || mask.size(own) == 1 ? 0 : mask.stride(own);
+}
+
 // The mask broadcast to [B, Hq, Sq, Sk] as a stride-0 view (what the kernels index), checked first.
 at::Tensor broadcast_mask(const at::Tensor& mask, const at::Tensor& q, const at::Tensor& k) {
   check_mask(mask, q, k);
@@ -118,12 +125,8 @@ CallSignature call_signature(const at::Tensor& q, const at::Tensor& k, const at:
   c.device = selector_device(q);
   if (mask) {
     c.mask = mask->scalar_type() == at::kBool ? MaskKind::Bool : MaskKind::Additive;
-    // Broadcast over heads and queries (missing leading dims, size 1 or stride 0) = one row of keys per batch.
-    const int64_t missing = 4 - mask->dim();
-    const auto bcast = [&](int64_t dim) {
-      return dim < missing || mask->size(dim - missing) == 1 || mask->stride(dim - missing) == 0;
-    };
-    c.mask_key_padding = bcast(1) && bcast(2);
+    // Broadcast over heads and queries = one row of keys per batch.
+    c.mask_key_padding = broadcast_stride(*mask, 1) == 0 && broadcast_stride(*mask, 2) == 0;
   }
   c.causal = is_causal;
   c.needs_grad = needs_grad;
@@ -160,14 +163,14 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
                                              const std::optional<at::Tensor>& attn_mask, bool is_causal,
                                              std::optional<double> scale, std::int64_t backend, bool return_lse) {
   check_call_inputs(q, k, v, attn_mask);  // no broadcast view: make_params derives its strides (~1 us saved)
-  const std::optional<at::Tensor>& mask = attn_mask;
   const DeviceType device = selector_device(q);
-  const BackendId chosen = plan_backend(q, k, v, mask, is_causal, backend, inputs_need_grad(q, k, v), return_lse);
+  const BackendId chosen = plan_backend(q, k, v, attn_mask, is_causal, backend, inputs_need_grad(q, k, v),
+                                        return_lse);
   KernelFn fn = find_kernel(chosen, device);
   TORCH_CHECK(fn != nullptr, "attnsel.attention: backend '", backend_name(chosen), "' has no native kernel on ",
               device_name(device), " (bridged backends run through attnsel.attention in Python)");
   const double resolved_scale = scale ? *scale : 1.0 / std::sqrt(static_cast<double>(q.size(3)));
-  AttentionResult r = fn(AttentionCall{q, k, v, mask, is_causal, resolved_scale, return_lse});
+  AttentionResult r = fn(AttentionCall{q, k, v, attn_mask, is_causal, resolved_scale, return_lse});
   if (!return_lse) return {r.out, at::empty({0}, q.options().dtype(at::kFloat))};
   TORCH_CHECK(r.lse.defined(), "attnsel.attention: backend '", backend_name(chosen), "' returned no log-sum-exp");
   return {r.out, r.lse};
@@ -215,10 +218,7 @@ kernels::AttentionParams make_params(const AttentionCall& c, at::Tensor& out) {
     p.mask = m.data_ptr();
     p.mask_kind = m.scalar_type() == at::kBool ? kernels::MaskKind::Bool : kernels::MaskKind::Additive;
     p.mask_dtype = dtype(m);
-    // [B, Hq, Sq, Sk] strides of the mask as given (1 to 4 dims, right-aligned): 0 where it broadcasts.
-    const int64_t missing = 4 - m.dim();
-    for (int64_t i = 0; i < 4; ++i)
-      p.mask_stride[i] = i < missing || m.size(i - missing) == 1 ? 0 : m.stride(i - missing);
+    for (int64_t i = 0; i < 4; ++i) p.mask_stride[i] = broadcast_stride(m, i);
   }
   p.causal = c.causal;
   p.scale = static_cast<float>(c.scale);
