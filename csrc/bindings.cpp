@@ -136,7 +136,7 @@ PyObject* route_py(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const long backend = PyLong_AsLong(args[6]);
   if (causal < 0 || (backend == -1 && PyErr_Occurred())) return nullptr;
   std::int64_t id = backend;
-  if (id == -1) {
+  if (id == torch_glue::kContextBackend) {
     const bool has_view = nargs == 8 && args[7] != Py_None;
     std::optional<ComponentContext> view;
     try {
@@ -146,7 +146,7 @@ PyObject* route_py(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       return nullptr;
     }
     const std::optional<BackendId> policy = view_policy(view, has_view);
-    id = policy ? static_cast<int>(*policy) : -2;
+    id = policy ? static_cast<int>(*policy) : torch_glue::kAutoBackend;
   }
   const at::Tensor& q = THPVariable_Unpack(args[0]);
   const at::Tensor& k = THPVariable_Unpack(args[1]);
@@ -389,7 +389,7 @@ PYBIND11_MODULE(_C, m) {
   // mirror of another task's Python scope does not).
   m.def("call_policy", [](std::optional<ScopeTuple> context) -> int {
     const std::optional<BackendId> backend = view_policy(from_py(context), context.has_value());
-    return backend ? static_cast<int>(*backend) : -2;
+    return backend ? static_cast<int>(*backend) : static_cast<int>(torch_glue::kAutoBackend);
   }, py::arg("context"));
   // The route of an eager call (route_py above): SDPA's output, or the backend id for the op.
   static PyMethodDef route_def = {"route", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&route_py)),
@@ -401,7 +401,9 @@ PYBIND11_MODULE(_C, m) {
         "The planner's view of a call (ValueError, with the op's message, for a call the op refuses).");
   // The plan for a call: backend None = this view's policy, -2 = auto; returns the selection tuple.
   m.def("explain_call", [](const CallSignature& call, std::optional<int> backend, std::optional<ScopeTuple> context) {
-    if (backend) return selection_to_py(plan_call(call, *backend == -2 ? std::nullopt : std::optional(to_id(*backend))));
+    if (backend)
+      return selection_to_py(
+          plan_call(call, *backend == torch_glue::kAutoBackend ? std::nullopt : std::optional(to_id(*backend))));
     std::optional<ComponentContext> ctx = from_py(context);
     return selection_to_py(select_for_call(call, ctx ? &*ctx : nullptr));
   }, py::arg("call"), py::arg("backend"), py::arg("context"));
