@@ -312,11 +312,19 @@ def test_additive_mask_q_dtype(D, causal):
     def persistent(gen):  # 240 work items, 2 key tiles
         return (torch.randn(2, 40, 257, 130, generator=gen, device="cuda") * 2).to(torch.float16)
 
+    def wide_odd(gen):  # 16-byte aligned rows of 1000 (copied in 16-byte pieces), 997 keys: a partial last piece
+        return (torch.randn(1, 2, 200, 1000, generator=gen, device="cuda") * 2).to(torch.bfloat16)[..., :997]
+
+    def persistent_wide(gen):  # the persistent schedule with 16-byte pieces: rows of 136, 130 keys
+        return (torch.randn(2, 40, 257, 136, generator=gen, device="cuda") * 2).to(torch.float16)[..., :130]
+
     _check(2, 3, 1, 200, 1000, D, causal, torch.bfloat16, seed=D, mask=dense, lse=True)
     _check(1, 4, 2, 200, 999, D, causal, torch.float16, seed=D + 1, mask=odd_keys, lse=True)
     _check(2, 3, 3, 200, 1000, D, causal, torch.bfloat16, seed=D + 2, mask=unaligned, lse=True)
+    _check(1, 2, 1, 200, 997, D, causal, torch.bfloat16, seed=D + 4, mask=wide_odd, lse=True)
     if not causal:
         _check(2, 40, 8, 257, 130, D, False, torch.float16, seed=D + 3, mask=persistent, lse=True)
+        _check(2, 40, 8, 257, 130, D, False, torch.float16, seed=D + 5, mask=persistent_wide, lse=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])

@@ -68,45 +68,88 @@ __device__ __forceinline__ void fence_frag(std::uint32_t (&r)[N][4]) {
     for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
 }
 
-// Full additive masks of 2-byte values with contiguous keys (the usual [B, H, Sq, Sk] tensor): each consumer thread
-// copies the mask values of its own score elements for the next key tile into shared memory with cp.async, issued
-// right after the softmax of the current tile, so the loads run under a whole key tile. (Read from global memory in
-// the softmax itself, a full additive mask ran at 50 TFLOP/s at D=64, a fifth of cuDNN's 265.) Per thread and key
-// tile: 2 rows x BC/8 groups of the two adjacent keys it holds, 4 bytes each; stored [pair][thread of the
-// warpgroup], so a warp's reads are contiguous words (no bank conflicts).
+// Full additive masks of 2-byte values with contiguous keys (the usual [B, H, Sq, Sk] tensor): the mask values of
+// the next key tile are copied into shared memory with cp.async right after the softmax of the current tile, so the
+// loads run under a whole key tile. (Read from global memory in the softmax itself, a full additive mask ran at 50
+// TFLOP/s at D=64, a fifth of cuDNN's 265.) Each warp stages its own 16 rows x BC keys, row r at r * BC * 2 bytes,
+// its 16-byte chunk c at chunk c ^ (r & 7) (a warp's reads of one key group then hit 32 banks). Where rows are
+// 16-byte aligned (the row stride a multiple of 8 keys), the warp copies them in 16-byte pieces, 8 per thread per
+// tile at BC = 128; otherwise each thread copies the two keys of each of its score pairs, 4 bytes at a time (32 per
+// tile). Either way a thread reads its pairs with one 4-byte shared load each.
 template <typename T, int BC>
 struct AddMaskStage {
   static constexpr int PAIRS = BC / 4;
-  static constexpr int BYTES = PAIRS * 128 * 4;  // per consumer warpgroup
-  const unsigned char* r0 = nullptr;  // mask rows row0 and row0 + 8 (clamped to the sequence), at key t * 2
-  const unsigned char* r1 = nullptr;
-  std::uint32_t dst = 0;  // this thread's word of pair 0
+  static constexpr int ROWB = BC * 2;  // bytes of one staged row
+  static constexpr int BYTES = 4 * 16 * ROWB;  // per consumer warpgroup: 4 warps x 16 rows
+  // Few registers held across the key loop (the tile body runs at the consumers' register limit).
+  const char* base = nullptr;  // the item's mask
+  int sq = 0;  // its row stride (elements; usable() keeps it below 2^31)
+  std::uint32_t mine = 0;  // this thread's word of pair 0
+  int lane = 0, row_lo = 0, last_row = 0;
+  bool wide = false;  // 16-byte copies
+  __device__ __forceinline__ void init(std::uint32_t wg_smem, int warp_in_wg, int lane_) {
+    lane = lane_;
+    mine = wg_smem + warp_in_wg * 16 * ROWB + (lane >> 2) * ROWB + (lane & 3) * 4;
+  }
   // Whether the item's mask takes this path: 2-byte values, keys contiguous, pairs 4-byte aligned.
   static __device__ __forceinline__ bool usable(const MaskView<T, kAddMask>& m) {
-    return !m.f32 && m.sk == 1 && m.sq % 2 == 0 && (reinterpret_cast<std::uintptr_t>(m.base) & 3) == 0;
+    return !m.f32 && m.sk == 1 && m.sq % 2 == 0 && m.sq < (std::int64_t{1} << 31) &&
+           (reinterpret_cast<std::uintptr_t>(m.base) & 3) == 0;
   }
-  __device__ __forceinline__ void set_rows(const MaskView<T, kAddMask>& m, int row_a, int row_b, int t) {
-    r0 = reinterpret_cast<const unsigned char*>(m.base) + 2 * (row_a * m.sq + t * 2);
-    r1 = reinterpret_cast<const unsigned char*>(m.base) + 2 * (row_b * m.sq + t * 2);
+  // The item: its mask, the global row of the warp's first staged row, the query length.
+  __device__ __forceinline__ void set_rows(const MaskView<T, kAddMask>& m, int warp_row, int seq_q) {
+    base = m.base;
+    sq = static_cast<int>(m.sq);
+    row_lo = warp_row;
+    last_row = seq_q - 1;
+    wide = m.sq % 8 == 0 && (reinterpret_cast<std::uintptr_t>(m.base) & 15) == 0;
+  }
+  __device__ __forceinline__ const char* row(int r, int col) const {  // the warp's staged row r at key col
+    return base + 2 * (static_cast<std::int64_t>(min(row_lo + r, last_row)) * sq + col);
+  }
+  __device__ __forceinline__ std::uint32_t word(int p) const {  // pair p: key group p >> 1, row g + 8 * (p & 1)
+    return mine + (p & 1) * 8 * ROWB + (((p >> 1) ^ (lane >> 2)) << 4);
   }
   // Copies of key tile n0 .. n0+BC-1; keys past seq_kv are zero-filled (the softmax cuts them).
-  __device__ __forceinline__ void issue(int n0, int seq_kv, int t) const {
+  __device__ __forceinline__ void issue(int n0, int seq_kv) const {
+    __syncwarp();  // every lane is done reading the previous tile
     const bool full = n0 + BC <= seq_kv;
+    if (wide) {
+      static_assert(BC % 64 == 0, "the chunk swizzle needs a multiple of 8 chunks per row");
+      constexpr int CPR = BC / 8;  // 16-byte chunks per row
+      const int c = lane % CPR;
+      const int left = seq_kv - (n0 + c * 8);
+      const int n = full ? 16 : left >= 8 ? 16 : left > 0 ? 2 * left : 0;
+      const std::uint32_t warp_smem = mine - (lane >> 2) * ROWB - (lane & 3) * 4;
 #pragma unroll
-    for (int p = 0; p < PAIRS; ++p) {
-      const int col = n0 + (p >> 1) * 8;
-      const unsigned char* src = ((p & 1) ? r1 : r0) + 2 * col;
-      const int left = seq_kv - (col + t * 2);
-      const int n = full ? 4 : left >= 2 ? 4 : left == 1 ? 2 : 0;
-      asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst + p * 512),
-                   "l"(n > 0 ? src : r0), "r"(n) : "memory");
+      for (int i = 0; i < 16 * CPR / 32; ++i) {
+        const int r = lane / CPR + i * (32 / CPR);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                     ::"r"(warp_smem + r * ROWB + ((c ^ (r & 7)) << 4)), "l"(n > 0 ? row(r, n0 + c * 8) : base), "r"(n)
+                     : "memory");
+      }
+    } else {  // rows g and g + 8 of the warp, the two keys from t * 2 of each group of 8
+      const int g = lane >> 2, t = lane & 3;
+      const char* row_a = row(g, n0 + t * 2);
+      const char* row_b = row(g + 8, n0 + t * 2);
+#pragma unroll
+      for (int p = 0; p < PAIRS; ++p) {
+        const int col = (p >> 1) * 8;
+        const int left = seq_kv - (n0 + col + t * 2);
+        const int n = full ? 4 : left >= 2 ? 4 : left == 1 ? 2 : 0;
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(word(p)),
+                     "l"(n > 0 ? ((p & 1) ? row_b : row_a) + 2 * col : base), "r"(n) : "memory");
+      }
     }
     asm volatile("cp.async.commit_group;\n" ::: "memory");
   }
-  static __device__ __forceinline__ void wait() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+  static __device__ __forceinline__ void wait() {
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+    __syncwarp();  // the other lanes' copies are visible
+  }
   __device__ __forceinline__ float2 pair(int p) const {
     std::uint32_t w;
-    asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(w) : "r"(dst + p * 512) : "memory");
+    asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(w) : "r"(word(p)) : "memory");
     if constexpr (std::is_same<T, __nv_bfloat16>::value)
       return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w));
     else
@@ -236,13 +279,13 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
     constexpr bool kStageable = MM == kAddMask && C::ADD_STAGE;
     using AddStage = AddMaskStage<T, BC>;
     AddStage add;
-    add.dst = sQ + C::ADD_OFFSET + cw * AddStage::BYTES + tw * 4;
+    add.init(sQ + C::ADD_OFFSET + cw * AddStage::BYTES, warp & 3, lane);
     bool staged = false;
     if constexpr (kStageable) {
       staged = !kp && AddStage::usable(mask);
       if (staged) {
-        add.set_rows(mask, min(m0 + row0, a.seq_q - 1), min(m0 + row0 + 8, a.seq_q - 1), t);
-        add.issue(0, a.seq_kv, t);
+        add.set_rows(mask, m0 + cw * 64 + (warp & 3) * 16, a.seq_q);
+        add.issue(0, a.seq_kv);
       }
     }
     float* s_bias = reinterpret_cast<float*>(smem_raw + (sQ - smem_u32(smem_raw)) + C::BIAS_OFFSET) + cw * 2 * BC;
@@ -351,7 +394,7 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
                 if (col >= a.seq_kv || (CAUSAL && col > row)) s[e] = -INFINITY;
               }
             }
-            if (jt + 1 < n_tiles) add.issue(n0 + BC, a.seq_kv, t);
+            if (jt + 1 < n_tiles) add.issue(n0 + BC, a.seq_kv);
             done = true;
           }
         }
@@ -623,7 +666,7 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
     constexpr bool kStageable = MM == kAddMask && C::ADD_STAGE;
     using AddStage = AddMaskStage<T, BC>;
     AddStage add;
-    add.dst = sQ + C::ADD_OFFSET + cw * AddStage::BYTES + tw * 4;
+    add.init(sQ + C::ADD_OFFSET + cw * AddStage::BYTES, warp & 3, lane);
     bool staged = false;
     // Key-padding masks (one row of keys per batch and head): each thread of the warpgroup loads one key's value
     // of the next tile while this one computes and publishes it as a float bias row in shared memory (0 or -inf
@@ -751,7 +794,7 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
                 if (col >= a.seq_kv || (CAUSAL && col > row)) s[e] = -INFINITY;
               }
             }
-            if (jt + 1 < n_tiles) add.issue(n0 + BC, a.seq_kv, t);
+            if (jt + 1 < n_tiles) add.issue(n0 + BC, a.seq_kv);
             done = true;
           }
         }
@@ -818,8 +861,8 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
       if constexpr (kStageable) {
         staged = !kp && AddStage::usable(mask);
         if (staged) {
-          add.set_rows(mask, min(m0 + row0, a.seq_q - 1), min(m0 + row0 + 8, a.seq_q - 1), t);
-          add.issue(0, a.seq_kv, t);
+          add.set_rows(mask, m0 + cw * 64 + (warp & 3) * 16, a.seq_q);
+          add.issue(0, a.seq_kv);
         }
       }
       if constexpr (!AHEAD) {
