@@ -71,49 +71,100 @@ __device__ __forceinline__ void fence_frag(std::uint32_t (&r)[N][4]) {
 // Full additive masks of 2-byte values with contiguous keys (the usual [B, H, Sq, Sk] tensor): the mask values of
 // the next key tile are copied into shared memory with cp.async right after the softmax of the current tile, so the
 // loads run under a whole key tile. (Read from global memory in the softmax itself, a full additive mask ran at 50
-// TFLOP/s at D=64, a fifth of cuDNN's 265.) Each warp stages its own 16 rows x BC keys, row r at r * BC * 2 bytes,
-// its 16-byte chunk c at chunk c ^ (r & 7) (a warp's reads of one key group then hit 32 banks). Where rows are
-// 16-byte aligned (the row stride a multiple of 8 keys), the warp copies them in 16-byte pieces, 8 per thread per
-// tile at BC = 128; otherwise each thread copies the two keys of each of its score pairs, 4 bytes at a time (32 per
-// tile). Either way a thread reads its pairs with one 4-byte shared load each.
+// TFLOP/s at D=64, a fifth of cuDNN's 265.) AddMaskStage: each thread copies the two keys of each of its score pairs,
+// 4 bytes at a time (2 rows x BC/8 groups per key tile), stored [pair][thread of the warpgroup], so a warp's reads
+// are contiguous words (no bank conflicts).
 template <typename T, int BC>
 struct AddMaskStage {
   static constexpr int PAIRS = BC / 4;
+  static constexpr int BYTES = PAIRS * 128 * 4;  // per consumer warpgroup
+  const unsigned char* r0 = nullptr;  // mask rows g and g + 8 of the warp (clamped to the sequence), at key t * 2
+  const unsigned char* r1 = nullptr;
+  std::uint32_t dst = 0;  // this thread's word of pair 0
+  int t = 0;
+  __device__ __forceinline__ void init(std::uint32_t wg_smem, int warp_in_wg, int lane) {
+    dst = wg_smem + (warp_in_wg * 32 + lane) * 4;
+    t = lane & 3;
+  }
+  // Whether the item's mask takes this path: 2-byte values, keys contiguous, pairs 4-byte aligned.
+  static __device__ __forceinline__ bool usable(const MaskView<T, kAddMask>& m) {
+    return !m.f32 && m.sk == 1 && m.sq % 2 == 0 && (reinterpret_cast<std::uintptr_t>(m.base) & 3) == 0;
+  }
+  // The item: its mask, this thread's first row (its second is 8 on), the query length.
+  __device__ __forceinline__ void set_rows(const MaskView<T, kAddMask>& m, int row, int seq_q) {
+    r0 = reinterpret_cast<const unsigned char*>(m.base) + 2 * (min(row, seq_q - 1) * m.sq + t * 2);
+    r1 = reinterpret_cast<const unsigned char*>(m.base) + 2 * (min(row + 8, seq_q - 1) * m.sq + t * 2);
+  }
+  // Copies of key tile n0 .. n0+BC-1; keys past seq_kv are zero-filled (the softmax cuts them).
+  __device__ __forceinline__ void issue(int n0, int seq_kv) const {
+    const bool full = n0 + BC <= seq_kv;
+#pragma unroll
+    for (int p = 0; p < PAIRS; ++p) {
+      const int col = n0 + (p >> 1) * 8;
+      const unsigned char* src = ((p & 1) ? r1 : r0) + 2 * col;
+      const int left = seq_kv - (col + t * 2);
+      const int n = full ? 4 : left >= 2 ? 4 : left == 1 ? 2 : 0;
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst + p * 512),
+                   "l"(n > 0 ? src : r0), "r"(n) : "memory");
+    }
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+  }
+  static __device__ __forceinline__ void wait() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+  __device__ __forceinline__ float2 pair(int p) const {
+    std::uint32_t w;
+    asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(w) : "r"(dst + p * 512) : "memory");
+    if constexpr (std::is_same<T, __nv_bfloat16>::value)
+      return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w));
+    else
+      return __half22float2(*reinterpret_cast<const __half2*>(&w));
+  }
+};
+
+// AddMaskStageWide (head size 64, where the mask's copies are a large share of a key tile's work): each warp stages
+// its own 16 rows x BC keys, row r at r * BC * 2 bytes, its 16-byte chunk c at chunk c ^ (r & 7) (a warp's reads of
+// one key group then hit 32 banks). Where rows are 16-byte aligned (the row stride a multiple of 8 keys), the warp
+// copies them in 16-byte pieces, 8 per thread per key tile at BC = 128; otherwise each thread copies its own pairs,
+// 4 bytes at a time, into the same layout. Either way a thread reads its pairs with one 4-byte shared load each.
+template <typename T, int BC>
+struct AddMaskStageWide {
+  static constexpr int PAIRS = BC / 4;
   static constexpr int ROWB = BC * 2;  // bytes of one staged row
   static constexpr int BYTES = 4 * 16 * ROWB;  // per consumer warpgroup: 4 warps x 16 rows
-  // Few registers held across the key loop (the tile body runs at the consumers' register limit).
-  const char* base = nullptr;  // the item's mask
+  // Few registers held across the key loop (the tile body runs at the consumers' register limit): lane indices
+  // are read again where needed.
+  const char* rows = nullptr;  // the item's mask at the warp's first staged row
   int sq = 0;  // its row stride (elements; usable() keeps it below 2^31)
+  int rows_left = 0;  // staged rows past this one are clamped to it (the query length's end)
   std::uint32_t mine = 0;  // this thread's word of pair 0
-  int lane = 0, row_lo = 0, last_row = 0;
   bool wide = false;  // 16-byte copies
+  static __device__ __forceinline__ int lane() { return static_cast<int>(threadIdx.x) & 31; }
   __device__ __forceinline__ void init(std::uint32_t wg_smem, int warp_in_wg, int lane_) {
-    lane = lane_;
-    mine = wg_smem + warp_in_wg * 16 * ROWB + (lane >> 2) * ROWB + (lane & 3) * 4;
+    mine = wg_smem + warp_in_wg * 16 * ROWB + (lane_ >> 2) * ROWB + (lane_ & 3) * 4;
   }
   // Whether the item's mask takes this path: 2-byte values, keys contiguous, pairs 4-byte aligned.
   static __device__ __forceinline__ bool usable(const MaskView<T, kAddMask>& m) {
     return !m.f32 && m.sk == 1 && m.sq % 2 == 0 && m.sq < (std::int64_t{1} << 31) &&
            (reinterpret_cast<std::uintptr_t>(m.base) & 3) == 0;
   }
-  // The item: its mask, the global row of the warp's first staged row, the query length.
-  __device__ __forceinline__ void set_rows(const MaskView<T, kAddMask>& m, int warp_row, int seq_q) {
-    base = m.base;
+  // The item: its mask, this thread's first row (the warp's first staged row is lane / 4 before it), the query length.
+  __device__ __forceinline__ void set_rows(const MaskView<T, kAddMask>& m, int row, int seq_q) {
+    const int first = min(row - (lane() >> 2), seq_q - 1);
+    rows = m.base + 2 * static_cast<std::int64_t>(first) * m.sq;
     sq = static_cast<int>(m.sq);
-    row_lo = warp_row;
-    last_row = seq_q - 1;
+    rows_left = seq_q - 1 - first;
     wide = m.sq % 8 == 0 && (reinterpret_cast<std::uintptr_t>(m.base) & 15) == 0;
   }
   __device__ __forceinline__ const char* row(int r, int col) const {  // the warp's staged row r at key col
-    return base + 2 * (static_cast<std::int64_t>(min(row_lo + r, last_row)) * sq + col);
+    return rows + 2 * (static_cast<std::int64_t>(min(r, rows_left)) * sq + col);
   }
   __device__ __forceinline__ std::uint32_t word(int p) const {  // pair p: key group p >> 1, row g + 8 * (p & 1)
-    return mine + (p & 1) * 8 * ROWB + (((p >> 1) ^ (lane >> 2)) << 4);
+    return mine + (p & 1) * 8 * ROWB + (((p >> 1) ^ (lane() >> 2)) << 4);
   }
   // Copies of key tile n0 .. n0+BC-1; keys past seq_kv are zero-filled (the softmax cuts them).
   __device__ __forceinline__ void issue(int n0, int seq_kv) const {
     __syncwarp();  // every lane is done reading the previous tile
     const bool full = n0 + BC <= seq_kv;
+    const int lane = AddMaskStageWide::lane();
     if (wide) {
       static_assert(BC % 64 == 0, "the chunk swizzle needs a multiple of 8 chunks per row");
       constexpr int CPR = BC / 8;  // 16-byte chunks per row
@@ -125,7 +176,7 @@ struct AddMaskStage {
       for (int i = 0; i < 16 * CPR / 32; ++i) {
         const int r = lane / CPR + i * (32 / CPR);
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-                     ::"r"(warp_smem + r * ROWB + ((c ^ (r & 7)) << 4)), "l"(n > 0 ? row(r, n0 + c * 8) : base), "r"(n)
+                     ::"r"(warp_smem + r * ROWB + ((c ^ (r & 7)) << 4)), "l"(n > 0 ? row(r, n0 + c * 8) : rows), "r"(n)
                      : "memory");
       }
     } else {  // rows g and g + 8 of the warp, the two keys from t * 2 of each group of 8
@@ -138,7 +189,7 @@ struct AddMaskStage {
         const int left = seq_kv - (n0 + col + t * 2);
         const int n = full ? 4 : left >= 2 ? 4 : left == 1 ? 2 : 0;
         asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(word(p)),
-                     "l"(n > 0 ? ((p & 1) ? row_b : row_a) + 2 * col : base), "r"(n) : "memory");
+                     "l"(n > 0 ? ((p & 1) ? row_b : row_a) + 2 * col : rows), "r"(n) : "memory");
       }
     }
     asm volatile("cp.async.commit_group;\n" ::: "memory");
@@ -277,14 +328,14 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
     const int tw = (warp & 3) * 32 + lane;  // thread index within the warpgroup
     // Full additive masks: the next key tile's values staged in shared memory (AddMaskStage) where they fit.
     constexpr bool kStageable = MM == kAddMask && C::ADD_STAGE;
-    using AddStage = AddMaskStage<T, BC>;
+    using AddStage = std::conditional_t<D == 64, AddMaskStageWide<T, BC>, AddMaskStage<T, BC>>;
     AddStage add;
     add.init(sQ + C::ADD_OFFSET + cw * AddStage::BYTES, warp & 3, lane);
     bool staged = false;
     if constexpr (kStageable) {
       staged = !kp && AddStage::usable(mask);
       if (staged) {
-        add.set_rows(mask, m0 + cw * 64 + (warp & 3) * 16, a.seq_q);
+        add.set_rows(mask, m0 + row0, a.seq_q);
         add.issue(0, a.seq_kv);
       }
     }
@@ -664,7 +715,7 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
     MaskView<T, MM> mask(a, 0, 0);
     // Full additive masks: the next key tile's values staged in shared memory (AddMaskStage) where they fit.
     constexpr bool kStageable = MM == kAddMask && C::ADD_STAGE;
-    using AddStage = AddMaskStage<T, BC>;
+    using AddStage = std::conditional_t<D == 64, AddMaskStageWide<T, BC>, AddMaskStage<T, BC>>;
     AddStage add;
     add.init(sQ + C::ADD_OFFSET + cw * AddStage::BYTES, warp & 3, lane);
     bool staged = false;
@@ -861,7 +912,7 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
       if constexpr (kStageable) {
         staged = !kp && AddStage::usable(mask);
         if (staged) {
-          add.set_rows(mask, m0 + cw * 64 + (warp & 3) * 16, a.seq_q);
+          add.set_rows(mask, m0 + row0, a.seq_q);
           add.issue(0, a.seq_kv);
         }
       }
