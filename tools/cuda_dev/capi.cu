@@ -46,14 +46,16 @@ static AttentionParams make(const void* q, const void* k, const void* v, void* o
 }
 
 // sizes = {B, Hq, Hkv, Sq, Sk, D, Dv}; dtype 0 f32, 1 f16, 2 bf16. mask_kind 0 none, 1 bool (bytes), 2 additive
-// (mask_dtype as dtype), ms its [B, Hq, Sq, Sk] element strides. Returns "" on success, else the reason.
+// (mask_dtype as dtype), ms its [B, Hq, Sq, Sk] element strides. lse: null, or [B, Hq, Sq] fp32 contiguous for the
+// log-sum-exp. Returns "" on success, else the reason.
 extern "C" const char* attnsel_dev_forward(const void* q, const void* k, const void* v, void* out, int dtype,
                                            const std::int64_t* sizes, const std::int64_t* qs,
                                            const std::int64_t* ks, const std::int64_t* vs,
                                            const std::int64_t* os, int causal, float scale, const void* mask,
                                            int mask_kind, int mask_dtype, const std::int64_t* ms, int sm_major,
-                                           int sm_minor, int variant, void* stream) {
+                                           int sm_minor, int variant, void* stream, float* lse) {
   AttentionParams p = make(q, k, v, out, dtype, sizes, qs, ks, vs, os, causal, scale);
+  p.lse = lse;
   if (mask_kind != 0) {
     p.mask_kind = mask_kind == 1 ? MaskKind::Bool : MaskKind::Additive;
     p.mask = mask;

@@ -1,10 +1,12 @@
 """ctypes front for the dev build of the native CUDA attention (tools/cuda_dev/build.sh).
 
-attention(q, k, v, attn_mask=None, is_causal=False, scale=None, variant=None, out=None) mirrors
-attnsel.attention(..., backend="native") for [B, H, S, D] CUDA tensors, without the extension. attn_mask: bool
-(True = attend) or additive (float32 or q's dtype), broadcastable to [B, Hq, Sq, Sk]; a 2-D mask is (B, Sk).
+attention(q, k, v, attn_mask=None, is_causal=False, scale=None, variant=None, out=None, return_lse=False) mirrors
+attnsel.attention(..., backend="native") for [B, H, S, D] CUDA tensors, without the extension (layouts the kernel
+cannot stream run on contiguous copies, as in the extension). attn_mask: bool (True = attend) or additive (float32
+or q's dtype), broadcastable to [B, Hq, Sq, Sk]; a 2-D mask is (B, Sk). return_lse: also the [B, Hq, Sq] fp32
+log-sum-exp, as (out, lse).
 variant None takes ATTNSEL_DEV_VARIANT (default -1, the kernels' default), so tests/test_cuda_kernel.py run with
-ATTNSEL_TEST_DEV_HARNESS=1 can check a variant.
+ATTNSEL_TEST_DEV_HARNESS=1 (and pytest's --noconftest: no extension to import) can check a variant.
 """
 import ctypes
 import math
@@ -26,7 +28,7 @@ def _lib():
         f = lib.attnsel_dev_forward
         P, I64P = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
         f.argtypes = [P, P, P, P, ctypes.c_int, I64P, I64P, I64P, I64P, I64P, ctypes.c_int, ctypes.c_float,
-                      P, ctypes.c_int, ctypes.c_int, I64P, ctypes.c_int, ctypes.c_int, ctypes.c_int, P]
+                      P, ctypes.c_int, ctypes.c_int, I64P, ctypes.c_int, ctypes.c_int, ctypes.c_int, P, P]
         f.restype = ctypes.c_char_p
         _LIB = lib
     return _LIB
@@ -40,7 +42,7 @@ class Refused(RuntimeError):
     pass
 
 
-def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, variant=None, out=None):
+def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, variant=None, out=None, return_lse=False):
     if variant is None:
         variant = int(os.environ.get("ATTNSEL_DEV_VARIANT", "-1"))
     B, Hq, Sq, D = q.shape
@@ -55,15 +57,22 @@ def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, variant=None
     Dv = v.shape[-1]
     if out is None:
         out = torch.empty((B, Hq, Sq, Dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device) if return_lse else None
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     major, minor = torch.cuda.get_device_capability(q.device)
     stream = torch.cuda.current_stream(q.device).cuda_stream
-    msg = _lib().attnsel_dev_forward(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), _DT[q.dtype],
-        _arr([B, Hq, Hkv, Sq, Sk, D, Dv]), _arr(q.stride()), _arr(k.stride()), _arr(v.stride()), _arr(out.stride()),
-        int(is_causal), float(scale), mask, mask_kind, mask_dtype, _arr(mask_strides), major, minor, int(variant),
-        ctypes.c_void_p(stream))
+
+    def run(q, k, v):
+        msg = _lib().attnsel_dev_forward(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), _DT[q.dtype],
+            _arr([B, Hq, Hkv, Sq, Sk, D, Dv]), _arr(q.stride()), _arr(k.stride()), _arr(v.stride()),
+            _arr(out.stride()), int(is_causal), float(scale), mask, mask_kind, mask_dtype, _arr(mask_strides), major,
+            minor, int(variant), ctypes.c_void_p(stream), None if lse is None else lse.data_ptr())
+        return msg.decode() if msg else ""
+
+    msg = run(q, k, v)
+    if msg.startswith("refused:") and not all(t.is_contiguous() for t in (q, k, v)):
+        msg = run(q.contiguous(), k.contiguous(), v.contiguous())
     if msg:
-        msg = msg.decode()
         raise (Refused if msg.startswith("refused:") else RuntimeError)(msg)
-    return out
+    return (out, lse) if return_lse else out
