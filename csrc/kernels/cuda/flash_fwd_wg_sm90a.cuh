@@ -650,25 +650,32 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
       tma_prefetch_desc(&tk);
       tma_prefetch_desc(&tv);
       int kc = 0, it = 0;  // key tiles and work items loaded so far (ring slots and barrier phases)
-      for (int w = w0; w < w_end; w += w_step, ++it) {
-        int m0, h, b;
-        item(w, m0, h, b);
-        const int hk = h / a.group;  // K/V tensor-map coordinate
-        const int n_tiles = key_tiles<BR, BC, CAUSAL>(m0, a.seq_kv);
+      auto load_q = [&](int m0, int h, int b) {  // item number it's Q into its buffer
         const int qb = it % QBUF;
         if (PERSIST) mbar_wait(q_empty(qb), ((it / QBUF) & 1) ^ 1);
         mbar_arrive_expect_tx(q_full(qb), C::Q_BYTES);
 #pragma unroll
         for (int c = 0; c < D / CW; ++c)
           tma_load_4d(sQ + qb * C::Q_BYTES + c * BR * ROWB, &tq, q_full(qb), c * CW, m0, h, b);
+      };
+      auto load_k = [&](int jt, int hk, int b) {  // key tile jt into ring slot kc % STAGES
+        const int st = kc % STAGES;
+        mbar_wait(k_empty(st), ((kc / STAGES) & 1) ^ 1);
+        mbar_arrive_expect_tx(k_full(st), KV_BYTES);
+#pragma unroll
+        for (int c = 0; c < D / CW; ++c)
+          tma_load_4d(sK + st * KV_BYTES + c * BC * ROWB, &tk, k_full(st), c * CW, jt * BC, hk, b);
+      };
+      for (int w = w0; w < w_end; w += w_step, ++it) {
+        int m0, h, b;
+        item(w, m0, h, b);
+        const int hk = h / a.group;  // K/V tensor-map coordinate
+        const int n_tiles = key_tiles<BR, BC, CAUSAL>(m0, a.seq_kv);
+        load_q(m0, h, b);
         for (int jt = 0; jt < n_tiles; ++jt, ++kc) {
           const int st = kc % STAGES;
           const std::uint32_t ph = (kc / STAGES) & 1;
-          mbar_wait(k_empty(st), ph ^ 1);
-          mbar_arrive_expect_tx(k_full(st), KV_BYTES);
-#pragma unroll
-          for (int c = 0; c < D / CW; ++c)
-            tma_load_4d(sK + st * KV_BYTES + c * BC * ROWB, &tk, k_full(st), c * CW, jt * BC, hk, b);
+          load_k(jt, hk, b);
           mbar_wait(v_empty(st), ph ^ 1);
           mbar_arrive_expect_tx(v_full(st), KV_BYTES);
 #pragma unroll
@@ -679,17 +686,8 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
       if constexpr (AHEAD) {  // a Q and K_0 past the last item: the consumers' S_0 of "the next item" reads them
         int m0, h, b;
         item(w0, m0, h, b);
-        const int qb = it % QBUF, st = kc % STAGES;
-        mbar_wait(q_empty(qb), ((it / QBUF) & 1) ^ 1);
-        mbar_arrive_expect_tx(q_full(qb), C::Q_BYTES);
-#pragma unroll
-        for (int c = 0; c < D / CW; ++c)
-          tma_load_4d(sQ + qb * C::Q_BYTES + c * BR * ROWB, &tq, q_full(qb), c * CW, m0, h, b);
-        mbar_wait(k_empty(st), ((kc / STAGES) & 1) ^ 1);
-        mbar_arrive_expect_tx(k_full(st), KV_BYTES);
-#pragma unroll
-        for (int c = 0; c < D / CW; ++c)
-          tma_load_4d(sK + st * KV_BYTES + c * BC * ROWB, &tk, k_full(st), c * CW, 0, h / a.group, b);
+        load_q(m0, h, b);
+        load_k(0, h / a.group, b);
       }
     }
   } else {
