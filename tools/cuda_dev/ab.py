@@ -1,6 +1,7 @@
 """Side-by-side timing of dev-harness variants (tools/cuda_dev/build.sh), for differences of a few percent.
 
   python tools/cuda_dev/ab.py --variants=-1,20 --shapes sd-unet,sd3-joint,flux,dit-8x1k [--cudnn] [--out x.json]
+  python tools/cuda_dev/ab.py --variants=-1 --libs main=/tmp/main/libattnsel_dev.so,new=tools/cuda_dev/build/libattnsel_dev.so
 
 Shapes are benchmarks/bench_cuda_attention.py's by name. Per shape and dtype, every variant is warmed up, then timed
 in --rounds rounds; in each round every variant runs --calls calls back to back between two CUDA events (the mean of
@@ -25,8 +26,9 @@ import devattn  # noqa: E402
 from bench_cuda_attention import DTYPES, SHAPES, env_info, make_mask  # noqa: E402
 
 
-def variant_fn(v):
-    return lambda q, k, v_, causal, mask: devattn.attention(q, k, v_, attn_mask=mask, is_causal=causal, variant=v)
+def variant_fn(v, lib=None):
+    return lambda q, k, v_, causal, mask: devattn.attention(q, k, v_, attn_mask=mask, is_causal=causal, variant=v,
+                                                            lib=lib)
 
 
 def cudnn(q, k, v, causal, mask):
@@ -67,6 +69,7 @@ def main():
     ap.add_argument("--dtypes", default="bf16,fp16")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--calls", type=int, default=30)
+    ap.add_argument("--libs", default="", help="NAME=PATH,...: time every variant of each dev library (A/B of builds)")
     ap.add_argument("--cudnn", action="store_true", help="also time PyTorch's cuDNN kernel")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
@@ -75,7 +78,9 @@ def main():
     unknown = [s for s in wanted if s not in known]
     if unknown:
         ap.error(f"unknown shape(s) {unknown}; valid: {', '.join(known)}")
-    fns = {f"v{v}": variant_fn(int(v)) for v in args.variants.split(",")}
+    libs = dict(x.split("=", 1) for x in args.libs.split(",")) if args.libs else {"": None}
+    fns = {f"{ln}{'.' if ln else ''}v{v}": variant_fn(int(v), path)
+           for ln, path in libs.items() for v in args.variants.split(",")}
     if args.cudnn:
         fns["cudnn"] = cudnn
     gen = torch.Generator(device="cuda").manual_seed(0)

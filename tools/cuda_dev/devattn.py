@@ -14,24 +14,25 @@ import os
 
 import torch
 
-_LIB = None
+_LIBS = {}
 _DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-def _lib():
-    global _LIB
-    if _LIB is None:
+def _lib(path=None):
+    """The dev library at path (default: ATTNSEL_DEV_LIB, else build/ here); several can be loaded side by side."""
+    if path is None:
         path = os.environ.get(
             "ATTNSEL_DEV_LIB", os.path.join(os.path.dirname(os.path.abspath(__file__)), "build", "libattnsel_dev.so")
         )
-        lib = ctypes.CDLL(path)
+    if path not in _LIBS:
+        lib = ctypes.CDLL(os.path.abspath(path))
         f = lib.attnsel_dev_forward
         P, I64P = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
         f.argtypes = [P, P, P, P, ctypes.c_int, I64P, I64P, I64P, I64P, I64P, ctypes.c_int, ctypes.c_float,
                       P, ctypes.c_int, ctypes.c_int, I64P, ctypes.c_int, ctypes.c_int, ctypes.c_int, P, P]
         f.restype = ctypes.c_char_p
-        _LIB = lib
-    return _LIB
+        _LIBS[path] = lib
+    return _LIBS[path]
 
 
 def _arr(xs):
@@ -42,7 +43,9 @@ class Refused(RuntimeError):
     pass
 
 
-def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, variant=None, out=None, return_lse=False):
+def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, variant=None, out=None, return_lse=False,
+              lib=None):
+    """lib: path of the dev library to call (default: see _lib)."""
     if variant is None:
         variant = int(os.environ.get("ATTNSEL_DEV_VARIANT", "-1"))
     B, Hq, Sq, D = q.shape
@@ -63,7 +66,7 @@ def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, variant=None
     stream = torch.cuda.current_stream(q.device).cuda_stream
 
     def run(q, k, v):
-        msg = _lib().attnsel_dev_forward(
+        msg = _lib(lib).attnsel_dev_forward(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), _DT[q.dtype],
             _arr([B, Hq, Hkv, Sq, Sk, D, Dv]), _arr(q.stride()), _arr(k.stride()), _arr(v.stride()),
             _arr(out.stride()), int(is_causal), float(scale), mask, mask_kind, mask_dtype, _arr(mask_strides), major,
