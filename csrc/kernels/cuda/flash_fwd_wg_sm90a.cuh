@@ -58,6 +58,9 @@ ATTNSEL_WG_OPS(__half, f16, 80, 256)
 
 // Barrier among the `n` threads of one warpgroup (ids 1.. : 0 is __syncthreads).
 __device__ __forceinline__ void named_bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
+__device__ __forceinline__ void named_bar_arrive(int id, int n) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
 __device__ __forceinline__ void wg_wait1() { asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); }
 // Keeps the register A fragment of an in-flight wgmma alive (and unmoved) until after the wait.
 template <int N>
@@ -95,8 +98,8 @@ struct AddMaskStage {
     r0 = reinterpret_cast<const unsigned char*>(m.base) + 2 * (min(row, seq_q - 1) * m.sq + t * 2);
     r1 = reinterpret_cast<const unsigned char*>(m.base) + 2 * (min(row + 8, seq_q - 1) * m.sq + t * 2);
   }
-  // Copies of key tile n0 .. n0+BC-1; keys past seq_kv are zero-filled (the softmax cuts them).
-  __device__ __forceinline__ void issue(int n0, int seq_kv) const {
+  // Copies of key tile n0 .. n0+BC-1; keys past seq_kv are zero-filled (the softmax cuts them). One slot.
+  __device__ __forceinline__ void issue(int n0, int seq_kv, int = 0) const {
     const bool full = n0 + BC <= seq_kv;
 #pragma unroll
     for (int p = 0; p < PAIRS; ++p) {
@@ -109,8 +112,9 @@ struct AddMaskStage {
     }
     asm volatile("cp.async.commit_group;\n" ::: "memory");
   }
+  template <int N = 0>
   static __device__ __forceinline__ void wait() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-  __device__ __forceinline__ float2 pair(int p) const {
+  __device__ __forceinline__ float2 pair(int p, int = 0) const {
     std::uint32_t w;
     asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(w) : "r"(dst + p * 512) : "memory");
     if constexpr (std::is_same<T, __nv_bfloat16>::value)
@@ -125,11 +129,14 @@ struct AddMaskStage {
 // one key group then hit 32 banks). Where rows are 16-byte aligned (the row stride a multiple of 8 keys), the warp
 // copies them in 16-byte pieces, 8 per thread per key tile at BC = 128; otherwise each thread copies its own pairs,
 // 4 bytes at a time, into the same layout. Either way a thread reads its pairs with one 4-byte shared load each.
-template <typename T, int BC>
+// DEPTH slots of a key tile each: with DEPTH > 1 tile j + DEPTH is copied while tile j is read (one cp.async group
+// per tile; the wait lets the newest DEPTH - 1 stay in flight).
+template <typename T, int BC, int DEPTH = 1>
 struct AddMaskStageWide {
   static constexpr int PAIRS = BC / 4;
   static constexpr int ROWB = BC * 2;  // bytes of one staged row
-  static constexpr int BYTES = 4 * 16 * ROWB;  // per consumer warpgroup: 4 warps x 16 rows
+  static constexpr int SLOT = 4 * 16 * ROWB;  // one key tile per consumer warpgroup: 4 warps x 16 rows
+  static constexpr int BYTES = DEPTH * SLOT;
   // Few registers held across the key loop (the tile body runs at the consumers' register limit): lane indices
   // are read again where needed.
   const char* rows = nullptr;  // the item's mask at the warp's first staged row
@@ -157,12 +164,12 @@ struct AddMaskStageWide {
   __device__ __forceinline__ const char* row(int r, int col) const {  // the warp's staged row r at key col
     return rows + 2 * (static_cast<std::int64_t>(min(r, rows_left)) * sq + col);
   }
-  __device__ __forceinline__ std::uint32_t word(int p) const {  // pair p: key group p >> 1, row g + 8 * (p & 1)
-    return mine + (p & 1) * 8 * ROWB + (((p >> 1) ^ (lane() >> 2)) << 4);
+  __device__ __forceinline__ std::uint32_t word(int p, int slot = 0) const {  // pair p: key group p >> 1, row g + 8 * (p & 1)
+    return mine + slot * SLOT + (p & 1) * 8 * ROWB + (((p >> 1) ^ (lane() >> 2)) << 4);
   }
-  // Copies of key tile n0 .. n0+BC-1; keys past seq_kv are zero-filled (the softmax cuts them).
-  __device__ __forceinline__ void issue(int n0, int seq_kv) const {
-    __syncwarp();  // every lane is done reading the previous tile
+  // Copies of key tile n0 .. n0+BC-1 into slot; keys past seq_kv are zero-filled (the softmax cuts them).
+  __device__ __forceinline__ void issue(int n0, int seq_kv, int slot = 0) const {
+    __syncwarp();  // every lane is done reading the slot's previous tile
     const bool full = n0 + BC <= seq_kv;
     const int lane = AddMaskStageWide::lane();
     if (wide) {
@@ -171,7 +178,7 @@ struct AddMaskStageWide {
       const int c = lane % CPR;
       const int left = seq_kv - (n0 + c * 8);
       const int n = full ? 16 : left >= 8 ? 16 : left > 0 ? 2 * left : 0;
-      const std::uint32_t warp_smem = mine - (lane >> 2) * ROWB - (lane & 3) * 4;
+      const std::uint32_t warp_smem = mine + slot * SLOT - (lane >> 2) * ROWB - (lane & 3) * 4;
 #pragma unroll
       for (int i = 0; i < 16 * CPR / 32; ++i) {
         const int r = lane / CPR + i * (32 / CPR);
@@ -188,19 +195,20 @@ struct AddMaskStageWide {
         const int col = (p >> 1) * 8;
         const int left = seq_kv - (n0 + col + t * 2);
         const int n = full ? 4 : left >= 2 ? 4 : left == 1 ? 2 : 0;
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(word(p)),
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(word(p, slot)),
                      "l"(n > 0 ? ((p & 1) ? row_b : row_a) + 2 * col : rows), "r"(n) : "memory");
       }
     }
     asm volatile("cp.async.commit_group;\n" ::: "memory");
   }
+  template <int N = 0>  // the newest N key tiles may still be in flight
   static __device__ __forceinline__ void wait() {
-    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
     __syncwarp();  // the other lanes' copies are visible
   }
-  __device__ __forceinline__ float2 pair(int p) const {
+  __device__ __forceinline__ float2 pair(int p, int slot = 0) const {
     std::uint32_t w;
-    asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(w) : "r"(word(p)) : "memory");
+    asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(w) : "r"(word(p, slot)) : "memory");
     if constexpr (std::is_same<T, __nv_bfloat16>::value)
       return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w));
     else
@@ -213,7 +221,7 @@ struct AddMaskStageWide {
 // wgmma reads), completion counted on mbarriers. Warpgroups 1..NC consume, 64 query rows each, with no
 // block-wide barrier in the loop. Within a warpgroup, S_j = Q·K_j^T and O += P_{j-1}·V_{j-1} are issued back
 // to back and the softmax of S_j overlaps the P·V. (Consumers taking turns through named barriers, FA3's
-// "ping-pong", measured within +-3% and was removed: docs/cuda-kernels.md.)
+// "ping-pong", measured within +-3% and -3% at D=64 unmasked; flash_fwd_ws_tile keeps it for D=64 additive masks.)
 //
 // PERSIST: the grid is about one CTA per SM and each CTA walks the work items (b, h, query tile) w = blockIdx.x,
 // blockIdx.x + gridDim.x, ...; the K/V ring and its barrier phases run on across items, so the producer loads the
@@ -241,6 +249,10 @@ struct WsCfg {
   static constexpr int ADD_OFFSET = BIAS_OFFSET + NC * 2 * BC * 4;
   static constexpr int SMEM_ADD = SMEM_MASKED + NC * (BC / 4) * 128 * 4;
   static constexpr bool ADD_STAGE = SMEM_ADD <= 227 * 1024;
+  // flash_fwd_ws_tile at D=64 stages 3 key tiles ahead (AddMaskStageWide's slots): +20% over 1 (docs).
+  static constexpr int ADD_DEPTH_TILE = D == 64 ? 3 : 1;
+  static constexpr int SMEM_ADD_TILE = SMEM_MASKED + NC * (BC / 4) * 128 * 4 * ADD_DEPTH_TILE;
+  static constexpr bool ADD_STAGE_TILE = SMEM_ADD_TILE <= 227 * 1024;
   // Register split of the 64K-register file: the producer needs few, the consumers hold S, P and O.
   static constexpr int PRODUCER_REGS = NC == 2 ? 24 : 32;
   static constexpr int CONSUMER_REGS = NC == 2 ? 240 : 160;
@@ -326,9 +338,10 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
     // Key-padding masks: the bias row of flash_fwd_ws, its two buffers alternating by key tile jt.
     const bool kp = MM != kNoMask && mask.key_padding();
     const int tw = (warp & 3) * 32 + lane;  // thread index within the warpgroup
-    // Full additive masks: the next key tile's values staged in shared memory (AddMaskStage) where they fit.
-    constexpr bool kStageable = MM == kAddMask && C::ADD_STAGE;
-    using AddStage = std::conditional_t<D == 64, AddMaskStageWide<T, BC>, AddMaskStage<T, BC>>;
+    // Full additive masks: the next kAddDepth key tiles' values staged in shared memory where they fit.
+    constexpr bool kStageable = MM == kAddMask && C::ADD_STAGE_TILE;
+    constexpr int kAddDepth = C::ADD_DEPTH_TILE;
+    using AddStage = std::conditional_t<D == 64, AddMaskStageWide<T, BC, kAddDepth>, AddMaskStage<T, BC>>;
     AddStage add;
     add.init(sQ + C::ADD_OFFSET + cw * AddStage::BYTES, warp & 3, lane);
     bool staged = false;
@@ -337,6 +350,8 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
       if (staged) {
         add.set_rows(mask, m0 + row0, a.seq_q);
         add.issue(0, a.seq_kv);
+#pragma unroll
+        for (int i = 1; i < kAddDepth; ++i) add.issue(i * BC, a.seq_kv, i);
       }
     }
     float* s_bias = reinterpret_cast<float*>(smem_raw + (sQ - smem_u32(smem_raw)) + C::BIAS_OFFSET) + cw * 2 * BC;
@@ -430,10 +445,10 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
         bool done = false;
         if constexpr (kStageable) {
           if (staged) {  // this tile's values from shared memory, then the next tile's copies
-            AddStage::wait();
+            AddStage::template wait<kAddDepth - 1>();
 #pragma unroll
             for (int p = 0; p < BC / 4; ++p) {
-              const float2 mv = add.pair(p);
+              const float2 mv = add.pair(p, jt % kAddDepth);
               s[2 * p] = fmaf(s[2 * p], a.scale, mv.x);
               s[2 * p + 1] = fmaf(s[2 * p + 1], a.scale, mv.y);
             }
@@ -445,7 +460,10 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
                 if (col >= a.seq_kv || (CAUSAL && col > row)) s[e] = -INFINITY;
               }
             }
-            if (jt + 1 < n_tiles) add.issue(n0 + BC, a.seq_kv);
+            if constexpr (kAddDepth > 1)
+              add.issue(n0 + kAddDepth * BC, a.seq_kv, jt % kAddDepth);  // past the end: zero-filled, keeps the count
+            else if (jt + 1 < n_tiles)
+              add.issue(n0 + BC, a.seq_kv);
             done = true;
           }
         }
@@ -500,12 +518,26 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
       __syncwarp();
       if (lane == 0) mbar_arrive(bar);
     };
+    // Ping-pong (FA3's): the consumers take turns issuing their wgmma (named barriers 3 and 4), so one's tensor work
+    // runs while the other one's softmax does. Only the D=64 full additive masks gain from it (with 3 staged tiles:
+    // +20% over neither; unmasked D=64 lost 3%), so only they take it.
+    constexpr bool kPingPong = NC == 2 && MM == kAddMask && D == 64;
+    const bool pingpong = kPingPong && staged;  // the same for both consumers: the mask is the CTA's
+    auto pp_sync = [&]() {
+      if (kPingPong && pingpong) named_bar_sync(3 + cw, 256);
+    };
+    auto pp_arrive = [&]() {
+      if (kPingPong && pingpong) named_bar_arrive(3 + (cw ^ 1), 256);
+    };
+    if (pingpong && cw == 1) named_bar_arrive(3, 256);  // consumer 0 goes first
     if (MM != kNoMask && kp) kp_publish(0, kp_fetch(0));
     mbar_wait(q_full, 0);
     mbar_wait(k_full(0), 0);
+    pp_sync();
     wg_fence();
     issue_qk(0);
     wg_commit();
+    pp_arrive();
     load_mask(0);
     wg_wait0();
     fence_regs(s);
@@ -520,13 +552,16 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
     for (int jt = 1; jt < n_tiles; ++jt) {
       const int st = jt % STAGES, ps = (jt - 1) % STAGES;
       mbar_wait(k_full(st), (jt / STAGES) & 1);
+      if (kPingPong && pingpong) mbar_wait(v_full(ps), ((jt - 1) / STAGES) & 1);  // before taking the turn
+      pp_sync();
       wg_fence();
       fence_regs(acc);
       issue_qk(st);
       wg_commit();
-      mbar_wait(v_full(ps), ((jt - 1) / STAGES) & 1);
+      if (!(kPingPong && pingpong)) mbar_wait(v_full(ps), ((jt - 1) / STAGES) & 1);
       issue_pv(ps);
       wg_commit();
+      pp_arrive();
       load_mask(jt);
       wg_wait1();  // S_jt ready; P·V_{jt-1} may still run
       fence_regs(s);
@@ -549,10 +584,12 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
     }
     const int ls = (n_tiles - 1) % STAGES;
     mbar_wait(v_full(ls), ((n_tiles - 1) / STAGES) & 1);
+    pp_sync();
     wg_fence();
     fence_regs(acc);
     issue_pv(ls);
     wg_commit();
+    if (cw == 0) pp_arrive();  // consumer 1's last turn needs it; consumer 0 has none left
     wg_wait0();
     fence_regs(acc);
     fence_frag(pa);
@@ -1035,7 +1072,11 @@ cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, cudaStream_t strea
       !make_map(&tk, a.k, bf16, dkv, a.seq_kv, heads_kv, batch, a.k_ss, a.k_sh, a.k_sb, BC, C::CW) ||
       !make_map(&tv, a.v, bf16, dkv, a.seq_kv, heads_kv, batch, a.v_ss, a.v_sh, a.v_sb, BC, C::CW))
     return cudaErrorNotSupported;
-  constexpr int smem = MM == kNoMask ? C::SMEM : (MM == kAddMask && C::ADD_STAGE) ? C::SMEM_ADD : C::SMEM_MASKED;
+  constexpr bool kTileBody = S == Sched::kTile;
+  constexpr int smem = MM == kNoMask                                  ? C::SMEM
+                       : (MM == kAddMask && kTileBody && C::ADD_STAGE_TILE) ? C::SMEM_ADD_TILE
+                       : (MM == kAddMask && !kTileBody && C::ADD_STAGE)    ? C::SMEM_ADD
+                                                                           : C::SMEM_MASKED;
   static_assert(smem <= 227 * 1024, "shared memory per block");
   const int m_blocks = (a.seq_q + C::BR - 1) / C::BR;
   cudaError_t e = cudaSuccess;
