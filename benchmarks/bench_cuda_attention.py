@@ -11,6 +11,8 @@ Masks: "keypad" is a boolean (B, 1, 1, Sk) key-padding mask (batch b keeps its f
 padding, as text encoders and cross-attention send); "bool" a full (B, H, Sq, Sk) boolean mask (random, 80% kept);
 "additive" a full (B, H, Sq, Sk) float bias in q's dtype (standard normal).
 --gemm also measures the dense bf16 GEMM ceiling (torch.matmul 8192^3), recorded as "gemm_bf16_tflops".
+--graph N also times native, flash and cuDNN replaying a CUDA graph of N calls: the GPU's time without the host's
+launch work ("graph_ms" / "graph_tflops"). Calls of tens of microseconds (T5) are host-bound when run eagerly.
 """
 import argparse
 import json
@@ -162,6 +164,44 @@ def env_info():
     return info
 
 
+GRAPH_BACKENDS = ("native", "sdpa_flash", "sdpa_cudnn", "fa", "fa2", "sage_attn")
+
+
+def time_graphs(fns, args, reps, calls):
+    """Median per-call ms of each backend replaying a CUDA graph of `calls` calls: the GPU's own time, without the
+    host's launch work (what a pipeline captured in a graph pays; short calls are host-bound when run eagerly).
+    Interleaved rounds as in time_interleaved; a backend that cannot be captured is reported and left out."""
+    graphs = {}
+    for name, fn in fns.items():
+        if name not in GRAPH_BACKENDS:
+            continue
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs asks
+                for _ in range(3):
+                    fn(*args)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(calls):
+                    fn(*args)
+            graphs[name] = graph
+        except Exception as e:
+            print(f"  {name}: not captured ({type(e).__name__}: {str(e).splitlines()[0][:120]})", flush=True)
+    torch.cuda.synchronize()
+    events = {name: [] for name in graphs}
+    for _ in range(reps):
+        for name, graph in graphs.items():
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            graph.replay()
+            b.record()
+            events[name].append((a, b))
+    torch.cuda.synchronize()
+    return {name: statistics.median(a.elapsed_time(b) / calls for a, b in ev) for name, ev in events.items()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--impl", choices=["attnsel", "dev"], default="attnsel", help="how to call the native kernel")
@@ -176,6 +216,8 @@ def main():
     ap.add_argument("--warmup-ms", type=float, default=200.0, help="warm-up wall time per backend and shape")
     ap.add_argument("--out", default="")
     ap.add_argument("--gemm", action="store_true", help="also measure the dense bf16 GEMM ceiling")
+    ap.add_argument("--graph", type=int, default=0, metavar="N",
+                    help="also time native, flash and cuDNN replaying a CUDA graph of N calls (GPU time alone)")
     args = ap.parse_args()
     assert args.reps >= 20 or os.environ.get("BENCH_ALLOW_FEW_REPS"), "median of >= 20 calls"
 
@@ -234,30 +276,42 @@ def main():
                 ok[bname] = fn
                 del out
             times = time_interleaved(ok, (q, k, v, causal, mask), args.reps, args.warmup_ms)
+            graph_times = time_graphs(ok, (q, k, v, causal, mask), args.reps, args.graph) if args.graph > 0 else {}
             for bname, ms in times.items():
                 rec = dict(shape=shape, causal=causal, mask=mkind, dtype=dname, backend=bname, ms=ms,
                            tflops=flops / ms / 1e9, name=name, rel_diff_vs_first=diffs[bname])
                 if gemm:
                     rec["share_of_gemm"] = rec["tflops"] / gemm
+                if bname in graph_times:
+                    rec["graph_ms"] = graph_times[bname]
+                    rec["graph_tflops"] = flops / graph_times[bname] / 1e9
                 records.append(rec)
+                graph = f"  graph {rec['graph_tflops']:7.1f}" if "graph_tflops" in rec else ""
                 print(f"{dname} {name:20s} {str(shape):28s} {'causal' if causal else '      '} "
-                      f"{bname:14s} {ms:9.3f} ms {rec['tflops']:7.1f} TFLOP/s  diff {diffs[bname]:.1e}", flush=True)
+                      f"{bname:14s} {ms:9.3f} ms {rec['tflops']:7.1f} TFLOP/s  diff {diffs[bname]:.1e}{graph}",
+                      flush=True)
             del q, k, v, ref, mask
             torch.cuda.empty_cache()
     result = dict(env_info(), impl=args.impl, reps=args.reps, warmup_ms=args.warmup_ms, gemm_bf16_tflops=gemm,
-                  records=records, skipped=skipped)
+                  graph_calls=args.graph, records=records, skipped=skipped)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
     # short table: TFLOP/s per shape x backend, and native over PyTorch's best SDPA kernel
     names = list(dict.fromkeys(r["backend"] for r in records))
-    print("\n" + " " * 45 + "".join(f"{n:>11s}" for n in names) + "   native/best-sdpa")
+    print("\n" + " " * 45 + "".join(f"{n:>11s}" for n in names) + "   native/best-sdpa"
+          + ("   (graphs)" if args.graph > 0 else ""))
     for dname in args.dtypes.split(","):
         for name, shape, causal, _ in shapes:
             row = {r["backend"]: r["tflops"] for r in records if r["name"] == name and r["dtype"] == dname}
             best = max((t for b, t in row.items() if b.startswith("sdpa_")), default=None)
             ratio = f"{row['native'] / best:8.2f}x" if best and "native" in row else "       -"
+            grow = {r["backend"]: r["graph_tflops"] for r in records
+                    if r["name"] == name and r["dtype"] == dname and "graph_tflops" in r}
+            gbest = max((t for b, t in grow.items() if b.startswith("sdpa_")), default=None)
+            if args.graph > 0:
+                ratio += f"   {grow['native'] / gbest:8.2f}x" if gbest and "native" in grow else "          -"
             print(f"{dname} {name:20s} {str(list(shape)):22s}" + "".join(
                 f"{row[n]:11.1f}" if n in row else f"{'-':>11s}" for n in names) + "   " + ratio)
     for s in skipped:
