@@ -118,17 +118,22 @@ def time_interleaved(fns, args, reps, warmup_ms):
             n += 1
             if n % 4 == 0:
                 torch.cuda.synchronize()
+    return timed_rounds({name: (lambda fn=fn: fn(*args)) for name, fn in fns.items()}, reps)
+
+
+def timed_rounds(runs, reps, calls_per_run=1):
+    """Median ms per call of each zero-argument run, timed in interleaved rounds with CUDA events around each run."""
     torch.cuda.synchronize()
-    events = {name: [] for name in fns}
+    events = {name: [] for name in runs}
     for _ in range(reps):
-        for name, fn in fns.items():
+        for name, run in runs.items():
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
-            fn(*args)
+            run()
             b.record()
             events[name].append((a, b))
     torch.cuda.synchronize()
-    return {name: statistics.median(a.elapsed_time(b) for a, b in ev) for name, ev in events.items()}
+    return {name: statistics.median(a.elapsed_time(b) / calls_per_run for a, b in ev) for name, ev in events.items()}
 
 
 def make_mask(kind, B, H, Sq, Sk, gen, dtype=torch.bfloat16):
@@ -189,17 +194,7 @@ def time_graphs(fns, args, reps, calls):
             graphs[name] = graph
         except Exception as e:
             print(f"  {name}: not captured ({type(e).__name__}: {str(e).splitlines()[0][:120]})", flush=True)
-    torch.cuda.synchronize()
-    events = {name: [] for name in graphs}
-    for _ in range(reps):
-        for name, graph in graphs.items():
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            graph.replay()
-            b.record()
-            events[name].append((a, b))
-    torch.cuda.synchronize()
-    return {name: statistics.median(a.elapsed_time(b) / calls for a, b in ev) for name, ev in events.items()}
+    return timed_rounds({name: graph.replay for name, graph in graphs.items()}, reps, calls)
 
 
 def main():
