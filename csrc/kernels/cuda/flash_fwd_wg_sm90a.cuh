@@ -524,10 +524,10 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
     constexpr bool kPingPong = NC == 2 && MM == kAddMask && D == 64;
     const bool pingpong = kPingPong && staged;  // the same for both consumers: the mask is the CTA's
     auto pp_sync = [&]() {
-      if (kPingPong && pingpong) named_bar_sync(3 + cw, 256);
+      if (pingpong) named_bar_sync(3 + cw, 256);
     };
     auto pp_arrive = [&]() {
-      if (kPingPong && pingpong) named_bar_arrive(3 + (cw ^ 1), 256);
+      if (pingpong) named_bar_arrive(3 + (cw ^ 1), 256);
     };
     if (pingpong && cw == 1) named_bar_arrive(3, 256);  // consumer 0 goes first
     if (MM != kNoMask && kp) kp_publish(0, kp_fetch(0));
@@ -552,13 +552,13 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
     for (int jt = 1; jt < n_tiles; ++jt) {
       const int st = jt % STAGES, ps = (jt - 1) % STAGES;
       mbar_wait(k_full(st), (jt / STAGES) & 1);
-      if (kPingPong && pingpong) mbar_wait(v_full(ps), ((jt - 1) / STAGES) & 1);  // before taking the turn
+      if (pingpong) mbar_wait(v_full(ps), ((jt - 1) / STAGES) & 1);  // before taking the turn
       pp_sync();
       wg_fence();
       fence_regs(acc);
       issue_qk(st);
       wg_commit();
-      if (!(kPingPong && pingpong)) mbar_wait(v_full(ps), ((jt - 1) / STAGES) & 1);
+      if (!pingpong) mbar_wait(v_full(ps), ((jt - 1) / STAGES) & 1);
       issue_pv(ps);
       wg_commit();
       pp_arrive();
