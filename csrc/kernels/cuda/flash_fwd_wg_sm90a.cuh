@@ -444,7 +444,7 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
       } else if (MM == kAddMask) {  // every tile: scale, add the mask, cut at the sequence end / causal diagonal
         bool done = false;
         if constexpr (kStageable) {
-          if (staged) {  // this tile's values from shared memory, then the next tile's copies
+          if (staged) {  // this tile's values from shared memory, then the copies of the tile kAddDepth on
             AddStage::template wait<kAddDepth - 1>();
 #pragma unroll
             for (int p = 0; p < BC / 4; ++p) {
