@@ -11,8 +11,9 @@ Masks: "keypad" is a boolean (B, 1, 1, Sk) key-padding mask (batch b keeps its f
 padding, as text encoders and cross-attention send); "bool" a full (B, H, Sq, Sk) boolean mask (random, 80% kept);
 "additive" a full (B, H, Sq, Sk) float bias in q's dtype (standard normal).
 --gemm also measures the dense bf16 GEMM ceiling (torch.matmul 8192^3), recorded as "gemm_bf16_tflops".
---graph N also times native, flash and cuDNN replaying a CUDA graph of N calls: the GPU's time without the host's
-launch work ("graph_ms" / "graph_tflops"). Calls of tens of microseconds (T5) are host-bound when run eagerly.
+--graph N also times native, PyTorch's flash and cuDNN kernels (and flash-attn / SageAttention when importable)
+replaying a CUDA graph of N calls: the GPU's time without the host's launch work ("graph_ms" / "graph_tflops").
+Calls of tens of microseconds (T5) are host-bound when run eagerly.
 """
 import argparse
 import json
@@ -212,7 +213,8 @@ def main():
     ap.add_argument("--out", default="")
     ap.add_argument("--gemm", action="store_true", help="also measure the dense bf16 GEMM ceiling")
     ap.add_argument("--graph", type=int, default=0, metavar="N",
-                    help="also time native, flash and cuDNN replaying a CUDA graph of N calls (GPU time alone)")
+                    help="also time native, SDPA's flash and cuDNN kernels (and flash-attn / SageAttention "
+                         "when importable) replaying a CUDA graph of N calls (GPU time alone)")
     args = ap.parse_args()
     assert args.reps >= 20 or os.environ.get("BENCH_ALLOW_FEW_REPS"), "median of >= 20 calls"
 
