@@ -12,13 +12,9 @@ cd "$(dirname "$0")/../.."
 [ -f "csrc/kernels/cuda/$FILE.cu" ] || { echo "variant.sh: no csrc/kernels/cuda/$FILE.cu" >&2; exit 2; }
 [ -f "$BASE/$FILE.o" ] || { echo "variant.sh: $BASE has no $FILE.o (run build.sh there first)" >&2; exit 2; }
 mkdir -p "$OUT"
-case "$FILE" in
-  *_sm90a) arch="-gencode=arch=compute_90a,code=sm_90a" ;;
-  *) arch="-gencode=arch=compute_90a,code=sm_90a -gencode=arch=compute_80,code=sm_80 -DATTNSEL_HAVE_SM90A" ;;
-esac
+source tools/cuda_dev/compile.sh
 # shellcheck disable=SC2086  # FLAGS is a list of flags
-nvcc -std=c++17 -O3 --use_fast_math -lineinfo -Xcompiler -fPIC $arch --resource-usage $FLAGS \
-  -c "csrc/kernels/cuda/$FILE.cu" -o "$OUT/$FILE.o" > "$OUT/$FILE.o.log" 2>&1 || { grep -i error "$OUT/$FILE.o.log"; exit 1; }
+compile_one "csrc/kernels/cuda/$FILE.cu" "$OUT/$FILE.o" $FLAGS || { grep -i error "$OUT/$FILE.o.log"; exit 1; }
 echo "$FILE $FLAGS: C7515 notes $(grep -c C7515 "$OUT/$FILE.o.log" || true); spills:" \
   "$(grep -o '[0-9]* bytes spill stores' "$OUT/$FILE.o.log" | sort | uniq -c | tr -s ' \n' ' ')"
 objs=()
