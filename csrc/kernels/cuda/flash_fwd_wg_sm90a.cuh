@@ -1080,7 +1080,7 @@ cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, cudaStream_t strea
   static_assert(smem <= 227 * 1024, "shared memory per block");
   const int m_blocks = (a.seq_q + C::BR - 1) / C::BR;
   cudaError_t e = cudaSuccess;
-  if constexpr (S == Sched::kTile) {
+  if constexpr (kTileBody) {
     auto kern = flash_fwd_ws_tile<T, D, BC, NC, STAGES, CAUSAL, MM>;
     e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return e;
