@@ -364,6 +364,15 @@ def test_persistent_schedule(D):
            layout=("bshd", "padded", "bhsd"))
 
 
+# D <= 64 without a mask takes three consumer warpgroups (192 query rows per CTA) where its work items fill the SMs in
+# fewer rounds (three_consumers_pay in flash_fwd_wg_sm90a.cuh): 1x24x1600 queries x 2100 keys is 216 items (2 rounds of
+# 132 SMs instead of 3 of 128-row items), causal 1x24x2112 is 264; partial last query tiles, GQA, strides, the LSE.
+@pytest.mark.parametrize("D", [40, 64])
+def test_three_consumers(D):
+    _check(1, 24, 8, 1600, 2100, D, False, torch.bfloat16, seed=D, lse=True)
+    _check(1, 24, 24, 2112, 2112, D, True, torch.float16, seed=D + 1, lse=True, layout=("bshd", "bhsd", "padded"))
+
+
 def test_mma_kernels_on_hopper():
     """On sm_90 the Hopper kernels serve by default; re-run the new-feature tests on the mma.sync kernels."""
     if (MAJOR, MINOR) != (9, 0) or DEV_HARNESS or os.environ.get("ATTNSEL_CUDA_KERNEL"):
