@@ -537,8 +537,8 @@ cudaError_t with_splits(const FwdArgs& a, int batch, int heads, int splits, cuda
 
 template <typename T, bool CAUSAL, int MM>
 cudaError_t launch(const FwdArgs& a, int batch, int heads, int force_splits, cudaStream_t stream) {
-  auto kern = flash_fwd_d512_sm90<T, CAUSAL, MM>;
-  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  constexpr auto kern = flash_fwd_d512_sm90<T, CAUSAL, MM>;
+  cudaError_t e = allow_smem<kern>(kSmem);
   if (e != cudaSuccess) return e;
   const int m_blocks = (a.seq_q + kBR - 1) / kBR;
   const long long blocks = static_cast<long long>(m_blocks) * heads * batch;
@@ -588,8 +588,8 @@ cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, int force_splits, 
       !make_map(&tk, a.k, bf16, kD, a.seq_kv, heads_kv, batch, a.k_ss, a.k_sh, a.k_sb, kWsBC, 64) ||
       !make_map(&tv, a.v, bf16, kD, a.seq_kv, heads_kv, batch, a.v_ss, a.v_sh, a.v_sb, 32, 64))
     return cudaErrorNotSupported;
-  auto kern = flash_fwd_d512_ws<T>;
-  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, kWsSmem);
+  constexpr auto kern = flash_fwd_d512_ws<T>;
+  cudaError_t e = allow_smem<kern>(kWsSmem);
   if (e != cudaSuccess) return e;
   const int m_blocks = (a.seq_q + kBR - 1) / kBR;
   const int n_tiles = (a.seq_kv + kWsBC - 1) / kWsBC;

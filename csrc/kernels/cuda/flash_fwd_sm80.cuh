@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 
 namespace attnsel::cuda::detail {
@@ -628,13 +629,27 @@ __global__ void __launch_bounds__(256, 1) flash_fwd_d512(const FwdArgs a) {
     }
 }
 
+// Raises a kernel's dynamic shared-memory limit once per device (one bit each; devices past 63 every call):
+// cudaFuncSetAttribute on every call is host time that a small call's launch waits for. `bytes` is a constant of
+// the kernel at every call site.
+template <auto Kern>
+cudaError_t allow_smem(int bytes) {
+  static std::atomic<std::uint64_t> done{0};
+  int dev = -1;
+  const std::uint64_t bit = cudaGetDevice(&dev) == cudaSuccess && dev >= 0 && dev < 64 ? 1ull << dev : 0;
+  if (bit != 0 && (done.load(std::memory_order_relaxed) & bit) != 0) return cudaSuccess;
+  const cudaError_t e = cudaFuncSetAttribute(Kern, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e == cudaSuccess) done.fetch_or(bit, std::memory_order_relaxed);
+  return e;
+}
+
 // ---- launchers -------------------------------------------------------------------------------------
 template <typename T, int D, int BR, int BC, int NW, bool CAUSAL, int MM = kNoMask>
 cudaError_t launch_a(const FwdArgs& a, int batch, int heads, cudaStream_t stream) {
   using K = KernelA<T, D, BR, BC, NW, CAUSAL>;
-  auto kern = flash_fwd_a<T, D, BR, BC, NW, CAUSAL, MM>;
+  constexpr auto kern = flash_fwd_a<T, D, BR, BC, NW, CAUSAL, MM>;
   if (K::SMEM > 48 * 1024) {
-    cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, K::SMEM);
+    cudaError_t e = allow_smem<kern>(K::SMEM);
     if (e != cudaSuccess) return e;
   }
   dim3 grid((a.seq_q + BR - 1) / BR, heads, batch);
@@ -645,8 +660,8 @@ cudaError_t launch_a(const FwdArgs& a, int batch, int heads, cudaStream_t stream
 template <typename T, bool CAUSAL, int MM>
 cudaError_t launch_d512(const FwdArgs& a, int batch, int heads, cudaStream_t stream) {
   using K = KernelB<T, CAUSAL, MM>;
-  auto kern = flash_fwd_d512<T, CAUSAL, MM>;
-  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, K::SMEM);
+  constexpr auto kern = flash_fwd_d512<T, CAUSAL, MM>;
+  cudaError_t e = allow_smem<kern>(K::SMEM);
   if (e != cudaSuccess) return e;
   dim3 grid((a.seq_q + K::BR - 1) / K::BR, heads, batch);
   kern<<<grid, K::NT, K::SMEM, stream>>>(a);

@@ -1081,13 +1081,13 @@ cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, cudaStream_t strea
   const int m_blocks = (a.seq_q + C::BR - 1) / C::BR;
   cudaError_t e = cudaSuccess;
   if constexpr (kTileBody) {
-    auto kern = flash_fwd_ws_tile<T, D, BC, NC, STAGES, CAUSAL, MM>;
-    e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    constexpr auto kern = flash_fwd_ws_tile<T, D, BC, NC, STAGES, CAUSAL, MM>;
+    e = allow_smem<kern>(smem);
     if (e != cudaSuccess) return e;
     kern<<<dim3(m_blocks, heads, batch), C::NT, smem, stream>>>(a, tq, tk, tv);
   } else {
-    auto kern = flash_fwd_ws<T, D, BC, NC, STAGES, QBUF, PERSIST, CAUSAL, MM, AHEAD>;
-    e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    constexpr auto kern = flash_fwd_ws<T, D, BC, NC, STAGES, QBUF, PERSIST, CAUSAL, MM, AHEAD>;
+    e = allow_smem<kern>(smem);
     if (e != cudaSuccess) return e;
     const std::int64_t total = static_cast<std::int64_t>(m_blocks) * heads * batch;
     if (PERSIST && total > 0x7fffffff) return cudaErrorInvalidValue;  // use_persistent never asks for it
