@@ -3,7 +3,8 @@
   python tools/cuda_dev/ab.py --variants=-1,20 --shapes sd-unet,sd3-joint,flux,dit-8x1k [--cudnn] [--out x.json]
   python tools/cuda_dev/ab.py --variants=-1 --libs main=/tmp/main/libattnsel_dev.so,new=tools/cuda_dev/build/libattnsel_dev.so
 
-Shapes are benchmarks/bench_cuda_attention.py's by name. Per shape and dtype, every variant is warmed up, then timed
+Shapes are benchmarks/bench_cuda_attention.py's by name, or BxHxSqxSkxD (a trailing c: causal; no mask), e.g.
+--shapes sd-unet,1x12x4224x4096x64,1x16x8192x8192x64c. Per shape and dtype, every variant is warmed up, then timed
 in --rounds rounds; in each round every variant runs --calls calls back to back between two CUDA events (the mean of
 those calls is the round's time), and the order of the variants rotates from round to round, so neither drift nor
 the position after a slower kernel favours one. Reported per variant: TFLOP/s of the median round and the range of
@@ -36,6 +37,16 @@ def cudnn(q, k, v, causal, mask):
 
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
+def explicit_shape(token):
+    """'1x38x4429x4429x64' (a trailing 'c': causal) as a SHAPES entry, or None."""
+    causal = token.endswith("c")
+    dims = token[:-1] if causal else token
+    parts = dims.split("x")
+    if len(parts) != 5 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        return None
+    return token, tuple(int(p) for p in parts), causal, None
 
 
 def time_rounds(fns, args, rounds, calls):
@@ -75,9 +86,12 @@ def main():
     args = ap.parse_args()
     known = {s[0]: s for s in SHAPES}
     wanted = args.shapes.split(",")
+    for s in wanted:
+        if s not in known and (shape := explicit_shape(s)) is not None:
+            known[s] = shape
     unknown = [s for s in wanted if s not in known]
     if unknown:
-        ap.error(f"unknown shape(s) {unknown}; valid: {', '.join(known)}")
+        ap.error(f"unknown shape(s) {unknown}; valid: {', '.join(n for n, *_ in SHAPES)} or BxHxSqxSkxD[c]")
     libs = dict(x.split("=", 1) for x in args.libs.split(",")) if args.libs else {"": None}
     fns = {f"{ln}{'.' if ln else ''}v{v}": variant_fn(int(v), path)
            for ln, path in libs.items() for v in args.variants.split(",")}
