@@ -15,6 +15,7 @@
 
 #include "flash_fwd_launch.h"
 #include "sm90_common.cuh"
+#include "tile_plan.h"
 
 namespace attnsel::cuda::detail {
 
@@ -1115,20 +1116,6 @@ inline bool use_persistent(const FwdArgs& a, int key_tile, bool causal, int batc
          items <= 0x7fffffff;
 }
 
-// D=64 without a mask: three consumers (192 query rows per CTA) do ~15% more work per SM than two (H200, launches
-// of whole waves: 510 vs 444 TFLOP/s bf16, cuDNN 477), but a work item takes ~1.31x as long, and a launch takes as
-// many rounds as its items need to fill the SMs. So three unless their rounds x 1.31 exceed two's: SD3.5 1x38x4429
-// runs 7 rounds instead of 11 (490 vs 418), SD-UNet 2x10x4096 would run 4 instead of 5 (420 vs 449) and keeps two.
-// Causal items are unequal and the block scheduler balances them: with at least two rounds of items three ran
-// 10-18% faster (docs/cuda-kernels.md).
-inline bool three_consumers_pay(const FwdArgs& a, int batch, int heads, bool causal) {
-  const std::int64_t sms = sm_count();
-  const auto items = [&](int rows) { return static_cast<std::int64_t>((a.seq_q + rows - 1) / rows) * heads * batch; };
-  if (causal) return items(192) >= 2 * sms;
-  const auto rounds = [&](int rows) { return (items(rows) + sms - 1) / sms; };
-  return rounds(192) * 131 < rounds(128) * 100;
-}
-
 // Default tiles per padded head size; variants 16.. are alternatives kept for tuning (docs/cuda-kernels.md): 19
 // forces the persistent schedule (non-causal), 20 one CTA per item with flash_fwd_ws_tile for every mask; 16-18 are
 // unmasked, one CTA per item (17: three consumers at D=64 always; the default takes them where
@@ -1164,7 +1151,8 @@ cudaError_t run_t(const FwdArgs& a, int batch, int heads, int mask_mode, int var
   }
   if (mask_mode == kAddMask) return launch_ws<T, D, BC, 2, 2, 1, kT, C, kAddMask>(a, batch, heads, s);
   if constexpr (D == 64)
-    if (variant == 17 || (variant == -1 && three_consumers_pay(a, batch, heads, C)))
+    if (variant == 17 ||
+        (variant == -1 && three_consumers_pay(a.seq_q, static_cast<std::int64_t>(batch) * heads, C, sm_count())))
       return launch_ws<T, 64, 128, 3, 2, 1, kT, C>(a, batch, heads, s);
   if constexpr (D == 64 || D == 128)
     if (variant == 18) return launch_ws<T, D, 128, 2, 3, 1, kT, C>(a, batch, heads, s);

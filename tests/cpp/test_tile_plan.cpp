@@ -1,0 +1,56 @@
+// The Hopper kernels' size-only tile choices (csrc/kernels/cuda/tile_plan.h), checked without a GPU against the
+// choices the H200 measurements made (docs/cuda-kernels.md, "D=64: two or three consumers").
+#include "harness.h"
+#include "kernels/cuda/tile_plan.h"
+
+using attnsel::cuda::detail::three_consumers_pay;
+
+namespace {
+constexpr std::int64_t kH200 = 132;
+}
+
+TEST(three_consumers_where_they_take_fewer_rounds) {
+  // Measured faster with three consumers (bf16 TFLOP/s, two vs three): SD3.5 large 418 vs 490 (11 rounds vs 7),
+  // SD3.5 medium 410 vs 430, D=40 2x8x16384 284 vs 301, D=40 2x8x4096 253 vs 261 (4 rounds vs 3 x 1.31).
+  CHECK(three_consumers_pay(4429, 38, false, kH200));
+  CHECK(three_consumers_pay(4429, 24, false, kH200));
+  CHECK(three_consumers_pay(16384, 16, false, kH200));
+  CHECK(three_consumers_pay(4096, 16, false, kH200));
+  // Whole waves for both heights (1x12x4224): 2 rounds of 192 rows vs 3 of 128; 510 vs 444.
+  CHECK(three_consumers_pay(4224, 12, false, kH200));
+}
+
+TEST(two_consumers_where_three_take_as_long) {
+  // SD-UNet 2x10x4096 and D=48 2x10x4096: 4 rounds x 1.31 > 5 (449 vs 420, 338 vs 315 measured).
+  CHECK(!three_consumers_pay(4096, 20, false, kH200));
+  // One round either way: the shorter item wins (CLIP 77 tokens x 12 heads, 8 heads of 1024 rows).
+  CHECK(!three_consumers_pay(77, 12, false, kH200));
+  CHECK(!three_consumers_pay(1024, 8, false, kH200));
+  // Equal rounds: 768 one-tile items at either height (77 tokens x 64 batch x 12 heads).
+  CHECK(!three_consumers_pay(77, 768, false, kH200));
+}
+
+TEST(causal_takes_three_from_two_rounds_of_items) {
+  // Measured: 1x16x8192 353 vs 415, 1x32x4096 318 vs 358, 2x10x4096 293 vs 325 (440 items of 192 rows).
+  CHECK(three_consumers_pay(8192, 16, true, kH200));
+  CHECK(three_consumers_pay(4096, 32, true, kH200));
+  CHECK(three_consumers_pay(4096, 20, true, kH200));
+  // Fewer: the longest item (the last query tile, every key) decides, and 192 rows make it longer.
+  CHECK(!three_consumers_pay(2048, 12, true, kH200));  // 11 x 12 = 132 items
+  CHECK(three_consumers_pay(2112, 24, true, kH200));   // 11 x 24 = 264: the GPU test's causal shape
+}
+
+TEST(the_sm_count_sets_the_rounds) {
+  // 1x24x4429 on an H100 PCIe (114 SMs): 840 items of 128 rows = 8 rounds, 576 of 192 = 6 (6 x 1.31 < 8).
+  CHECK(three_consumers_pay(4429, 24, false, 114));
+  // SD-UNet there: 640 / 114 = 6 rounds, 440 / 114 = 4 (4 x 1.31 < 6).
+  CHECK(three_consumers_pay(4096, 20, false, 114));
+}
+
+TEST(empty_or_unknown_sizes_keep_two) {
+  CHECK(!three_consumers_pay(0, 20, false, kH200));
+  CHECK(!three_consumers_pay(4096, 0, false, kH200));
+  CHECK(!three_consumers_pay(4096, 20, false, 0));
+}
+
+ATTNSEL_TEST_MAIN()
