@@ -365,7 +365,7 @@ def test_persistent_schedule(D):
 
 
 # D <= 64 without a mask takes three consumer warpgroups (192 query rows per CTA) where its work items fill the SMs in
-# fewer rounds (three_consumers_pay in flash_fwd_wg_sm90a.cuh): 1x24x1600 queries x 2100 keys is 216 items (2 rounds of
+# fewer rounds (three_consumers_pay in tile_plan.h): 1x24x1600 queries x 2100 keys is 216 items (2 rounds of
 # 132 SMs instead of 3 of 128-row items), causal 1x24x2112 is 264; partial last query tiles, GQA, strides, the LSE.
 @pytest.mark.parametrize("D", [40, 64])
 def test_three_consumers(D):
