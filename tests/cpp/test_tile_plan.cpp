@@ -3,6 +3,7 @@
 #include "harness.h"
 #include "kernels/cuda/tile_plan.h"
 
+using attnsel::cuda::detail::mixed_height_rows;
 using attnsel::cuda::detail::three_consumers_pay;
 
 namespace {
@@ -51,6 +52,27 @@ TEST(empty_or_unknown_sizes_keep_two) {
   CHECK(!three_consumers_pay(0, 20, false, kH200));
   CHECK(!three_consumers_pay(4096, 0, false, kH200));
   CHECK(!three_consumers_pay(4096, 20, false, 0));
+}
+
+TEST(two_heights_where_neither_fills_the_last_round) {
+  // The model's picks (docs/cuda-kernels.md): SD-UNet 2x10x4096 2304 rows of 192-row tiles per head (4.62 rounds vs
+  // 5), SD3.5 medium 3072 (5.93 vs 6.55), 1x24x1600 576 (the GPU test's shape).
+  CHECK_EQ(mixed_height_rows(4096, 20, kH200), 2304);
+  CHECK_EQ(mixed_height_rows(4429, 24, kH200), 3072);
+  CHECK_EQ(mixed_height_rows(1600, 24, kH200), 576);
+  // One height already fills its rounds: SD3.5 large (7 rounds of 192 rows), 1x12x4224 (2 of 192).
+  CHECK_EQ(mixed_height_rows(4429, 38, kH200), 0);
+  CHECK_EQ(mixed_height_rows(4224, 12, kH200), 0);
+  // Too short to split, too few items, or many rounds (the last one's loss is small).
+  CHECK_EQ(mixed_height_rows(192, 100, kH200), 0);
+  CHECK_EQ(mixed_height_rows(4096, 0, kH200), 0);
+  CHECK_EQ(mixed_height_rows(32768, 40, kH200), 0);
+  // Every choice is whole 192-row tiles that leave rows for the second launch.
+  for (std::int64_t sq = 193; sq <= 9000; sq += 97)
+    for (std::int64_t bh : {1, 7, 20, 38, 64}) {
+      const int rows = mixed_height_rows(sq, bh, kH200);
+      CHECK(rows % 192 == 0 && rows >= 0 && rows < sq);
+    }
 }
 
 ATTNSEL_TEST_MAIN()

@@ -284,6 +284,9 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
   auto v_full = [&](int st) { return q_full + 8 * (2 + 2 * STAGES + st); };
   auto v_empty = [&](int st) { return q_full + 8 * (2 + 3 * STAGES + st); };
 
+  // A launch of 192-row tiles may be followed by one of 128-row tiles over the same heads' later rows
+  // (mixed_height_rows): its blocks may take the SMs this launch's blocks leave once they have all started.
+  if constexpr (NC == 3) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   const int m_block = CAUSAL ? (gridDim.x - 1 - blockIdx.x) : blockIdx.x;  // causal: longest key loops first
   const int h = blockIdx.y, b = blockIdx.z;
   const int hk = h / a.group;  // K/V tensor-map coordinate
@@ -328,6 +331,11 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
         for (int c = 0; c < D / CW; ++c)
           tma_load_4d(sV + st * KV_BYTES + c * BC * ROWB, &tv, v_full(st), c * CW, jt * BC, hk, b);
       }
+      // The 128-row launch after a 192-row one (mixed_height_rows) may finish first: its last block waits for
+      // that launch, so work after it in the stream sees both launches' output.
+      if constexpr (NC == 2 && D == 64 && MM == kNoMask && !CAUSAL)
+        if (blockIdx.x == gridDim.x - 1 && blockIdx.y == gridDim.y - 1 && blockIdx.z == gridDim.z - 1)
+          asm volatile("griddepcontrol.wait;" ::: "memory");
     }
   } else {
     regs_alloc<C::CONSUMER_REGS>();
@@ -1060,9 +1068,11 @@ inline int sm_count() {
 // through the persistent kernel's body with its loop compiled out (flash_fwd_ws without PERSIST).
 enum class Sched { kTile, kPersist, kLoopBody };
 
+// after_previous: the launch may start while the stream's previous kernel (which triggers it, above) still runs; for
+// launches that share no data with it.
 template <typename T, int D, int BC, int NC, int STAGES, int QBUF, Sched S, bool CAUSAL, int MM = kNoMask,
           bool AHEAD = false>
-cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, cudaStream_t stream) {
+cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, cudaStream_t stream, bool after_previous = false) {
   using C = WsCfg<D, BC, NC, STAGES, QBUF>;
   constexpr bool PERSIST = S == Sched::kPersist;
   static_assert(PERSIST || QBUF == 1, "one Q buffer per CTA without the persistent loop");
@@ -1085,7 +1095,22 @@ cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, cudaStream_t strea
     constexpr auto kern = flash_fwd_ws_tile<T, D, BC, NC, STAGES, CAUSAL, MM>;
     e = allow_smem<kern>(smem);
     if (e != cudaSuccess) return e;
-    kern<<<dim3(m_blocks, heads, batch), C::NT, smem, stream>>>(a, tq, tk, tv);
+    if (after_previous) {
+      cudaLaunchAttribute attr{};
+      attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr.val.programmaticStreamSerializationAllowed = 1;
+      cudaLaunchConfig_t cfg{};
+      cfg.gridDim = dim3(m_blocks, heads, batch);
+      cfg.blockDim = dim3(C::NT);
+      cfg.dynamicSmemBytes = smem;
+      cfg.stream = stream;
+      cfg.attrs = &attr;
+      cfg.numAttrs = 1;
+      e = cudaLaunchKernelEx(&cfg, kern, a, tq, tk, tv);
+      if (e != cudaSuccess) return e;
+    } else {
+      kern<<<dim3(m_blocks, heads, batch), C::NT, smem, stream>>>(a, tq, tk, tv);
+    }
   } else {
     constexpr auto kern = flash_fwd_ws<T, D, BC, NC, STAGES, QBUF, PERSIST, CAUSAL, MM, AHEAD>;
     e = allow_smem<kern>(smem);
@@ -1150,10 +1175,27 @@ cudaError_t run_t(const FwdArgs& a, int batch, int heads, int mask_mode, int var
     return launch_ws<T, D, BC, 2, 2, 1, kT, C, kBoolMask>(a, batch, heads, s);
   }
   if (mask_mode == kAddMask) return launch_ws<T, D, BC, 2, 2, 1, kT, C, kAddMask>(a, batch, heads, s);
-  if constexpr (D == 64)
+  if constexpr (D == 64) {
+    // Two heights (mixed_height_rows): not with the LSE, whose rows the kernels index by seq_q.
+    if constexpr (!C) {
+      const int tall = variant == -1 && a.lse == nullptr
+                           ? mixed_height_rows(a.seq_q, static_cast<std::int64_t>(batch) * heads, sm_count())
+                           : 0;
+      if (tall > 0) {
+        FwdArgs first = a, rest = a;
+        first.seq_q = tall;
+        rest.q = static_cast<const T*>(a.q) + tall * a.q_ss;
+        rest.o = static_cast<T*>(a.o) + tall * a.o_ss;
+        rest.seq_q = a.seq_q - tall;
+        const cudaError_t e = launch_ws<T, 64, 128, 3, 2, 1, kT, C>(first, batch, heads, s);
+        if (e != cudaSuccess) return e;
+        return launch_ws<T, 64, 128, 2, 2, 1, kT, C>(rest, batch, heads, s, /*after_previous=*/true);
+      }
+    }
     if (variant == 17 ||
         (variant == -1 && three_consumers_pay(a.seq_q, static_cast<std::int64_t>(batch) * heads, C, sm_count())))
       return launch_ws<T, 64, 128, 3, 2, 1, kT, C>(a, batch, heads, s);
+  }
   if constexpr (D == 64 || D == 128)
     if (variant == 18) return launch_ws<T, D, 128, 2, 3, 1, kT, C>(a, batch, heads, s);
   if constexpr (D == 256)
