@@ -9,6 +9,8 @@ in --rounds rounds; in each round every variant runs --calls calls back to back 
 those calls is the round's time), and the order of the variants rotates from round to round, so neither drift nor
 the position after a slower kernel favours one. Reported per variant: TFLOP/s of the median round and the range of
 the rounds; ranges that do not overlap mean a real difference. --cudnn adds PyTorch's cuDNN kernel as an anchor.
+--graph captures each variant's --calls calls in a CUDA graph and times its replay: the GPU's own time, for short
+calls that are host-bound when run eagerly (T5, 1024-token layers).
 A tuning tool: the benchmark of record is benchmarks/bench_cuda_attention.py.
 """
 import argparse
@@ -49,11 +51,34 @@ def explicit_shape(token):
     return token, tuple(int(p) for p in parts), causal, None
 
 
-def time_rounds(fns, args, rounds, calls):
+def captured(fns, args, calls):
+    """Per backend: a CUDA graph holding `calls` calls of it (captured after a warm-up on a side stream)."""
+    out = {}
+    for name, fn in fns.items():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs asks
+            for _ in range(3):
+                fn(*args)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn(*args)
+        out[name] = graph
+    return out
+
+
+def time_rounds(fns, args, rounds, calls, graph=False):
     """Per backend: the mean ms per call of each round (order rotated every round)."""
     names = list(fns)
+    if graph:  # one replay runs `calls` calls
+        graphs = captured(fns, args, calls)
+        fns, args, launches = {n: (lambda g=g: g.replay()) for n, g in graphs.items()}, (), 1
+    else:
+        launches = calls
     for name in names:  # warm-up
-        for _ in range(max(3, calls // 3)):
+        for _ in range(max(3, launches // 3)):
             fns[name](*args)
     torch.cuda.synchronize()
     out = {n: [] for n in names}
@@ -63,7 +88,7 @@ def time_rounds(fns, args, rounds, calls):
         for name in order:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
-            for _ in range(calls):
+            for _ in range(launches):
                 fns[name](*args)
             b.record()
             ev[name] = (a, b)
@@ -82,6 +107,7 @@ def main():
     ap.add_argument("--calls", type=int, default=30)
     ap.add_argument("--libs", default="", help="NAME=PATH,...: time every variant of each dev library (A/B of builds)")
     ap.add_argument("--cudnn", action="store_true", help="also time PyTorch's cuDNN kernel")
+    ap.add_argument("--graph", action="store_true", help="time CUDA-graph replays of --calls calls (no host work)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     known = {s[0]: s for s in SHAPES}
@@ -115,7 +141,7 @@ def main():
                     ok[bname] = fn
                 except Exception as e:
                     print(f"{dname} {name}: {bname} skipped: {str(e).splitlines()[0][:200]}", flush=True)
-            rounds = time_rounds(ok, (q, k, v, causal, mask), args.rounds, args.calls)
+            rounds = time_rounds(ok, (q, k, v, causal, mask), args.rounds, args.calls, args.graph)
             line = f"{dname} {name:14s}"
             for bname, ms in rounds.items():
                 tf = sorted(flops / m / 1e9 for m in ms)
@@ -128,7 +154,7 @@ def main():
             torch.cuda.empty_cache()
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(env_info(), rounds=args.rounds, calls=args.calls, records=records), f, indent=1)
+            json.dump(dict(env_info(), rounds=args.rounds, calls=args.calls, graph=args.graph, records=records), f, indent=1)
 
 
 if __name__ == "__main__":
