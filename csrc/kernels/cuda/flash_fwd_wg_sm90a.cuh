@@ -1161,6 +1161,9 @@ cudaError_t run_t(const FwdArgs& a, int batch, int heads, int mask_mode, int var
   if constexpr (!C) {  // the persistent kernels are built for non-causal calls only (use_persistent)
     // AHEAD (the next item's S_0 under this item's last P·V and O store) where the next item's Q has its own buffer:
     // +6% at Wan cross-attention, +7.6% at 8x24x1024² (H200, bf16, docs/cuda-kernels.md).
+    // Experiment (variant 24): the persistent schedule with three consumers at D=64 (192-row items), unmasked.
+    if constexpr (D == 64)
+      if (variant == 24 && mask_mode == kNoMask) return launch_ws<T, 64, 128, 3, 2, 2, kP, C, kNoMask, true>(a, batch, heads, s);
     if (variant == 19 || (variant != 20 && use_persistent(a, BC, C, batch, heads, 128))) {
       if (mask_mode == kBoolMask)
         return launch_ws<T, D, BC, 2, 2, QB, kP, C, kBoolMask, QB == 2>(a, batch, heads, s);
