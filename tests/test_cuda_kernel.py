@@ -367,10 +367,14 @@ def test_persistent_schedule(D):
 # D <= 64 without a mask takes three consumer warpgroups (192 query rows per CTA) where its work items fill the SMs in
 # fewer rounds (three_consumers_pay in tile_plan.h): 1x24x1600 queries x 2100 keys is 216 items (2 rounds of
 # 132 SMs instead of 3 of 128-row items), causal 1x24x2112 is 264; partial last query tiles, GQA, strides, the LSE.
+# Short key loops run persistent, with three consumers by the same rule: 2x10x1000 queries x 1000 keys is 120 items
+# of 192 rows (one round) instead of 160 of 128.
 @pytest.mark.parametrize("D", [40, 64])
 def test_three_consumers(D):
     _check(1, 24, 8, 1600, 2100, D, False, torch.bfloat16, seed=D, lse=True)
     _check(1, 24, 24, 2112, 2112, D, True, torch.float16, seed=D + 1, lse=True, layout=("bshd", "bhsd", "padded"))
+    _check(2, 10, 5, 1000, 1000, D, False, torch.bfloat16, seed=D + 2, lse=True, layout=("bshd", "padded", "bhsd"))
+    _check(2, 10, 10, 1000, 1000, D, False, torch.float16, seed=D + 3)
 
 
 # Where one tile height leaves the last round of SMs half idle, D <= 64 without a mask runs 192-row tiles over each

@@ -36,6 +36,16 @@ TEST(two_consumers_where_three_take_as_long) {
   CHECK(!three_consumers_pay(77, 768, false, kH200));
 }
 
+TEST(short_key_loops_on_the_persistent_schedule) {
+  // Persistent kernel, two vs three consumers as CUDA-graph replays: 2x20x1024 316 vs 344 (3 rounds vs 2 x 1.31),
+  // 2x10x1024 223 vs 302 (2 vs 1); T5 1x64x512 283 vs 226, 2x24x1024 374 vs 291, 1x24x1024 265 vs 210 keep two.
+  CHECK(three_consumers_pay(1024, 40, false, kH200));
+  CHECK(three_consumers_pay(1024, 20, false, kH200));
+  CHECK(!three_consumers_pay(512, 64, false, kH200));
+  CHECK(!three_consumers_pay(1024, 48, false, kH200));
+  CHECK(!three_consumers_pay(1024, 24, false, kH200));
+}
+
 TEST(causal_takes_three_from_two_rounds_of_items) {
   // Measured: 1x16x8192 353 vs 415, 1x32x4096 318 vs 358, 2x10x4096 293 vs 325 (440 items of 192 rows).
   CHECK(three_consumers_pay(8192, 16, true, kH200));

@@ -1144,7 +1144,7 @@ inline bool use_persistent(const FwdArgs& a, int key_tile, bool causal, int batc
 // Default tiles per padded head size; variants 16.. are alternatives kept for tuning (docs/cuda-kernels.md): 19
 // forces the persistent schedule (non-causal), 20 one CTA per item with flash_fwd_ws_tile for every mask; 16-18 are
 // unmasked, one CTA per item (17: three consumers at D=64 always; the default takes them where
-// three_consumers_pay).
+// three_consumers_pay); 24 the persistent schedule with three consumers at D=64 (unmasked, non-causal).
 // Calls that do not run persistent take flash_fwd_ws_tile, except full boolean masks (not key padding): those take
 // the persistent kernel's body with its loop compiled out. Side by side on an H200 (bf16, docs/cuda-kernels.md) the
 // tile body ran unmasked 1-11% faster (SD-UNet D=64 441 vs 398 TFLOP/s), with key padding 5% (Flux 486 vs 462) and
@@ -1161,10 +1161,16 @@ cudaError_t run_t(const FwdArgs& a, int batch, int heads, int mask_mode, int var
   if constexpr (!C) {  // the persistent kernels are built for non-causal calls only (use_persistent)
     // AHEAD (the next item's S_0 under this item's last P·V and O store) where the next item's Q has its own buffer:
     // +6% at Wan cross-attention, +7.6% at 8x24x1024² (H200, bf16, docs/cuda-kernels.md).
-    // Experiment (variant 24): the persistent schedule with three consumers at D=64 (192-row items), unmasked.
+    const bool persist = variant == 19 || (variant != 20 && use_persistent(a, BC, C, batch, heads, 128));
+    // Unmasked D <= 64: three consumers (192-row items) where their rounds pay, as for one CTA per item (SDXL's
+    // 2x20x1024² 344 vs 316 TFLOP/s, 2x10x1024² 302 vs 223; H200 bf16, CUDA graphs, docs/cuda-kernels.md). 24 forces.
     if constexpr (D == 64)
-      if (variant == 24 && mask_mode == kNoMask) return launch_ws<T, 64, 128, 3, 2, 2, kP, C, kNoMask, true>(a, batch, heads, s);
-    if (variant == 19 || (variant != 20 && use_persistent(a, BC, C, batch, heads, 128))) {
+      if (mask_mode == kNoMask &&
+          (variant == 24 ||
+           (variant == -1 && persist &&
+            three_consumers_pay(a.seq_q, static_cast<std::int64_t>(batch) * heads, C, sm_count()))))
+        return launch_ws<T, 64, 128, 3, 2, 2, kP, C, kNoMask, true>(a, batch, heads, s);
+    if (persist) {
       if (mask_mode == kBoolMask)
         return launch_ws<T, D, BC, 2, 2, QB, kP, C, kBoolMask, QB == 2>(a, batch, heads, s);
       if (mask_mode == kAddMask)
