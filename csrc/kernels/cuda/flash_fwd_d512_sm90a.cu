@@ -6,6 +6,7 @@
 // Every thread owns the same two rows in all phases, so the running max / sum stay in registers.
 // Shared tiles use the canonical 128-byte swizzle: [cols/64 blocks][rows][64], chunk ^= row % 8.
 #include <algorithm>
+#include <atomic>
 #include <utility>
 
 #include "flash_fwd_launch.h"
@@ -45,6 +46,41 @@ struct Wg<__half> {
     wgmma_m64n256k16_f16_t1(d, a, b, acc);
   }
 };
+
+// ---- a pair of CTAs in a cluster (the split pair's merge below) ----
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+// The address of this CTA's shared-memory location `addr` in cluster CTA `rank`.
+__device__ __forceinline__ std::uint32_t cluster_addr(std::uint32_t addr, int rank) {
+  std::uint32_t r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
+  return r;
+}
+// Arrival on a barrier in another CTA of the cluster, releasing this thread's earlier shared-memory writes to it.
+__device__ __forceinline__ void mbar_arrive_cluster(std::uint32_t remote_bar) {
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote_bar) : "memory");
+}
+// mbar_wait that acquires what the arriving threads of the cluster released.
+__device__ __forceinline__ void mbar_wait_cluster(std::uint32_t bar, std::uint32_t parity) {
+  std::uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+__device__ __forceinline__ float4 ld_cluster_f4(std::uint32_t addr) {
+  float4 v;
+  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "r"(addr)
+               : "memory");
+  return v;
+}
 
 constexpr int kD = 512, kBR = 64, kBC = 64, kNT = 256;
 constexpr int kSmem = (kBR * kD + 2 * kBC * kD + kBR * kBC) * 2 + 2 * kBR * 4 + 1024;  // +1024: manual alignment
@@ -272,13 +308,17 @@ __global__ void __launch_bounds__(128) combine_d512(const FwdArgs a, int splits,
 // during the softmax of S_j (docs/cuda-kernels.md: overlapping it with P·V, and clusters, measured slower).
 // Shared memory (227 KB): Q 64 KB + P 16 KB + the ring 128 KB; a whole K or V tile (128 KB each) cannot stay
 // resident next to Q, hence the chunks.
+// PAIR (two key splits): the splits of a query tile are a cluster of two CTAs and merge in the kernel instead of
+// through a workspace and combine_d512: split 1 leaves its unnormalised O (128 KB) and row statistics in its own
+// idle ring and P buffer, split 0 reads them over distributed shared memory, merges and writes O (and the LSE).
 constexpr int kWsBC = 128, kWsSlots = 4, kWsSlotBytes = 32768;
 constexpr int kWsQBytes = kBR * kD * 2, kWsPBytes = kBR * kWsBC * 2;
-constexpr int kWsBarBytes = 8 * (1 + 2 * kWsSlots);
+constexpr int kWsBarBytes = 8 * (2 + 2 * kWsSlots);  // Q, full/empty per slot, the pair's merge
+static_assert(kWsSlots * kWsSlotBytes == 2 * 128 * 32 * 16, "the ring holds a consumer pair's O: 256 threads x 32 float4");
 constexpr int kWsSmem = kWsQBytes + kWsPBytes + kWsSlots * kWsSlotBytes + kWsBarBytes + 2 * kBR * 4 + 1024;
 static_assert(kWsSmem <= 227 * 1024, "shared memory per block");
 
-template <typename T>
+template <typename T, bool PAIR>
 __global__ void __launch_bounds__(384, 1)
     flash_fwd_d512_ws(const FwdArgs a, int splits, float* part_o, float* part_ml,
                       const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
@@ -293,8 +333,9 @@ __global__ void __launch_bounds__(384, 1)
   auto full = [&](int st) { return bars + 8 * (1 + st); };
   auto empty = [&](int st) { return bars + 8 * (1 + kWsSlots + st); };
   auto slot = [&](int st) { return sRing + st * kWsSlotBytes; };
+  const std::uint32_t pair_bar = bars + 8 * (1 + 2 * kWsSlots);
 
-  // blockIdx.x = query tile * splits + split.
+  // blockIdx.x = query tile * splits + split (with PAIR, split = the CTA's rank in its cluster).
   const int split = blockIdx.x % splits, m_block = blockIdx.x / splits;
   const int h = blockIdx.y, b = blockIdx.z;
   const int m0 = m_block * kBR;
@@ -310,9 +351,11 @@ __global__ void __launch_bounds__(384, 1)
       mbar_init(full(st), 1);
       mbar_init(empty(st), 8);  // one arrival per consumer warp
     }
+    if (PAIR) mbar_init(pair_bar, 256);  // every consumer thread of the other CTA
     mbar_init_fence();
   }
   __syncthreads();
+  if constexpr (PAIR) cluster_sync();  // both CTAs' barriers are initialised before any arrival from the other
 
   if (wg == 0) {
     regs_dealloc<24>();
@@ -461,13 +504,53 @@ __global__ void __launch_bounds__(384, 1)
       if (t == 0) sRed[cw * kBR + row0 + r * 8] = lq[r];
     }
     named_bar_sync(1, 256);
+    float l_row[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) l_row[r] = lq[r] + sRed[(cw ^ 1) * kBR + row0 + r * 8];
+    if constexpr (PAIR) {
+      // Thread ct holds the same (row, column) elements in both CTAs: float4 i of every thread sits at
+      // [i][ct], 16 consecutive bytes per thread (no bank conflicts).
+      const int ct = tid - 128;
+      if (split == 1) {
+        float4* po = reinterpret_cast<float4*>(smem_raw + (sRing - raw));
+#pragma unroll
+        for (int i = 0; i < 32; ++i) po[i * 256 + ct] = make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]);
+        reinterpret_cast<float4*>(smem_raw + (sP - raw))[ct] = make_float4(m_r[0], m_r[1], l_row[0], l_row[1]);
+        mbar_arrive_cluster(cluster_addr(pair_bar, 0));
+        mbar_wait_cluster(pair_bar, 0);  // split 0 has read them: this shared memory must outlive that
+        return;
+      }
+      mbar_wait_cluster(pair_bar, 0);
+      const float4 st = ld_cluster_f4(cluster_addr(sP, 1) + ct * 16);
+      const float m1[2] = {st.x, st.y}, l1[2] = {st.z, st.w};
+      float w0[2], w1[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float mn = fmaxf(m_r[r], m1[r]);
+        const float ms = mn == -INFINITY ? 0.f : mn * sl2;
+        w0[r] = exp2f(m_r[r] * sl2 - ms);
+        w1[r] = exp2f(m1[r] * sl2 - ms);
+        m_r[r] = mn;
+        l_row[r] = l_row[r] * w0[r] + l1[r] * w1[r];
+      }
+      const std::uint32_t src = cluster_addr(sRing, 1) + ct * 16;
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {  // acc[4i + 2r + e] is row r's
+        const float4 x = ld_cluster_f4(src + i * 256 * 16);
+        acc[4 * i] = acc[4 * i] * w0[0] + x.x * w1[0];
+        acc[4 * i + 1] = acc[4 * i + 1] * w0[0] + x.y * w1[0];
+        acc[4 * i + 2] = acc[4 * i + 2] * w0[1] + x.z * w1[1];
+        acc[4 * i + 3] = acc[4 * i + 3] * w0[1] + x.w * w1[1];
+      }
+      mbar_arrive_cluster(cluster_addr(pair_bar, 1));
+    }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int lrow = row0 + r * 8;
-      const float l = lq[r] + sRed[(cw ^ 1) * kBR + lrow];
+      const float l = l_row[r];
       const int row = m0 + lrow;
       if (row >= a.seq_q) continue;
-      if (splits > 1) {
+      if (!PAIR && splits > 1) {
         const std::int64_t rid = ((static_cast<std::int64_t>(split) * gridDim.z + b) * gridDim.y + h) * a.seq_q + row;
         float* po = part_o + rid * kD + cw * 256;
 #pragma unroll
@@ -579,8 +662,51 @@ int choose_ws_splits(long long ctas, int sms, int n_tiles, long long rows) {
   return best;
 }
 
+cudaLaunchConfig_t pair_config(dim3 grid, cudaStream_t stream, cudaLaunchAttribute* cluster) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(384);
+  cfg.dynamicSmemBytes = kWsSmem;
+  cfg.stream = stream;
+  cfg.attrs = cluster;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
+// How many clusters of two PAIR CTAs the current device runs at once (0 if none), asked once per device: one CTA
+// fills an SM, and a cluster's two SMs must share a GPC, so this can be less than half the SMs.
 template <typename T>
-cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, int force_splits, cudaStream_t stream) {
+int pair_capacity() {
+  static std::atomic<int> cached[64];  // 0: not asked yet; else capacity + 1
+  int dev = -1;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
+  const int c = cached[dev].load(std::memory_order_relaxed);
+  if (c > 0) return c - 1;
+  constexpr auto pkern = flash_fwd_d512_ws<T, true>;
+  int n = 0;
+  if (allow_smem<pkern>(kWsSmem) == cudaSuccess) {
+    cudaLaunchAttribute attr{};
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = 2;
+    attr.val.clusterDim.y = 1;
+    attr.val.clusterDim.z = 1;
+    const cudaLaunchConfig_t cfg = pair_config(dim3(2 * sm_count()), nullptr, &attr);
+    if (cudaOccupancyMaxActiveClusters(&n, pkern, &cfg) != cudaSuccess) {
+      (void)cudaGetLastError();  // not sticky; treat as no pairs
+      n = 0;
+    }
+  }
+  cached[dev].store(n + 1, std::memory_order_relaxed);
+  return n;
+}
+
+// kAuto: two splits merge in the kernel where pairs fit the waves; kNever: through combine_d512; kAlways: in the
+// kernel whenever there are two splits (dev variants, for side-by-side timing).
+enum class PairMode { kAuto, kNever, kAlways };
+
+template <typename T>
+cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, int force_splits, cudaStream_t stream,
+                      PairMode pair = PairMode::kAuto) {
   constexpr bool bf16 = std::is_same<T, __nv_bfloat16>::value;
   const int heads_kv = heads / a.group;
   CUtensorMap tq, tk, tv;
@@ -588,7 +714,7 @@ cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, int force_splits, 
       !make_map(&tk, a.k, bf16, kD, a.seq_kv, heads_kv, batch, a.k_ss, a.k_sh, a.k_sb, kWsBC, 64) ||
       !make_map(&tv, a.v, bf16, kD, a.seq_kv, heads_kv, batch, a.v_ss, a.v_sh, a.v_sb, 32, 64))
     return cudaErrorNotSupported;
-  constexpr auto kern = flash_fwd_d512_ws<T>;
+  constexpr auto kern = flash_fwd_d512_ws<T, false>;
   cudaError_t e = allow_smem<kern>(kWsSmem);
   if (e != cudaSuccess) return e;
   const int m_blocks = (a.seq_q + kBR - 1) / kBR;
@@ -598,6 +724,23 @@ cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, int force_splits, 
   const int splits =
       force_splits > 0 ? std::min(force_splits, n_tiles) : choose_ws_splits(ctas, sm_count(), n_tiles, rows);
   if (static_cast<long long>(m_blocks) * splits > 0x7fffffffLL) return cudaErrorNotSupported;  // grid.x
+  // Two splits merge in the kernel (PAIR) unless pairs of CTAs would take more waves than single ones.
+  if (splits == 2 && pair != PairMode::kNever) {
+    const int pairs = pair_capacity<T>();
+    if (pair == PairMode::kAlways ||
+        (pairs > 0 && (ctas + pairs - 1) / pairs <= (2 * ctas + sm_count() - 1) / sm_count())) {
+      constexpr auto pkern = flash_fwd_d512_ws<T, true>;
+      if ((e = allow_smem<pkern>(kWsSmem)) != cudaSuccess) return e;
+      cudaLaunchAttribute attr{};
+      attr.id = cudaLaunchAttributeClusterDimension;
+      attr.val.clusterDim.x = 2;
+      attr.val.clusterDim.y = 1;
+      attr.val.clusterDim.z = 1;
+      const cudaLaunchConfig_t cfg = pair_config(dim3(m_blocks * 2, heads, batch), stream, &attr);
+      return cudaLaunchKernelEx(&cfg, pkern, a, 2, static_cast<float*>(nullptr), static_cast<float*>(nullptr), tq,
+                                tk, tv);
+    }
+  }
   return with_splits<T>(a, batch, heads, splits, stream, [&](int sp, float* po, float* pml) {
     kern<<<dim3(m_blocks * sp, heads, batch), 384, kWsSmem, stream>>>(a, sp, po, pml, tq, tk, tv);
     return cudaGetLastError();
@@ -609,13 +752,15 @@ cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, int force_splits, 
 // Unmasked non-causal calls take the warp-specialised kernel (1.5-2x the column-split kernel, H200); masked and
 // causal calls, and any call when no tensor map can be made, the column-split kernel. Variants (dev harness):
 // 2..9 force that many key splits on the column-split kernel, 10 never splits it, 11 takes it with its own split
-// choice; 12 is the warp-specialised kernel never split.
+// choice; 12 is the warp-specialised kernel never split, 13 with its own split choice but never a pair (two
+// splits through combine_d512), 14 two splits as a pair.
 cudaError_t run_hdim512_sm90(const FwdArgs& a, int batch, int heads, bool bf16, bool causal, int mask_mode,
                              int variant, cudaStream_t s) {
-  if (mask_mode == kNoMask && !causal && (variant < 2 || variant == 12)) {
-    const int force = variant == 12 ? 1 : 0;
-    const cudaError_t e = bf16 ? launch_ws<__nv_bfloat16>(a, batch, heads, force, s)
-                               : launch_ws<__half>(a, batch, heads, force, s);
+  if (mask_mode == kNoMask && !causal && (variant < 2 || (variant >= 12 && variant <= 14))) {
+    const int force = variant == 12 ? 1 : variant == 14 ? 2 : 0;
+    const PairMode pair = variant == 13 ? PairMode::kNever : variant == 14 ? PairMode::kAlways : PairMode::kAuto;
+    const cudaError_t e = bf16 ? launch_ws<__nv_bfloat16>(a, batch, heads, force, s, pair)
+                               : launch_ws<__half>(a, batch, heads, force, s, pair);
     if (e != cudaErrorNotSupported) return e;
   }
   const int force = (variant >= 2 && variant <= 9) ? variant : variant == 10 ? 1 : 0;
