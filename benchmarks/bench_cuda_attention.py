@@ -109,9 +109,10 @@ def optional_fns():
 
 
 def time_interleaved(fns, args, reps, warmup_ms):
-    """Median per-call ms of each backend. Backends are timed in interleaved rounds (A B C A B C ...), so clock or
-    thermal drift during the run touches them alike; calls are queued back to back with CUDA events around each
-    and one sync at the end, so host launch work overlaps the GPU as in a real pipeline."""
+    """Median per-call ms of each backend. Backends are timed in interleaved rounds (A B C, B C A, C A B, ...), so
+    clock or thermal drift and the cache state a neighbour leaves touch them alike; calls are queued back to back
+    with CUDA events around each and one sync at the end, so host launch work overlaps the GPU as in a real
+    pipeline."""
     for fn in fns.values():  # warm-up: >= 3 calls and >= warmup_ms of wall time per backend
         t0, n = time.perf_counter(), 0
         while n < 3 or (time.perf_counter() - t0) * 1e3 < warmup_ms:
@@ -123,11 +124,15 @@ def time_interleaved(fns, args, reps, warmup_ms):
 
 
 def timed_rounds(runs, reps, calls_per_run=1):
-    """Median ms per call of each zero-argument run, timed in interleaved rounds with CUDA events around each run."""
+    """Median ms per call of each zero-argument run, timed in interleaved rounds with CUDA events around each run.
+    The order rotates every round: a run right after SDPA's math kernel (which sweeps the L2 cache with its scores)
+    reads its inputs cold, so a fixed order would favour the backends that follow one reading the same inputs."""
     torch.cuda.synchronize()
     events = {name: [] for name in runs}
-    for _ in range(reps):
-        for name, run in runs.items():
+    names = list(runs)
+    for r in range(reps):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            run = runs[name]
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
             run()
