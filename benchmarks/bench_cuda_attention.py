@@ -178,6 +178,22 @@ def env_info():
 GRAPH_BACKENDS = ("native", "sdpa_flash", "sdpa_cudnn", "fa", "fa2", "sage_attn")
 
 
+def capture(fn, args, calls):
+    """A CUDA graph of `calls` calls of fn(*args), captured after a warm-up on a side stream (as torch.cuda.graphs
+    asks)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn(*args)
+    return graph
+
+
 def time_graphs(fns, args, reps, calls):
     """Median per-call ms of each backend replaying a CUDA graph of `calls` calls: the GPU's own time, without the
     host's launch work (what a pipeline captured in a graph pays; short calls are host-bound when run eagerly).
@@ -187,17 +203,7 @@ def time_graphs(fns, args, reps, calls):
         if name not in GRAPH_BACKENDS:
             continue
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs asks
-                for _ in range(3):
-                    fn(*args)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(calls):
-                    fn(*args)
-            graphs[name] = graph
+            graphs[name] = capture(fn, args, calls)
         except Exception as e:
             print(f"  {name}: not captured ({type(e).__name__}: {str(e).splitlines()[0][:120]})", flush=True)
     return timed_rounds({name: graph.replay for name, graph in graphs.items()}, reps, calls)

@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "..", "benchmarks"))
 import devattn  # noqa: E402
-from bench_cuda_attention import DTYPES, SHAPES, env_info, make_mask  # noqa: E402
+from bench_cuda_attention import DTYPES, SHAPES, capture, env_info, make_mask  # noqa: E402
 
 
 def variant_fn(v, lib=None):
@@ -51,30 +51,12 @@ def explicit_shape(token):
     return token, tuple(int(p) for p in parts), causal, None
 
 
-def captured(fns, args, calls):
-    """Per backend: a CUDA graph holding `calls` calls of it (captured after a warm-up on a side stream)."""
-    out = {}
-    for name, fn in fns.items():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs asks
-            for _ in range(3):
-                fn(*args)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                fn(*args)
-        out[name] = graph
-    return out
-
-
 def time_rounds(fns, args, rounds, calls, graph=False):
     """Per backend: the mean ms per call of each round (order rotated every round)."""
     names = list(fns)
     if graph:  # one replay runs `calls` calls
-        graphs = captured(fns, args, calls)
-        fns, args, launches = {n: (lambda g=g: g.replay()) for n, g in graphs.items()}, (), 1
+        graphs = {n: capture(fn, args, calls) for n, fn in fns.items()}
+        fns, args, launches = {n: g.replay for n, g in graphs.items()}, (), 1
     else:
         launches = calls
     for name in names:  # warm-up
