@@ -4,15 +4,17 @@ when importable), one GPU, one run.
   python benchmarks/bench_cuda_attention.py --impl attnsel --out benchmarks/results/cuda_h100.json
   python benchmarks/bench_cuda_attention.py --impl dev     # tools/cuda_dev ctypes build, no extension
 
-Timing: per shape, every backend warmed up (>= 200 ms), then timed in --reps (>= 20) interleaved rounds with CUDA
-events around each call, calls queued back to back (host launch work overlaps the GPU); the median per backend.
+Timing: per shape, every backend warmed up (>= 200 ms), then timed in --reps (>= 20) interleaved rounds (their
+order rotating) with CUDA events around each call, calls queued back to back (host launch work overlaps the GPU);
+the median per backend ("ms"), with the rounds' quartiles ("ms_quartiles") to show the spread.
 TFLOP/s = 4*B*H*Sq*Sk*D / time, halved for causal; masked shapes count the dense work too.
 Masks: "keypad" is a boolean (B, 1, 1, Sk) key-padding mask (batch b keeps its first lengths[b] keys, the rest
 padding, as text encoders and cross-attention send); "bool" a full (B, H, Sq, Sk) boolean mask (random, 80% kept);
 "additive" a full (B, H, Sq, Sk) float bias in q's dtype (standard normal).
 --gemm also measures the dense bf16 GEMM ceiling (torch.matmul 8192^3), recorded as "gemm_bf16_tflops".
 --graph N also times native, PyTorch's flash and cuDNN kernels (and flash-attn / SageAttention when importable)
-replaying a CUDA graph of N calls: the GPU's time without the host's launch work ("graph_ms" / "graph_tflops").
+replaying a CUDA graph of N calls: the GPU's time without the host's launch work ("graph_ms" / "graph_tflops",
+"graph_ms_quartiles").
 Calls of tens of microseconds (T5) are host-bound when run eagerly.
 """
 import argparse
@@ -109,7 +111,7 @@ def optional_fns():
 
 
 def time_interleaved(fns, args, reps, warmup_ms):
-    """Median per-call ms of each backend. Backends are timed in interleaved rounds (A B C, B C A, C A B, ...), so
+    """Per-call ms of each backend, one sample per round (timed_rounds). Backends are timed in interleaved rounds (A B C, B C A, C A B, ...), so
     clock or thermal drift and the cache state a neighbour leaves touch them alike; calls are queued back to back
     with CUDA events around each and one sync at the end, so host launch work overlaps the GPU as in a real
     pipeline."""
@@ -124,7 +126,8 @@ def time_interleaved(fns, args, reps, warmup_ms):
 
 
 def timed_rounds(runs, reps, calls_per_run=1):
-    """Median ms per call of each zero-argument run, timed in interleaved rounds with CUDA events around each run.
+    """ms per call of each zero-argument run in every round (sorted), timed in interleaved rounds with CUDA events
+    around each run.
     The order rotates every round: a run right after SDPA's math kernel (which sweeps the L2 cache with its scores)
     reads its inputs cold, so a fixed order would favour the backends that follow one reading the same inputs."""
     torch.cuda.synchronize()
@@ -139,7 +142,13 @@ def timed_rounds(runs, reps, calls_per_run=1):
             b.record()
             events[name].append((a, b))
     torch.cuda.synchronize()
-    return {name: statistics.median(a.elapsed_time(b) / calls_per_run for a, b in ev) for name, ev in events.items()}
+    return {name: sorted(a.elapsed_time(b) / calls_per_run for a, b in ev) for name, ev in events.items()}
+
+
+def quartiles(samples):
+    """(first quartile, median, third quartile) of a round's ms samples."""
+    q1, med, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    return q1, med, q3
 
 
 def make_mask(kind, B, H, Sq, Sk, gen, dtype=torch.bfloat16):
@@ -159,7 +168,7 @@ def gemm_ceiling(reps=20):
     """Dense bf16 torch.matmul 8192^3 TFLOP/s (median): the H200's practical tensor-core ceiling."""
     n = 8192
     a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    ms = time_interleaved({"mm": lambda x, y: x @ y}, (a, b), reps, 300.0)["mm"]
+    ms = statistics.median(time_interleaved({"mm": lambda x, y: x @ y}, (a, b), reps, 300.0)["mm"])
     return 2 * n**3 / ms / 1e9
 
 
@@ -285,14 +294,16 @@ def main():
                 del out
             times = time_interleaved(ok, (q, k, v, causal, mask), args.reps, args.warmup_ms)
             graph_times = time_graphs(ok, (q, k, v, causal, mask), args.reps, args.graph) if args.graph > 0 else {}
-            for bname, ms in times.items():
+            for bname, samples in times.items():
+                q1, ms, q3 = quartiles(samples)
                 rec = dict(shape=shape, causal=causal, mask=mkind, dtype=dname, backend=bname, ms=ms,
-                           tflops=flops / ms / 1e9, name=name, rel_diff_vs_first=diffs[bname])
+                           ms_quartiles=[q1, q3], tflops=flops / ms / 1e9, name=name,
+                           rel_diff_vs_first=diffs[bname])
                 if gemm:
                     rec["share_of_gemm"] = rec["tflops"] / gemm
                 if bname in graph_times:
-                    rec["graph_ms"] = graph_times[bname]
-                    rec["graph_tflops"] = flops / graph_times[bname] / 1e9
+                    gq1, gms, gq3 = quartiles(graph_times[bname])
+                    rec.update(graph_ms=gms, graph_ms_quartiles=[gq1, gq3], graph_tflops=flops / gms / 1e9)
                 records.append(rec)
                 graph = f"  graph {rec['graph_tflops']:7.1f}" if "graph_tflops" in rec else ""
                 print(f"{dname} {name:20s} {str(shape):28s} {'causal' if causal else '      '} "
