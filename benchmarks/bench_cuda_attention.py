@@ -146,7 +146,9 @@ def timed_rounds(runs, reps, calls_per_run=1):
 
 
 def quartiles(samples):
-    """(first quartile, median, third quartile) of a round's ms samples."""
+    """(first quartile, median, third quartile) of the rounds' ms samples."""
+    if len(samples) < 2:  # BENCH_ALLOW_FEW_REPS with one round
+        return samples[0], samples[0], samples[0]
     q1, med, q3 = statistics.quantiles(samples, n=4, method="inclusive")
     return q1, med, q3
 
