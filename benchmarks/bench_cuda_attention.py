@@ -111,10 +111,10 @@ def optional_fns():
 
 
 def time_interleaved(fns, args, reps, warmup_ms):
-    """Per-call ms of each backend, one sample per round (timed_rounds). Backends are timed in interleaved rounds (A B C, B C A, C A B, ...), so
-    clock or thermal drift and the cache state a neighbour leaves touch them alike; calls are queued back to back
-    with CUDA events around each and one sync at the end, so host launch work overlaps the GPU as in a real
-    pipeline."""
+    """Per-call ms of each backend, one sample per round (timed_rounds). Backends are timed in interleaved rounds
+    (A B C, B C A, C A B, ...), so clock or thermal drift and the cache state a neighbour leaves touch them alike;
+    calls are queued back to back with CUDA events around each and one sync at the end, so host launch work overlaps
+    the GPU as in a real pipeline."""
     for fn in fns.values():  # warm-up: >= 3 calls and >= warmup_ms of wall time per backend
         t0, n = time.perf_counter(), 0
         while n < 3 or (time.perf_counter() - t0) * 1e3 < warmup_ms:

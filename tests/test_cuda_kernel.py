@@ -400,9 +400,11 @@ def test_mixed_tile_heights(D):
     _check(1, 24, 8, 1600, 2100, D, False, torch.bfloat16, seed=D)
     _check(2, 10, 5, 4096, 2100, D, False, torch.float16, seed=D + 1, layout=("bshd", "bhsd", "padded"))
     gen = torch.Generator(device="cuda").manual_seed(D + 2)
-    q, k, v = (_make(shape, torch.bfloat16, "bhsd", gen) for shape in ((2, 10, 4096, D), (2, 10, 2100, D), (2, 10, 2100, D)))
+    shapes = ((2, 10, 4096, D), (2, 10, 2100, D), (2, 10, 2100, D))
+    q, k, v = (_make(shape, torch.bfloat16, "bhsd", gen) for shape in shapes)
     outs, sums = [], []
-    for _ in range(20):  # every output kept alive: each call writes fresh memory, so a row read early is not stale-equal
+    # Every output kept alive: each call writes fresh memory, so a row read too early is not equal by chance.
+    for _ in range(20):
         outs.append(attention(q, k, v))
         sums.append(outs[-1].float().sum(dim=(0, 1, 3)))
     for s in sums[1:]:

@@ -136,7 +136,8 @@ def main():
             torch.cuda.empty_cache()
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(env_info(), rounds=args.rounds, calls=args.calls, graph=args.graph, records=records), f, indent=1)
+            json.dump(dict(env_info(), rounds=args.rounds, calls=args.calls, graph=args.graph, records=records), f,
+                      indent=1)
 
 
 if __name__ == "__main__":

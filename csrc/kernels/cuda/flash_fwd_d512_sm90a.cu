@@ -314,7 +314,7 @@ __global__ void __launch_bounds__(128) combine_d512(const FwdArgs a, int splits,
 constexpr int kWsBC = 128, kWsSlots = 4, kWsSlotBytes = 32768;
 constexpr int kWsQBytes = kBR * kD * 2, kWsPBytes = kBR * kWsBC * 2;
 constexpr int kWsBarBytes = 8 * (2 + 2 * kWsSlots);  // Q, full/empty per slot, the pair's merge
-static_assert(kWsSlots * kWsSlotBytes == 2 * 128 * 32 * 16, "the ring holds a consumer pair's O: 256 threads x 32 float4");
+static_assert(kWsSlots * kWsSlotBytes == 256 * 32 * 16, "the ring holds a CTA's O: 256 consumer threads x 32 float4");
 constexpr int kWsSmem = kWsQBytes + kWsPBytes + kWsSlots * kWsSlotBytes + kWsBarBytes + 2 * kBR * 4 + 1024;
 static_assert(kWsSmem <= 227 * 1024, "shared memory per block");
 
@@ -514,7 +514,8 @@ __global__ void __launch_bounds__(384, 1)
       if (split == 1) {
         float4* po = reinterpret_cast<float4*>(smem_raw + (sRing - raw));
 #pragma unroll
-        for (int i = 0; i < 32; ++i) po[i * 256 + ct] = make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]);
+        for (int i = 0; i < 32; ++i)
+          po[i * 256 + ct] = make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]);
         reinterpret_cast<float4*>(smem_raw + (sP - raw))[ct] = make_float4(m_r[0], m_r[1], l_row[0], l_row[1]);
         mbar_arrive_cluster(cluster_addr(pair_bar, 0));
         mbar_wait_cluster(pair_bar, 0);  // split 0 has read them: this shared memory must outlive that
@@ -662,16 +663,25 @@ int choose_ws_splits(long long ctas, int sms, int n_tiles, long long rows) {
   return best;
 }
 
-cudaLaunchConfig_t pair_config(dim3 grid, cudaStream_t stream, cudaLaunchAttribute* cluster) {
+// The launch of flash_fwd_d512_ws<T, true>: clusters of two CTAs along x (a query tile's two splits).
+struct PairLaunch {
+  cudaLaunchAttribute cluster{};
   cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(384);
-  cfg.dynamicSmemBytes = kWsSmem;
-  cfg.stream = stream;
-  cfg.attrs = cluster;
-  cfg.numAttrs = 1;
-  return cfg;
-}
+  PairLaunch(dim3 grid, cudaStream_t stream) {
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = 2;
+    cluster.val.clusterDim.y = 1;
+    cluster.val.clusterDim.z = 1;
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(384);
+    cfg.dynamicSmemBytes = kWsSmem;
+    cfg.stream = stream;
+    cfg.attrs = &cluster;
+    cfg.numAttrs = 1;
+  }
+  PairLaunch(const PairLaunch&) = delete;  // cfg points into the object
+  PairLaunch& operator=(const PairLaunch&) = delete;
+};
 
 // How many clusters of two PAIR CTAs the current device runs at once (0 if none), asked once per device: one CTA
 // fills an SM, and a cluster's two SMs must share a GPC, so this can be less than half the SMs.
@@ -685,13 +695,8 @@ int pair_capacity() {
   constexpr auto pkern = flash_fwd_d512_ws<T, true>;
   int n = 0;
   if (allow_smem<pkern>(kWsSmem) == cudaSuccess) {
-    cudaLaunchAttribute attr{};
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = 2;
-    attr.val.clusterDim.y = 1;
-    attr.val.clusterDim.z = 1;
-    const cudaLaunchConfig_t cfg = pair_config(dim3(2 * sm_count()), nullptr, &attr);
-    if (cudaOccupancyMaxActiveClusters(&n, pkern, &cfg) != cudaSuccess) {
+    const PairLaunch launch(dim3(2 * sm_count()), nullptr);
+    if (cudaOccupancyMaxActiveClusters(&n, pkern, &launch.cfg) != cudaSuccess) {
       (void)cudaGetLastError();  // not sticky; treat as no pairs
       n = 0;
     }
@@ -731,14 +736,9 @@ cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, int force_splits, 
         (pairs > 0 && (ctas + pairs - 1) / pairs <= (2 * ctas + sm_count() - 1) / sm_count())) {
       constexpr auto pkern = flash_fwd_d512_ws<T, true>;
       if ((e = allow_smem<pkern>(kWsSmem)) != cudaSuccess) return e;
-      cudaLaunchAttribute attr{};
-      attr.id = cudaLaunchAttributeClusterDimension;
-      attr.val.clusterDim.x = 2;
-      attr.val.clusterDim.y = 1;
-      attr.val.clusterDim.z = 1;
-      const cudaLaunchConfig_t cfg = pair_config(dim3(m_blocks * 2, heads, batch), stream, &attr);
-      return cudaLaunchKernelEx(&cfg, pkern, a, 2, static_cast<float*>(nullptr), static_cast<float*>(nullptr), tq,
-                                tk, tv);
+      const PairLaunch launch(dim3(m_blocks * 2, heads, batch), stream);
+      return cudaLaunchKernelEx(&launch.cfg, pkern, a, 2, static_cast<float*>(nullptr), static_cast<float*>(nullptr),
+                                tq, tk, tv);
     }
   }
   return with_splits<T>(a, batch, heads, splits, stream, [&](int sp, float* po, float* pml) {
