@@ -664,23 +664,16 @@ int choose_ws_splits(long long ctas, int sms, int n_tiles, long long rows) {
 }
 
 // The launch of flash_fwd_d512_ws<T, true>: clusters of two CTAs along x (a query tile's two splits).
-struct PairLaunch {
-  cudaLaunchAttribute cluster{};
-  cudaLaunchConfig_t cfg{};
-  PairLaunch(dim3 grid, cudaStream_t stream) {
+struct PairLaunch : LaunchWith {
+  PairLaunch(dim3 grid, cudaStream_t stream) : LaunchWith(pair_cluster(), grid, 384, kWsSmem, stream) {}
+  static cudaLaunchAttribute pair_cluster() {
+    cudaLaunchAttribute cluster{};
     cluster.id = cudaLaunchAttributeClusterDimension;
     cluster.val.clusterDim.x = 2;
     cluster.val.clusterDim.y = 1;
     cluster.val.clusterDim.z = 1;
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(384);
-    cfg.dynamicSmemBytes = kWsSmem;
-    cfg.stream = stream;
-    cfg.attrs = &cluster;
-    cfg.numAttrs = 1;
+    return cluster;
   }
-  PairLaunch(const PairLaunch&) = delete;  // cfg points into the object
-  PairLaunch& operator=(const PairLaunch&) = delete;
 };
 
 // How many clusters of two PAIR CTAs the current device runs at once (0 if none), asked once per device: one CTA

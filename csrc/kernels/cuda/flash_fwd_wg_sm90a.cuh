@@ -1096,17 +1096,11 @@ cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, cudaStream_t strea
     e = allow_smem<kern>(smem);
     if (e != cudaSuccess) return e;
     if (after_previous) {
-      cudaLaunchAttribute attr{};
-      attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-      attr.val.programmaticStreamSerializationAllowed = 1;
-      cudaLaunchConfig_t cfg{};
-      cfg.gridDim = dim3(m_blocks, heads, batch);
-      cfg.blockDim = dim3(C::NT);
-      cfg.dynamicSmemBytes = smem;
-      cfg.stream = stream;
-      cfg.attrs = &attr;
-      cfg.numAttrs = 1;
-      e = cudaLaunchKernelEx(&cfg, kern, a, tq, tk, tv);
+      cudaLaunchAttribute pdl{};
+      pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      pdl.val.programmaticStreamSerializationAllowed = 1;
+      const LaunchWith launch(pdl, dim3(m_blocks, heads, batch), C::NT, smem, stream);
+      e = cudaLaunchKernelEx(&launch.cfg, kern, a, tq, tk, tv);
       if (e != cudaSuccess) return e;
     } else {
       kern<<<dim3(m_blocks, heads, batch), C::NT, smem, stream>>>(a, tq, tk, tv);

@@ -48,6 +48,24 @@ __device__ __forceinline__ void load_tile_sw128(std::uint32_t s, const T* g, std
 namespace attnsel::cuda::detail {
 // Stream-ordered scratch memory from a pool that keeps it (flash_fwd_d512_sm90a.cu); free with cudaFreeAsync.
 cudaError_t workspace_alloc(void** ptr, std::size_t bytes, cudaStream_t stream);
+
+// A cudaLaunchKernelEx configuration with one launch attribute (a programmatic dependent launch, a cluster shape).
+// cfg points into the object, so it is neither copied nor moved.
+struct LaunchWith {
+  cudaLaunchAttribute attr;
+  cudaLaunchConfig_t cfg{};
+  LaunchWith(const cudaLaunchAttribute& attribute, dim3 grid, int threads, std::size_t smem, cudaStream_t stream)
+      : attr(attribute) {
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(threads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+  }
+  LaunchWith(const LaunchWith&) = delete;
+  LaunchWith& operator=(const LaunchWith&) = delete;
+};
 }  // namespace attnsel::cuda::detail
 
 // ---- mbarrier / bulk tensor copy (TMA) / register reallocation ----------------------

@@ -7,6 +7,10 @@
 
 namespace attnsel::cuda::detail {
 
+// A 192-row work item (three consumers) takes 1.31x as long as a 128-row one (two), in hundredths: measured on the
+// H200 at whole waves (below), and the cost both choices here are made with.
+constexpr int kTallItemCostPct = 131;
+
 // D <= 64 without a mask: three consumers (192 query rows per CTA) do ~15% more work per SM than two (H200, launches
 // of whole waves: 510 vs 444 TFLOP/s bf16, cuDNN 477), but a work item takes ~1.31x as long, and a launch takes as
 // many rounds as its items need to fill the SMs. So three unless their rounds x 1.31 exceed two's: SD3.5 1x38x4429
@@ -18,7 +22,7 @@ inline bool three_consumers_pay(std::int64_t seq_q, std::int64_t heads_x_batch, 
   const auto items = [&](std::int64_t rows) { return (seq_q + rows - 1) / rows * heads_x_batch; };
   if (causal) return items(192) >= 2 * sms;
   const auto rounds = [&](std::int64_t rows) { return (items(rows) + sms - 1) / sms; };
-  return rounds(192) * 131 < rounds(128) * 100;
+  return rounds(192) * kTallItemCostPct < rounds(128) * 100;
 }
 
 // D <= 64 without a mask, non-causal: 192-row tiles over each head's first rows and 128-row tiles after them, as two
@@ -30,7 +34,7 @@ inline bool three_consumers_pay(std::int64_t seq_q, std::int64_t heads_x_batch, 
 inline int mixed_height_rows(std::int64_t seq_q, std::int64_t heads_x_batch, std::int64_t sms) {
   const std::int64_t bh = heads_x_batch;
   if (sms <= 0 || seq_q <= 192 || bh <= 0) return 0;
-  constexpr double kTall = 1.31;
+  constexpr double kTall = kTallItemCostPct / 100.0;
   const auto rounds = [&](std::int64_t items) { return static_cast<double>((items + sms - 1) / sms); };
   const double single = std::min(rounds((seq_q + 127) / 128 * bh), kTall * rounds((seq_q + 191) / 192 * bh));
   if (single > 24) return 0;
