@@ -351,7 +351,6 @@ def test_d512_key_splits(dtype):  # Hopper D=512 kernel: splits that start on od
     _check(2, 4, 2, 200, 1100, 512, False, dtype, seed=12, lse=True, layout=("bshd", "bhsd", "padded"))
 
 
-
 # Two key splits merge inside the kernel (a cluster of two CTAs per query tile; flash_fwd_d512_ws<T, true>) where
 # pairs fit the waves: 63 query tiles x 24 key tiles and 2x32 tiles (GQA) take two splits. Partial last query and key
 # tiles, strides, the LSE; repeated calls must agree bit for bit (split 0 reads split 1's shared memory).
@@ -364,6 +363,7 @@ def test_d512_split_pair(dtype):
     first = attention(q, k, v)
     for _ in range(5):
         assert torch.equal(attention(q, k, v), first)
+
 
 # Hopper's persistent schedule serves short key loops (at most kPersistMaxKeyTiles key tiles, flash_fwd_wg_sm90a.cuh)
 # with more (batch, head, query tile) work items than SMs: these shapes have 300-640 items and <= 300 keys, so every
