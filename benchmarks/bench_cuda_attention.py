@@ -4,9 +4,10 @@ when importable), one GPU, one run.
   python benchmarks/bench_cuda_attention.py --impl attnsel --out benchmarks/results/cuda_h100.json
   python benchmarks/bench_cuda_attention.py --impl dev     # tools/cuda_dev ctypes build, no extension
 
-Timing: per shape, every backend warmed up (>= 200 ms), then timed in --reps (>= 20) interleaved rounds (their
-order rotating) with CUDA events around each call, calls queued back to back (host launch work overlaps the GPU);
-the median per backend ("ms"), with the rounds' quartiles ("ms_quartiles") to show the spread.
+Timing: per shape, every backend warmed up (>= 200 ms), then timed in --reps (>= 20) interleaved rounds (each in a
+seeded shuffled order) with CUDA events around each call, calls queued back to back (host launch work overlaps the
+GPU); the median per backend ("ms"), with the rounds' quartiles ("ms_quartiles") to show the spread, and the median
+host time per call ("host_us", the caller's time in the call).
 TFLOP/s = 4*B*H*Sq*Sk*D / time, halved for causal; masked shapes count the dense work too.
 Masks: "keypad" is a boolean (B, 1, 1, Sk) key-padding mask (batch b keeps its first lengths[b] keys, the rest
 padding, as text encoders and cross-attention send); "bool" a full (B, H, Sq, Sk) boolean mask (random, 80% kept);
@@ -22,6 +23,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -110,10 +112,10 @@ def optional_fns():
     return fns, missing
 
 
-def time_interleaved(fns, args, reps, warmup_ms):
-    """Per-call ms of each backend, one sample per round (timed_rounds). Backends are timed in interleaved rounds
-    (A B C, B C A, C A B, ...), so clock or thermal drift and the cache state a neighbour leaves touch them alike;
-    calls are queued back to back with CUDA events around each and one sync at the end, so host launch work overlaps
+def time_interleaved(fns, args, reps, warmup_ms, host_us=None):
+    """Per-call ms of each backend, one sample per round (timed_rounds, which also fills host_us). Backends are timed
+    in interleaved rounds, each in a fresh order, so clock or thermal drift and what a neighbour leaves touch them
+    alike; calls are queued back to back with CUDA events around each and one sync at the end, so host launch work overlaps
     the GPU as in a real pipeline."""
     for fn in fns.values():  # warm-up: >= 3 calls and >= warmup_ms of wall time per backend
         t0, n = time.perf_counter(), 0
@@ -122,26 +124,36 @@ def time_interleaved(fns, args, reps, warmup_ms):
             n += 1
             if n % 4 == 0:
                 torch.cuda.synchronize()
-    return timed_rounds({name: (lambda fn=fn: fn(*args)) for name, fn in fns.items()}, reps)
+    return timed_rounds({name: (lambda fn=fn: fn(*args)) for name, fn in fns.items()}, reps, host_us=host_us)
 
 
-def timed_rounds(runs, reps, calls_per_run=1):
+def timed_rounds(runs, reps, calls_per_run=1, host_us=None):
     """ms per call of each zero-argument run in every round (sorted), timed in interleaved rounds with CUDA events
-    around each run.
-    The order rotates every round: a run right after SDPA's math kernel (which sweeps the L2 cache with its scores)
-    reads its inputs cold, so a fixed order would favour the backends that follow one reading the same inputs."""
+    around each run; with a dict as host_us, also each run's median host time per call in microseconds (the time
+    its launch work takes; at most the GPU time when the GPU is the bound).
+    Each round takes a fresh seeded shuffle of the runs, so each follows every other about equally often. A fixed
+    cycle (even one started one place later each round) gives each run the same predecessor every round: after
+    SDPA's math path, whose several launches leave the GPU idle on short calls, the next run's own launch work is
+    timed with it, and after its score matrices the next run reads its inputs from a swept L2."""
     torch.cuda.synchronize()
     events = {name: [] for name in runs}
-    names = list(runs)
-    for r in range(reps):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+    host = {name: [] for name in runs}
+    order = list(runs)
+    rng = random.Random(0)
+    for _ in range(reps):
+        rng.shuffle(order)
+        for name in order:
             run = runs[name]
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
+            t0 = time.perf_counter()
             run()
+            host[name].append((time.perf_counter() - t0) * 1e6 / calls_per_run)
             b.record()
             events[name].append((a, b))
     torch.cuda.synchronize()
+    if host_us is not None:
+        host_us.update({name: statistics.median(h) for name, h in host.items()})
     return {name: sorted(a.elapsed_time(b) / calls_per_run for a, b in ev) for name, ev in events.items()}
 
 
@@ -294,12 +306,13 @@ def main():
                 diffs[bname] = ((out.float() - ref).norm() / ref.norm()).item()
                 ok[bname] = fn
                 del out
-            times = time_interleaved(ok, (q, k, v, causal, mask), args.reps, args.warmup_ms)
+            host_us = {}
+            times = time_interleaved(ok, (q, k, v, causal, mask), args.reps, args.warmup_ms, host_us)
             graph_times = time_graphs(ok, (q, k, v, causal, mask), args.reps, args.graph) if args.graph > 0 else {}
             for bname, samples in times.items():
                 q1, ms, q3 = quartiles(samples)
                 rec = dict(shape=shape, causal=causal, mask=mkind, dtype=dname, backend=bname, ms=ms,
-                           ms_quartiles=[q1, q3], tflops=flops / ms / 1e9, name=name,
+                           ms_quartiles=[q1, q3], host_us=host_us[bname], tflops=flops / ms / 1e9, name=name,
                            rel_diff_vs_first=diffs[bname])
                 if gemm:
                     rec["share_of_gemm"] = rec["tflops"] / gemm
