@@ -411,6 +411,28 @@ def test_mixed_tile_heights(D):
         assert torch.equal(s, sums[0]), "a call's rows differ from the first call's (the launches' order?)"
 
 
+# On Hopper, O leaves the kernels through the copy engine where a tensor map can be made for it and from registers
+# where none can (rows of `out` not a multiple of 16 bytes apart). Only the dev harness takes a caller's output tensor.
+@pytest.mark.parametrize("D", [64, 128])
+def test_output_views(D):
+    if not DEV_HARNESS:
+        pytest.skip("only the dev harness (tools/cuda_dev) takes a caller's output tensor")
+    import devattn
+
+    gen = torch.Generator(device="cuda").manual_seed(D)
+    for B, H, Sq, Sk in ((2, 40, 300, 257), (1, 8, 1000, 2100)):  # persistent, then one CTA per query tile
+        q, k, v = (_make(shape, torch.bfloat16, "bhsd", gen) for shape in ((B, H, Sq, D), (B, H, Sk, D), (B, H, Sk, D)))
+        ref, _ = _reference(q, k, v, False)
+        e_sdpa = _rel(_sdpa(q, k, v, False, None), ref)
+        views = {"bshd": torch.full((B, Sq, H, D), float("nan"), device="cuda", dtype=q.dtype).transpose(1, 2),
+                 "rows of D+2": torch.full((B, H, Sq, D + 2), float("nan"), device="cuda", dtype=q.dtype)[..., :D]}
+        for name, out in views.items():
+            devattn.attention(q, k, v, out=out)
+            torch.cuda.synchronize()
+            assert torch.isfinite(out).all(), f"{name}: rows not written"
+            assert _rel(out, ref) <= 2.0 * max(e_sdpa, 1e-6), f"{name}: error {_rel(out, ref):.3e} vs SDPA {e_sdpa:.3e}"
+
+
 def test_mma_kernels_on_hopper():
     """On sm_90 the Hopper kernels serve by default; re-run the new-feature tests on the mma.sync kernels."""
     if (MAJOR, MINOR) != (9, 0) or DEV_HARNESS or os.environ.get("ATTNSEL_CUDA_KERNEL"):

@@ -34,6 +34,9 @@ struct FwdArgs {
   const void* mask;
   std::int64_t mask_sb, mask_sh, mask_sq, mask_sk;
   bool mask_f32;  // additive masks: float32 (else q's dtype)
+  // Hopper kernels built to store O through the copy engine (flash_fwd_wg_sm90a.cuh, TMA_O) store it from
+  // registers instead: no tensor map could be made for O, or variant 25 asked.
+  bool o_from_registers;
 };
 
 // Mask modes, a template parameter of every kernel so the unmasked path is unchanged.

@@ -254,21 +254,65 @@ struct WsCfg {
   static constexpr int ADD_DEPTH_TILE = D == 64 ? 3 : 1;
   static constexpr int SMEM_ADD_TILE = SMEM_MASKED + NC * (BC / 4) * 128 * 4 * ADD_DEPTH_TILE;
   static constexpr bool ADD_STAGE_TILE = SMEM_ADD_TILE <= 227 * 1024;
+  // The persistent kernels' output staging (flash_fwd_ws's TMA_O): each consumer's 64 x D tile after everything else
+  // the mask mode MM uses, where it fits; 64-column chunks only.
+  static constexpr int END_MASKED = BIAS_OFFSET + NC * 2 * BC * 4;
+  static constexpr int END_ADD = ADD_OFFSET + NC * (BC / 4) * 128 * 4;
+  template <int MM>
+  static constexpr int O_OFFSET =
+      ((MM == kNoMask ? TILES + 8 * N_BARS : MM == kAddMask && ADD_STAGE ? END_ADD : END_MASKED) + 1023) / 1024 *
+      1024;
+  template <int MM>
+  static constexpr int SMEM_TMA_O = O_OFFSET<MM> + NC * 64 * D * 2 + 1024;
+  template <int MM>
+  static constexpr bool TMA_O = CW == 64 && SMEM_TMA_O<MM> <= 227 * 1024;
   // Register split of the 64K-register file: the producer needs few, the consumers hold S, P and O.
   static constexpr int PRODUCER_REGS = NC == 2 ? 24 : 32;
   static constexpr int CONSUMER_REGS = NC == 2 ? 240 : 160;
 };
+
+// O through the copy engine (TMA_O): one consumer warpgroup's 64 rows of normalised O into its staging tile in
+// shared memory ([D/64] chunks `chunk` bytes apart, rows of 128 bytes swizzled as Q's, so a warp's 4-byte stores hit
+// 32 banks), then one thread stores the tile through the tensor map `to` (rows past seq_q and columns past head_dim
+// are cut by the map). The caller makes sure the copy engine has read the tile's previous contents (bulk_wait_read0
+// by thread tw == 0) before any thread of the warpgroup calls this, and barrier `bar` orders the stores.
+template <typename T, int D>
+__device__ __forceinline__ void store_o_tma(const float (&acc)[D / 2], const float (&inv)[2], std::uint32_t sO,
+                                            int chunk, int lr0, int t, int tw, int bar, const CUtensorMap* to,
+                                            int row0, int h, int b) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int lr = lr0 + r * 8;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      const std::uint32_t at = sO + (j >> 3) * chunk + lr * 128 + (((j & 7) ^ (lr & 7)) << 4) + t * 4;
+      asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at),
+                   "r"(MmaOp<T>::pack(acc[4 * j + 2 * r] * inv[r], acc[4 * j + 2 * r + 1] * inv[r]))
+                   : "memory");
+    }
+  }
+  fence_async_smem();
+  named_bar_sync(bar, 128);
+  if (tw == 0) {
+#pragma unroll
+    for (int c = 0; c < D / 64; ++c) tma_store_4d(to, sO + c * chunk, c * 64, row0, h, b);
+    bulk_commit();
+  }
+}
 
 // One CTA per work item (b, h, 128-query tile), the grid is (query tiles, heads, batch): the kernel body as it was
 // before the persistent schedule (commit ba36df9; its D=64 build gives the same SASS), with the column chunks of the
 // 80/96 kernels. Everything about the item is fixed at the start and nothing is carried across items. Unmasked it
 // ran 11% faster at D=64 (SD-UNet) and 2% at D=128 (Flux) than the persistent kernel's body with its loop compiled
 // out (flash_fwd_ws without PERSIST), side by side on an H200 (docs/cuda-kernels.md); run_t says where each runs.
-template <typename T, int D, int BC, int NC, int STAGES, bool CAUSAL, int MM>
+// TMA_O (unless a.o_from_registers): O leaves through the Q tile (each consumer's own rows, free once its last Q·K^T
+// has retired) and the tensor map `to`.
+template <typename T, int D, int BC, int NC, int STAGES, bool CAUSAL, int MM, bool TMA_O = false>
 __global__ void __launch_bounds__((NC + 1) * 128, 1)
     flash_fwd_ws_tile(const FwdArgs a, const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
-                      const __grid_constant__ CUtensorMap tv) {
+                      const __grid_constant__ CUtensorMap tv, const __grid_constant__ CUtensorMap to) {
   using C = WsCfg<D, BC, NC, STAGES, 1>;
+  static_assert(!TMA_O || C::CW == 64, "O staging in Q's 64-column chunks");
   using Ops = WgOps<T, BC, D>;
   using Op = MmaOp<T>;
   constexpr int BR = C::BR;
@@ -603,6 +647,21 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
     fence_regs(acc);
     fence_frag(pa);
 
+    if (TMA_O && !a.o_from_registers) {
+      float inv[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float l = quad_sum(l_r[r]);
+        inv[r] = l > 0.f ? 1.f / l : 0.f;
+        const int row = m0 + row0 + r * 8;
+        if (a.lse != nullptr && t == 0 && row < a.seq_q)
+          a.lse[(static_cast<std::int64_t>(b) * gridDim.y + h) * a.seq_q + row] = row_lse(m_r[r], l, sl2);
+      }
+      store_o_tma<T, D>(acc, inv, sQ + cw * 64 * 128, BR * 128, row0 - cw * 64, t, tw, 1 + cw, &to, m0 + cw * 64, h,
+                        b);
+      if (tw == 0) bulk_wait_read0();  // the block's shared memory stays until the store has read it
+      return;
+    }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float l = quad_sum(l_r[r]);
@@ -628,11 +687,15 @@ struct WorkItems {
   int m_blocks, heads, total;
 };
 
+// TMA_O (persistent where WsCfg::TMA_O, unless a.o_from_registers): O leaves through a staging tile in shared memory
+// and the tensor map `to`, so a consumer hands its tile to the copy engine in a few instructions and turns to the next
+// item.
 template <typename T, int D, int BC, int NC, int STAGES, int QBUF, bool PERSIST, bool CAUSAL, int MM,
-          bool AHEAD = false>
+          bool AHEAD = false, bool TMA_O = false>
 __global__ void __launch_bounds__((NC + 1) * 128, 1)
     flash_fwd_ws(const FwdArgs a, const WorkItems work, const __grid_constant__ CUtensorMap tq,
-                 const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv) {
+                 const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv,
+                 const __grid_constant__ CUtensorMap to) {
   using C = WsCfg<D, BC, NC, STAGES, QBUF>;
   using Ops = WgOps<T, BC, D>;
   using Op = MmaOp<T>;
@@ -641,6 +704,7 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
   constexpr int CW = C::CW, ROWB = C::ROWB;
   static_assert(PERSIST || QBUF == 1, "one Q buffer per CTA without the persistent loop");
   static_assert(!AHEAD || (PERSIST && QBUF == 2), "the next item's S_0 needs its Q in the other buffer");
+  static_assert(!TMA_O || (C::template TMA_O<MM> && PERSIST), "O staging: persistent kernels, where it fits");
 
   extern __shared__ unsigned char smem_raw[];
   const std::uint32_t sQ = (smem_u32(smem_raw) + 1023) & ~1023u;  // the swizzle pattern repeats every 1024 bytes
@@ -1027,6 +1091,23 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
       fence_frag(pa);
       if (PERSIST) release(v_empty(ls));  // the next work item reuses the slot
 
+      if (TMA_O && !a.o_from_registers) {  // this consumer's tile, once the copy engine has read the previous one
+        float inv[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const float l = quad_sum(l_r[r]);
+          inv[r] = l > 0.f ? 1.f / l : 0.f;
+          const int row = m0 + row0 + r * 8;
+          if (a.lse != nullptr && t == 0 && row < a.seq_q)
+            a.lse[(static_cast<std::int64_t>(b) * work.heads + h) * a.seq_q + row] = row_lse(m_r[r], l, sl2);
+        }
+        if (tw == 0) bulk_wait_read0();
+        named_bar_sync(1 + cw, 128);
+        store_o_tma<T, D>(acc, inv, sQ + C::template O_OFFSET<MM> + cw * (64 * D * 2), 64 * 128, row0 - cw * 64, t,
+                          tw, 1 + cw, &to, m0 + cw * 64, h, b);
+        kc += n_tiles;
+        continue;
+      }
       T* o = HeadPtrs<T>(a, b, h).o;
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
@@ -1047,6 +1128,7 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
       kc += n_tiles;
     }
     if constexpr (AHEAD) wg_wait0();  // the S_0 past the last item
+    if (TMA_O && !a.o_from_registers && tw == 0) bulk_wait0();  // the staging tiles stay until the last store is done
   }
 }
 
@@ -1070,21 +1152,30 @@ enum class Sched { kTile, kPersist, kLoopBody };
 
 // after_previous: the launch may start while the stream's previous kernel (which triggers it, above) still runs; for
 // launches that share no data with it.
+// O leaves through the copy engine where the kernel has room to stage it (TMA_O: one CTA per item always, persistent
+// where WsCfg::TMA_O; H200 bf16, Wan cross-attention +14%, 8x24x1024² +10%; docs/cuda-kernels.md), from registers
+// where no tensor map can be made for O (or a.o_from_registers asks).
 template <typename T, int D, int BC, int NC, int STAGES, int QBUF, Sched S, bool CAUSAL, int MM = kNoMask,
           bool AHEAD = false>
-cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, cudaStream_t stream, bool after_previous = false) {
+cudaError_t launch_ws(const FwdArgs& a_in, int batch, int heads, cudaStream_t stream, bool after_previous = false) {
   using C = WsCfg<D, BC, NC, STAGES, QBUF>;
   constexpr bool PERSIST = S == Sched::kPersist;
   static_assert(PERSIST || QBUF == 1, "one Q buffer per CTA without the persistent loop");
   constexpr bool bf16 = std::is_same<T, __nv_bfloat16>::value;
-  const int heads_kv = heads / a.group, dkv = a.kv_cols;
-  CUtensorMap tq, tk, tv;
-  if (!make_map(&tq, a.q, bf16, a.head_dim, a.seq_q, heads, batch, a.q_ss, a.q_sh, a.q_sb, C::BR, C::CW) ||
-      !make_map(&tk, a.k, bf16, dkv, a.seq_kv, heads_kv, batch, a.k_ss, a.k_sh, a.k_sb, BC, C::CW) ||
-      !make_map(&tv, a.v, bf16, dkv, a.seq_kv, heads_kv, batch, a.v_ss, a.v_sh, a.v_sb, BC, C::CW))
-    return cudaErrorNotSupported;
   constexpr bool kTileBody = S == Sched::kTile;
-  constexpr int smem = MM == kNoMask                                  ? C::SMEM
+  constexpr bool TMA_O = C::CW == 64 && (kTileBody || (PERSIST && C::template TMA_O<MM>));
+  const int heads_kv = heads / a_in.group, dkv = a_in.kv_cols;
+  CUtensorMap tq, tk, tv, to{};
+  if (!make_map(&tq, a_in.q, bf16, a_in.head_dim, a_in.seq_q, heads, batch, a_in.q_ss, a_in.q_sh, a_in.q_sb, C::BR,
+                C::CW) ||
+      !make_map(&tk, a_in.k, bf16, dkv, a_in.seq_kv, heads_kv, batch, a_in.k_ss, a_in.k_sh, a_in.k_sb, BC, C::CW) ||
+      !make_map(&tv, a_in.v, bf16, dkv, a_in.seq_kv, heads_kv, batch, a_in.v_ss, a_in.v_sh, a_in.v_sb, BC, C::CW))
+    return cudaErrorNotSupported;
+  FwdArgs a = a_in;
+  a.o_from_registers = !TMA_O || a_in.o_from_registers ||
+                       !make_map(&to, a.o, bf16, a.head_dim, a.seq_q, heads, batch, a.o_ss, a.o_sh, a.o_sb, 64, 64);
+  constexpr int smem = PERSIST && TMA_O                               ? C::template SMEM_TMA_O<MM>
+                       : MM == kNoMask                                ? C::SMEM
                        : (MM == kAddMask && kTileBody && C::ADD_STAGE_TILE) ? C::SMEM_ADD_TILE
                        : (MM == kAddMask && !kTileBody && C::ADD_STAGE)    ? C::SMEM_ADD
                                                                            : C::SMEM_MASKED;
@@ -1092,7 +1183,7 @@ cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, cudaStream_t strea
   const int m_blocks = (a.seq_q + C::BR - 1) / C::BR;
   cudaError_t e = cudaSuccess;
   if constexpr (kTileBody) {
-    constexpr auto kern = flash_fwd_ws_tile<T, D, BC, NC, STAGES, CAUSAL, MM>;
+    constexpr auto kern = flash_fwd_ws_tile<T, D, BC, NC, STAGES, CAUSAL, MM, TMA_O>;
     e = allow_smem<kern>(smem);
     if (e != cudaSuccess) return e;
     if (after_previous) {
@@ -1100,22 +1191,23 @@ cudaError_t launch_ws(const FwdArgs& a, int batch, int heads, cudaStream_t strea
       pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
       pdl.val.programmaticStreamSerializationAllowed = 1;
       const LaunchWith launch(pdl, dim3(m_blocks, heads, batch), C::NT, smem, stream);
-      e = cudaLaunchKernelEx(&launch.cfg, kern, a, tq, tk, tv);
+      e = cudaLaunchKernelEx(&launch.cfg, kern, a, tq, tk, tv, to);
       if (e != cudaSuccess) return e;
     } else {
-      kern<<<dim3(m_blocks, heads, batch), C::NT, smem, stream>>>(a, tq, tk, tv);
+      kern<<<dim3(m_blocks, heads, batch), C::NT, smem, stream>>>(a, tq, tk, tv, to);
     }
   } else {
-    constexpr auto kern = flash_fwd_ws<T, D, BC, NC, STAGES, QBUF, PERSIST, CAUSAL, MM, AHEAD>;
+    constexpr auto kern = flash_fwd_ws<T, D, BC, NC, STAGES, QBUF, PERSIST, CAUSAL, MM, AHEAD, TMA_O>;
     e = allow_smem<kern>(smem);
     if (e != cudaSuccess) return e;
     const std::int64_t total = static_cast<std::int64_t>(m_blocks) * heads * batch;
     if (PERSIST && total > 0x7fffffff) return cudaErrorInvalidValue;  // use_persistent never asks for it
     const WorkItems work{m_blocks, heads, static_cast<int>(std::min<std::int64_t>(total, 0x7fffffff))};
     if (PERSIST) {
-      kern<<<static_cast<int>(std::min<std::int64_t>(total, sm_count())), C::NT, smem, stream>>>(a, work, tq, tk, tv);
+      const int grid = static_cast<int>(std::min<std::int64_t>(total, sm_count()));
+      kern<<<grid, C::NT, smem, stream>>>(a, work, tq, tk, tv, to);
     } else {
-      kern<<<dim3(m_blocks, heads, batch), C::NT, smem, stream>>>(a, work, tq, tk, tv);
+      kern<<<dim3(m_blocks, heads, batch), C::NT, smem, stream>>>(a, work, tq, tk, tv, to);
     }
   }
   return cudaGetLastError();
@@ -1138,7 +1230,8 @@ inline bool use_persistent(const FwdArgs& a, int key_tile, bool causal, int batc
 // Default tiles per padded head size; variants 16.. are alternatives kept for tuning (docs/cuda-kernels.md): 19
 // forces the persistent schedule (non-causal), 20 one CTA per item with flash_fwd_ws_tile for every mask; 16-18 are
 // unmasked, one CTA per item (17: three consumers at D=64 always; the default takes them where
-// three_consumers_pay); 24 the persistent schedule with three consumers at D=64 (unmasked, non-causal).
+// three_consumers_pay); 24 the persistent schedule with three consumers at D=64 (unmasked, non-causal); 25 the
+// default kernels with O stored from registers (launch_ws).
 // Calls that do not run persistent take flash_fwd_ws_tile, except full boolean masks (not key padding): those take
 // the persistent kernel's body with its loop compiled out. Side by side on an H200 (bf16, docs/cuda-kernels.md) the
 // tile body ran unmasked 1-11% faster (SD-UNet D=64 441 vs 398 TFLOP/s), with key padding 5% (Flux 486 vs 462) and
