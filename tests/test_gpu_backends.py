@@ -65,12 +65,12 @@ def test_auto_choice_on_cuda_and_refusals():
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0)
                     or runnable("fa", 128), reason="the static rank measured on an H200 without flash-attn")
 @pytest.mark.parametrize("head_dim, keys, expected", [
-    (128, 4096, "native"), (128, 1024, "torch_sdpa"), (96, 4096, "native"), (72, 4096, "native"),
-    (256, 2048, "native"), (64, 4096, "torch_sdpa"), (64, 4100, "native"), (64, 1000, "torch_sdpa"),
-    (112, 4096, "torch_sdpa")])
+    (128, 4096, "native"), (128, 1024, "native"), (128, 512, "native"), (128, 300, "torch_sdpa"),
+    (96, 4096, "native"), (96, 1024, "torch_sdpa"), (72, 4096, "native"), (256, 2048, "native"),
+    (64, 4096, "torch_sdpa"), (64, 4100, "native"), (64, 1000, "torch_sdpa"), (112, 4096, "torch_sdpa")])
 def test_untuned_auto_on_hopper_follows_the_measured_rank(head_dim, keys, expected, tmp_path, monkeypatch):
-    """Without a tuning entry auto runs native where it measured faster than SDPA on the H200 (from 2048 keys; at
-    head_dim 64 only off a multiple of 64 keys) and SDPA elsewhere."""
+    """Without a tuning entry auto runs native where it measured faster than SDPA on the H200 (from 2048 keys, and at
+    head_dim 128 from 512; at head_dim 64 only off a multiple of 64 keys) and SDPA elsewhere."""
     from attnsel import _C
 
     q = torch.randn(1, 2, 64, head_dim, device="cuda", dtype=torch.bfloat16)

@@ -213,15 +213,16 @@ void attention_forward_variant(const kernels::AttentionParams& p, void* stream, 
 
 bool faster_than_sdpa(const AttentionParams& p) {
 #ifdef ATTNSEL_HAVE_SM90A
-  // Unmasked calls on an H200 (bf16, vs PyTorch's best SDPA kernel; benchmarks/results/cuda_h200_main.json and
-  // auto_h200.json). From 2048 keys: head_dim 128 1.00-1.20x (Flux 4608 keys a tie, Wan 1.19x, causal 8k 1.05x),
-  // 72-96 1.03-1.11x, 256 1.08x; at 64 the two are level on key lengths that are a multiple of 64 (SD-UNet 4096:
-  // 0.99-1.00x with two tile heights, 0.94x before), so SDPA keeps those, and cuDNN slows down by 17-27% on the
-  // others, where native leads (SD3.5 4429: 1.25x, SDXL 3686: 1.07x). Below 2048
-  // keys SDPA leads (0.91-0.97x at 512-1690 keys: Flux at 512^2, 8x24x1024^2, Wan cross-attention, SDXL at 922).
-  // Head sizes 97-120 and 136-248 are unmeasured and stay with SDPA.
-  if (p.dtype == ScalarType::F32 || !detail::device_is_sm90() || p.seq_kv < 2048) return false;
+  // Unmasked calls on an H200 (bf16 and fp16, vs PyTorch's best SDPA kernel; benchmarks/results/cuda_h200_main.json,
+  // eager / CUDA graphs). From 2048 keys: head_dim 128 1.02-1.15x (Flux 1.02x, Wan 1.15x, causal 8k 1.06x), 72-96
+  // 1.02-1.14x, 256 1.04-1.05x; at 64 SD3.5's 4429 keys 1.24x (cuDNN slows down off a multiple of 64 keys) while on
+  // a multiple of 64 the two are level (SD-UNet 4096: 1.01x / 1.02x), so SDPA keeps those. From 512 to 2048 keys
+  // head_dim 128 leads too since O leaves through the copy engine (Wan cross-attention's 512 keys 1.06-1.07x / 1.12-
+  // 1.14x, 8x24x1024² 1.03x / 1.06-1.07x), while 64 does not clearly (2x24x1024² 0.98x in graphs); shorter keys and
+  // head sizes 97-120 and 136-248 are unmeasured and stay with SDPA.
+  if (p.dtype == ScalarType::F32 || !detail::device_is_sm90() || p.seq_kv < 512) return false;
   const std::int64_t d = p.head_dim;
+  if (p.seq_kv < 2048) return d == 128;
   return d == 128 || d == 256 || (d > 64 && d <= 96) || (d == 64 && p.seq_kv % 64 != 0);
 #else
   (void)p;
