@@ -255,7 +255,7 @@ struct WsCfg {
   static constexpr int SMEM_ADD_TILE = SMEM_MASKED + NC * (BC / 4) * 128 * 4 * ADD_DEPTH_TILE;
   static constexpr bool ADD_STAGE_TILE = SMEM_ADD_TILE <= 227 * 1024;
   // The persistent kernels' output staging (flash_fwd_ws's TMA_O): each consumer's 64 x D tile after everything else
-  // the mask mode MM uses, where it fits; 64-column chunks only.
+  // the mask mode MM uses, where it fits.
   static constexpr int END_MASKED = BIAS_OFFSET + NC * 2 * BC * 4;
   static constexpr int END_ADD = ADD_OFFSET + NC * (BC / 4) * 128 * 4;
   template <int MM>
@@ -265,27 +265,31 @@ struct WsCfg {
   template <int MM>
   static constexpr int SMEM_TMA_O = O_OFFSET<MM> + NC * 64 * D * 2 + 1024;
   template <int MM>
-  static constexpr bool TMA_O = CW == 64 && SMEM_TMA_O<MM> <= 227 * 1024;
+  static constexpr bool TMA_O = SMEM_TMA_O<MM> <= 227 * 1024;
   // Register split of the 64K-register file: the producer needs few, the consumers hold S, P and O.
   static constexpr int PRODUCER_REGS = NC == 2 ? 24 : 32;
   static constexpr int CONSUMER_REGS = NC == 2 ? 240 : 160;
 };
 
 // O through the copy engine (TMA_O): one consumer warpgroup's 64 rows of normalised O into its staging tile in
-// shared memory ([D/64] chunks `chunk` bytes apart, rows of 128 bytes swizzled as Q's, so a warp's 4-byte stores hit
-// 32 banks), then one thread stores the tile through the tensor map `to` (rows past seq_q and columns past head_dim
-// are cut by the map). The caller makes sure the copy engine has read the tile's previous contents (bulk_wait_read0
-// by thread tw == 0) before any thread of the warpgroup calls this, and barrier `bar` orders the stores.
-template <typename T, int D>
+// shared memory ([D/CW] column chunks `chunk` bytes apart, rows of CW * 2 bytes swizzled as Q's by the row width, so
+// a warp's 4-byte stores hit 32 banks), then one thread stores the tile through the tensor map `to` (rows past seq_q
+// and columns past head_dim are cut by the map). The caller makes sure the copy engine has read the tile's previous
+// contents (bulk_wait_read0 by thread tw == 0) before any thread of the warpgroup calls this, and barrier `bar`
+// orders the stores.
+template <typename T, int D, int CW>
 __device__ __forceinline__ void store_o_tma(const float (&acc)[D / 2], const float (&inv)[2], std::uint32_t sO,
                                             int chunk, int lr0, int t, int tw, int bar, const CUtensorMap* to,
                                             int row0, int h, int b) {
+  constexpr int ROWB = CW * 2, UNITS = CW / 8;  // bytes per row, 16-byte units per row
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int lr = lr0 + r * 8;
+    // The copy engine's 128/64/32-byte swizzle: a row's 16-byte units XORed with address bits 7 and up.
+    const int sw = ROWB == 128 ? (lr & 7) : ROWB == 64 ? ((lr >> 1) & 3) : ((lr >> 2) & 1);
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) {
-      const std::uint32_t at = sO + (j >> 3) * chunk + lr * 128 + (((j & 7) ^ (lr & 7)) << 4) + t * 4;
+      const std::uint32_t at = sO + (j / UNITS) * chunk + lr * ROWB + (((j % UNITS) ^ sw) << 4) + t * 4;
       asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at),
                    "r"(MmaOp<T>::pack(acc[4 * j + 2 * r] * inv[r], acc[4 * j + 2 * r + 1] * inv[r]))
                    : "memory");
@@ -295,7 +299,7 @@ __device__ __forceinline__ void store_o_tma(const float (&acc)[D / 2], const flo
   named_bar_sync(bar, 128);
   if (tw == 0) {
 #pragma unroll
-    for (int c = 0; c < D / 64; ++c) tma_store_4d(to, sO + c * chunk, c * 64, row0, h, b);
+    for (int c = 0; c < D / CW; ++c) tma_store_4d(to, sO + c * chunk, c * CW, row0, h, b);
     bulk_commit();
   }
 }
@@ -312,7 +316,6 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
     flash_fwd_ws_tile(const FwdArgs a, const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
                       const __grid_constant__ CUtensorMap tv, const __grid_constant__ CUtensorMap to) {
   using C = WsCfg<D, BC, NC, STAGES, 1>;
-  static_assert(!TMA_O || C::CW == 64, "O staging in Q's 64-column chunks");
   using Ops = WgOps<T, BC, D>;
   using Op = MmaOp<T>;
   constexpr int BR = C::BR;
@@ -657,8 +660,8 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
         if (a.lse != nullptr && t == 0 && row < a.seq_q)
           a.lse[(static_cast<std::int64_t>(b) * gridDim.y + h) * a.seq_q + row] = row_lse(m_r[r], l, sl2);
       }
-      store_o_tma<T, D>(acc, inv, sQ + cw * 64 * 128, BR * 128, row0 - cw * 64, t, tw, 1 + cw, &to, m0 + cw * 64, h,
-                        b);
+      store_o_tma<T, D, CW>(acc, inv, sQ + cw * 64 * ROWB, BR * ROWB, row0 - cw * 64, t, tw, 1 + cw, &to,
+                            m0 + cw * 64, h, b);
       if (tw == 0) bulk_wait_read0();  // the block's shared memory stays until the store has read it
       return;
     }
@@ -1103,8 +1106,8 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
         }
         if (tw == 0) bulk_wait_read0();
         named_bar_sync(1 + cw, 128);
-        store_o_tma<T, D>(acc, inv, sQ + C::template O_OFFSET<MM> + cw * (64 * D * 2), 64 * 128, row0 - cw * 64, t,
-                          tw, 1 + cw, &to, m0 + cw * 64, h, b);
+        store_o_tma<T, D, CW>(acc, inv, sQ + C::template O_OFFSET<MM> + cw * (64 * D * 2), 64 * ROWB, row0 - cw * 64,
+                              t, tw, 1 + cw, &to, m0 + cw * 64, h, b);
         kc += n_tiles;
         continue;
       }
@@ -1163,7 +1166,7 @@ cudaError_t launch_ws(const FwdArgs& a_in, int batch, int heads, cudaStream_t st
   static_assert(PERSIST || QBUF == 1, "one Q buffer per CTA without the persistent loop");
   constexpr bool bf16 = std::is_same<T, __nv_bfloat16>::value;
   constexpr bool kTileBody = S == Sched::kTile;
-  constexpr bool TMA_O = C::CW == 64 && (kTileBody || (PERSIST && C::template TMA_O<MM>));
+  constexpr bool TMA_O = kTileBody || (PERSIST && C::template TMA_O<MM>);
   const int heads_kv = heads / a_in.group, dkv = a_in.kv_cols;
   CUtensorMap tq, tk, tv, to{};
   if (!make_map(&tq, a_in.q, bf16, a_in.head_dim, a_in.seq_q, heads, batch, a_in.q_ss, a_in.q_sh, a_in.q_sb, C::BR,
@@ -1173,7 +1176,7 @@ cudaError_t launch_ws(const FwdArgs& a_in, int batch, int heads, cudaStream_t st
     return cudaErrorNotSupported;
   FwdArgs a = a_in;
   a.o_from_registers = !TMA_O || a_in.o_from_registers ||
-                       !make_map(&to, a.o, bf16, a.head_dim, a.seq_q, heads, batch, a.o_ss, a.o_sh, a.o_sb, 64, 64);
+                       !make_map(&to, a.o, bf16, a.head_dim, a.seq_q, heads, batch, a.o_ss, a.o_sh, a.o_sb, 64, C::CW);
   constexpr int smem = PERSIST && TMA_O                               ? C::template SMEM_TMA_O<MM>
                        : MM == kNoMask                                ? C::SMEM
                        : (MM == kAddMask && kTileBody && C::ADD_STAGE_TILE) ? C::SMEM_ADD_TILE
