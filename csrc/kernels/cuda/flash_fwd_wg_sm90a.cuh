@@ -271,6 +271,18 @@ struct WsCfg {
   static constexpr int CONSUMER_REGS = NC == 2 ? 240 : 160;
 };
 
+// 1 / (row sum) of a thread's two rows of O from `row` on (0 for a row that saw no key), and their log-sum-exp into
+// the LSE (when wanted) at (batch * heads + head) = bh.
+__device__ __forceinline__ void finish_rows(const float (&l_r)[2], const float (&m_r)[2], float sl2, float* lse,
+                                            std::int64_t bh, int row, int seq_q, int t, float (&inv)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float l = quad_sum(l_r[r]);
+    inv[r] = l > 0.f ? 1.f / l : 0.f;
+    if (lse != nullptr && t == 0 && row + r * 8 < seq_q) lse[bh * seq_q + row + r * 8] = row_lse(m_r[r], l, sl2);
+  }
+}
+
 // O through the copy engine (TMA_O): one consumer warpgroup's 64 rows of normalised O into its staging tile in
 // shared memory ([D/CW] column chunks `chunk` bytes apart, rows of CW * 2 bytes swizzled as Q's by the row width, so
 // a warp's 4-byte stores hit 32 banks), then one thread stores the tile through the tensor map `to` (rows past seq_q
@@ -652,14 +664,7 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
 
     if (TMA_O && !a.o_from_registers) {
       float inv[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float l = quad_sum(l_r[r]);
-        inv[r] = l > 0.f ? 1.f / l : 0.f;
-        const int row = m0 + row0 + r * 8;
-        if (a.lse != nullptr && t == 0 && row < a.seq_q)
-          a.lse[(static_cast<std::int64_t>(b) * gridDim.y + h) * a.seq_q + row] = row_lse(m_r[r], l, sl2);
-      }
+      finish_rows(l_r, m_r, sl2, a.lse, static_cast<std::int64_t>(b) * gridDim.y + h, m0 + row0, a.seq_q, t, inv);
       store_o_tma<T, D, CW>(acc, inv, sQ + cw * 64 * ROWB, BR * ROWB, row0 - cw * 64, t, tw, 1 + cw, &to,
                             m0 + cw * 64, h, b);
       if (tw == 0) bulk_wait_read0();  // the block's shared memory stays until the store has read it
@@ -1096,14 +1101,7 @@ __global__ void __launch_bounds__((NC + 1) * 128, 1)
 
       if (TMA_O && !a.o_from_registers) {  // this consumer's tile, once the copy engine has read the previous one
         float inv[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const float l = quad_sum(l_r[r]);
-          inv[r] = l > 0.f ? 1.f / l : 0.f;
-          const int row = m0 + row0 + r * 8;
-          if (a.lse != nullptr && t == 0 && row < a.seq_q)
-            a.lse[(static_cast<std::int64_t>(b) * work.heads + h) * a.seq_q + row] = row_lse(m_r[r], l, sl2);
-        }
+        finish_rows(l_r, m_r, sl2, a.lse, static_cast<std::int64_t>(b) * work.heads + h, m0 + row0, a.seq_q, t, inv);
         if (tw == 0) bulk_wait_read0();
         named_bar_sync(1 + cw, 128);
         store_o_tma<T, D, CW>(acc, inv, sQ + C::template O_OFFSET<MM> + cw * (64 * D * 2), 64 * ROWB, row0 - cw * 64,
