@@ -342,7 +342,8 @@ def device_identity(device: str = "cpu") -> dict:
                      cuda=torch.version.cuda or "")
     else:
         ident.update(model=cpu_model(), isa=_C.cpu_isa())
-    ident.update(torch=torch.__version__, attnsel=_version())
+    # The kernels by their sources' content: a rebuild with other kernels (the same version) measures anew.
+    ident.update(torch=torch.__version__, attnsel=_version(), kernels=_C.kernels_id())
     return ident
 
 
@@ -357,7 +358,7 @@ def table_path(identity: dict) -> Path:
     else:
         hw = identity["isa"]
     name = f"tuning-{identity['device_type']}-{_slug(identity['model'])}-{hw}-torch{_slug(identity['torch'])}" \
-           f"-attnsel{_slug(identity['attnsel'])}.json"
+           f"-attnsel{_slug(identity['attnsel'])}-kernels{_slug(identity['kernels'])}.json"
     return cache_dir() / name
 
 
