@@ -9,7 +9,7 @@ On an H200 the whole diffusion preset (36 shapes, 72 rows) takes several minutes
 
 Tuning goes to a fresh temporary cache directory (not the user's table) unless --cache-dir is given; --no-tune
 then benchmarks against the table already there. Timing: per shape, `auto` and every backend that accepts the call
-are warmed up, then timed in interleaved rounds, each starting one candidate later (CUDA events on the GPU,
+are warmed up, then timed in interleaved rounds, each in a fresh seeded order (CUDA events on the GPU,
 perf_counter on the CPU; at least --reps rounds, more for fast calls to fill --budget seconds); the median per candidate. Reported per shape: each
 candidate's ms, auto's backend, and auto / fastest = fastest_ms / auto_ms (1.0 = auto matched the fastest), from a
 second timing of auto and the fastest alone, alternating (in the full rounds a kernel's time also depends on the one
@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -107,8 +108,10 @@ def time_candidates(fns, device, reps, budget):
     rounds = max(reps, min(2000, int(budget / max(sum(per_call.values()), 1e-9))))
     samples = {name: [] for name in fns}
     order = list(fns.items())
-    for r in range(rounds):  # each round starts one candidate later: auto is not always first
-        for name, fn in order[r % len(order):] + order[:r % len(order)]:
+    rng = random.Random(0)
+    for _ in range(rounds):  # a fresh seeded order each round: no candidate always runs first or after the same one
+        rng.shuffle(order)
+        for name, fn in order:
             if cuda:
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record()
