@@ -442,9 +442,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("selection_cache_hits", &selection_cache_hits);
   m.def("clear_selection_cache", &clear_selection_cache);
 
-  // CPU kernel ISA (benchmarks and tests compare the paths; ATTNSEL_CPU_ISA does the same at load).
   // What tuning tables record besides the device and versions: this build's kernel sources (CMakeLists.txt).
   m.def("kernels_id", [] { return std::string(ATTNSEL_KERNELS_ID); });
+
+  // CPU kernel ISA (benchmarks and tests compare the paths; ATTNSEL_CPU_ISA does the same at load).
   m.def("cpu_isa", [] { return std::string(cpu::active_isa()); });
   m.def("cpu_isa_supported", [](const std::string& isa) { return cpu::isa_supported(isa); }, py::arg("isa"));
   m.def("set_cpu_isa", [](const std::string& isa) {

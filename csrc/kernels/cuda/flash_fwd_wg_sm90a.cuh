@@ -1158,22 +1158,20 @@ enum class Sched { kTile, kPersist, kLoopBody };
 // where no tensor map can be made for O (or a.o_from_registers asks).
 template <typename T, int D, int BC, int NC, int STAGES, int QBUF, Sched S, bool CAUSAL, int MM = kNoMask,
           bool AHEAD = false>
-cudaError_t launch_ws(const FwdArgs& a_in, int batch, int heads, cudaStream_t stream, bool after_previous = false) {
+cudaError_t launch_ws(FwdArgs a, int batch, int heads, cudaStream_t stream, bool after_previous = false) {
   using C = WsCfg<D, BC, NC, STAGES, QBUF>;
   constexpr bool PERSIST = S == Sched::kPersist;
   static_assert(PERSIST || QBUF == 1, "one Q buffer per CTA without the persistent loop");
   constexpr bool bf16 = std::is_same<T, __nv_bfloat16>::value;
   constexpr bool kTileBody = S == Sched::kTile;
   constexpr bool TMA_O = kTileBody || (PERSIST && C::template TMA_O<MM>);
-  const int heads_kv = heads / a_in.group, dkv = a_in.kv_cols;
+  const int heads_kv = heads / a.group, dkv = a.kv_cols;
   CUtensorMap tq, tk, tv, to{};
-  if (!make_map(&tq, a_in.q, bf16, a_in.head_dim, a_in.seq_q, heads, batch, a_in.q_ss, a_in.q_sh, a_in.q_sb, C::BR,
-                C::CW) ||
-      !make_map(&tk, a_in.k, bf16, dkv, a_in.seq_kv, heads_kv, batch, a_in.k_ss, a_in.k_sh, a_in.k_sb, BC, C::CW) ||
-      !make_map(&tv, a_in.v, bf16, dkv, a_in.seq_kv, heads_kv, batch, a_in.v_ss, a_in.v_sh, a_in.v_sb, BC, C::CW))
+  if (!make_map(&tq, a.q, bf16, a.head_dim, a.seq_q, heads, batch, a.q_ss, a.q_sh, a.q_sb, C::BR, C::CW) ||
+      !make_map(&tk, a.k, bf16, dkv, a.seq_kv, heads_kv, batch, a.k_ss, a.k_sh, a.k_sb, BC, C::CW) ||
+      !make_map(&tv, a.v, bf16, dkv, a.seq_kv, heads_kv, batch, a.v_ss, a.v_sh, a.v_sb, BC, C::CW))
     return cudaErrorNotSupported;
-  FwdArgs a = a_in;
-  a.o_from_registers = !TMA_O || a_in.o_from_registers ||
+  a.o_from_registers = !TMA_O || a.o_from_registers ||
                        !make_map(&to, a.o, bf16, a.head_dim, a.seq_q, heads, batch, a.o_ss, a.o_sh, a.o_sb, 64, C::CW);
   constexpr int smem = PERSIST && TMA_O                               ? C::template SMEM_TMA_O<MM>
                        : MM == kNoMask                                ? C::SMEM
